@@ -1,0 +1,59 @@
+"""Default hyperparameters: the paper's CIFAR10 setup (Ho et al. 2020, Appendix B).
+
+Every other config imports `get_config()` from here and overrides what differs. Run with
+  python main.py --config=configs/cifar10.py --mode=train --workdir=/tmp/ddpm_cifar10
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data. `dataset` is 'digits' (embedded, no download) or a TFDS name.
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'cifar10'
+  data.image_size = 32
+  data.num_channels = 3
+  data.random_flip = True
+  data.data_dir = None  # TFDS data_dir; None means TFDS's default.
+
+  # The U-Net (REFERENCE.md, "The U-Net").
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (16,)
+  model.dropout = 0.1
+  model.resamp_with_conv = True
+  model.dtype = 'float32'  # Compute dtype; parameters stay float32.
+
+  # The diffusion process and its parameterization.
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.beta_schedule = 'linear'
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.num_diffusion_timesteps = 1000
+  diffusion.model_mean_type = 'eps'
+  diffusion.model_var_type = 'fixedlarge'
+  diffusion.loss_type = 'mse'
+
+  # Optimization: Adam, linear warmup then constant, global-norm clipping, EMA.
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # Global batch, over all devices of all processes.
+  training.num_train_steps = 800_000
+  training.learning_rate = 2e-4
+  training.warmup_steps = 5000
+  training.grad_clip = 1.0
+  training.adam_b1 = 0.9
+  training.adam_b2 = 0.999
+  training.adam_eps = 1e-8
+  training.ema_decay = 0.9999
+  training.log_every_steps = 100
+  training.checkpoint_every_steps = 10_000
+  training.keep_checkpoints = 3
+  training.sample_every_steps = 50_000
+  training.num_sample_images = 64
+
+  return config

@@ -1,0 +1,533 @@
+"""The diffusion math of DDPM (Ho, Jain, Abbeel 2020) as pure, jit-compatible JAX functions.
+
+Conventions follow the original code (REFERENCE.md): the time index `t` is 0-based, int32 `[B]`,
+with t == 0 meaning "diffused for one step"; images `x` are float32 `[B, H, W, C]` in [-1, 1];
+`model_fn(x, t)` returns the network output `[B, H, W, C]` (`[B, H, W, 2C]` for learned
+variances, the second half being the variance output). Schedules and tables are computed in
+float64 NumPy and stored as float32. Every loop over timesteps is one compiled `lax.scan` /
+`lax.fori_loop`.
+
+Equation numbers refer to Ho et al. 2020; `learned_range` and `hybrid` come from improved DDPM
+(Nichol & Dhariwal 2021); `ddim_sample_loop` from DDIM (Song, Meng, Ermon 2021).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+MODEL_MEAN_TYPES = ('eps', 'xstart', 'xprev')
+MODEL_VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
+LOSS_TYPES = ('mse', 'kl', 'hybrid')
+BETA_SCHEDULES = ('linear', 'quad', 'warmup10', 'warmup50', 'const', 'jsd', 'cosine')
+
+# Weight of the variational bound in improved DDPM's L_hybrid = L_simple + lambda * L_vlb.
+HYBRID_VB_WEIGHT = 1e-3
+
+
+def get_beta_schedule(
+  name: str, *, beta_start: float, beta_end: float, num_diffusion_timesteps: int
+) -> np.ndarray:
+  """Returns the float64 betas `[T]` of a named schedule (the original code's definitions).
+
+  `cosine` is improved DDPM's schedule (s = 0.008, betas clipped at 0.999); it ignores
+  `beta_start` and `beta_end`.
+  """
+  t = num_diffusion_timesteps
+  if t < 1:
+    raise ValueError(f'num_diffusion_timesteps must be positive, got {t}.')
+  if name == 'linear':
+    betas = np.linspace(beta_start, beta_end, t, dtype=np.float64)
+  elif name == 'quad':
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, t, dtype=np.float64) ** 2
+  elif name in ('warmup10', 'warmup50'):
+    frac = 0.1 if name == 'warmup10' else 0.5
+    betas = beta_end * np.ones(t, dtype=np.float64)
+    warmup_time = int(t * frac)
+    betas[:warmup_time] = np.linspace(beta_start, beta_end, warmup_time, dtype=np.float64)
+  elif name == 'const':
+    betas = beta_end * np.ones(t, dtype=np.float64)
+  elif name == 'jsd':  # 1/T, 1/(T-1), ..., 1.
+    betas = 1.0 / np.linspace(t, 1, t, dtype=np.float64)
+  elif name == 'cosine':
+    s = 0.008
+    steps = np.arange(t + 1, dtype=np.float64) / t
+    alphas_cumprod = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = np.minimum(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], 0.999)
+  else:
+    raise ValueError(f'Unknown beta schedule {name!r}; expected one of {BETA_SCHEDULES}.')
+  assert betas.shape == (t,)
+  return betas
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributions and likelihoods.
+# ----------------------------------------------------------------------------------------------
+
+
+def mean_flat(x: jax.Array) -> jax.Array:
+  """Mean over all non-batch dimensions: `[B, ...]` -> `[B]`."""
+  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+  return 0.5 * (
+    -1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * jnp.exp(-logvar2)
+  )
+
+
+def approx_standard_normal_cdf(x: jax.Array) -> jax.Array:
+  """The original code's approximation of the standard normal CDF.
+
+  0.5 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), written as the identical sigmoid(2 (...)),
+  which keeps float32's relative precision in the lower tail instead of rounding it to 0.
+  """
+  return jax.nn.sigmoid(2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))
+
+
+def discretized_gaussian_log_likelihood(
+  x: jax.Array, *, means: jax.Array, log_scales: jax.Array
+) -> jax.Array:
+  """Log-likelihood of data x in [-1, 1] (256 levels) under a discretized Gaussian, in nats.
+
+  The decoder L_0 of eq. (13): each pixel's bin is [x - 1/255, x + 1/255], the edge bins
+  extend to -inf / +inf, probabilities are clamped at 1e-12 as in the original. The original
+  takes CDF(plus) - CDF(min), which cancels to 0 in float32 when the bin lies far above the
+  mean; by the CDF's symmetry (1 - CDF(z) = CDF(-z)) this computes the same difference from the
+  upper tail there, so float32 agrees with a float64 evaluation. Returns the elementwise
+  log-probabilities, shaped like `x`.
+  """
+  centered_x = x - means
+  inv_stdv = jnp.exp(-log_scales)
+  plus_in = inv_stdv * (centered_x + 1.0 / 255.0)
+  min_in = inv_stdv * (centered_x - 1.0 / 255.0)
+  cdf_plus = approx_standard_normal_cdf(plus_in)
+  one_minus_cdf_min = approx_standard_normal_cdf(-min_in)
+  cdf_delta = jnp.where(
+    centered_x > 0,
+    one_minus_cdf_min - approx_standard_normal_cdf(-plus_in),
+    cdf_plus - approx_standard_normal_cdf(min_in),
+  )
+  log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+  log_one_minus_cdf_min = jnp.log(jnp.maximum(one_minus_cdf_min, 1e-12))
+  log_cdf_delta = jnp.log(jnp.maximum(cdf_delta, 1e-12))
+  return jnp.where(
+    x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+  )
+
+
+def _extract(table: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+  """Gathers `table[t]` for t `[B]` and shapes it `[B, 1, ..., 1]` to broadcast over images."""
+  return table[t].reshape((t.shape[0],) + (1,) * (ndim - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The diffusion process.
+# ----------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class GaussianDiffusion:
+  """The forward process q and the learned reverse process p of DDPM, with its tables.
+
+  An immutable pytree: the float32 tables `[T]` are leaves, the type names are static. Make one
+  with `GaussianDiffusion.create(...)` or `GaussianDiffusion.from_config(config.diffusion)`.
+  """
+
+  betas: jax.Array
+  alphas_cumprod: jax.Array
+  alphas_cumprod_prev: jax.Array
+  sqrt_alphas_cumprod: jax.Array
+  sqrt_one_minus_alphas_cumprod: jax.Array
+  log_one_minus_alphas_cumprod: jax.Array
+  sqrt_recip_alphas_cumprod: jax.Array
+  sqrt_recipm1_alphas_cumprod: jax.Array
+  posterior_variance: jax.Array
+  posterior_log_variance_clipped: jax.Array
+  posterior_mean_coef1: jax.Array
+  posterior_mean_coef2: jax.Array
+  # fixedlarge: beta_t, with entry 0 replaced by the posterior variance at t = 1.
+  fixedlarge_variance: jax.Array
+  fixedlarge_log_variance: jax.Array
+  num_timesteps: int = flax.struct.field(pytree_node=False)
+  model_mean_type: str = flax.struct.field(pytree_node=False)
+  model_var_type: str = flax.struct.field(pytree_node=False)
+  loss_type: str = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(
+    cls, betas: np.ndarray, *, model_mean_type: str, model_var_type: str, loss_type: str
+  ) -> GaussianDiffusion:
+    """Builds the tables from float64 `betas` `[T]`; raises ValueError on invalid settings."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.size < 2:
+      raise ValueError(f'betas must be a 1-D array of at least 2 steps, got shape {betas.shape}.')
+    if not np.all((betas > 0) & (betas <= 1)):
+      raise ValueError('betas must lie in (0, 1].')
+    _check_choice('model_mean_type', model_mean_type, MODEL_MEAN_TYPES)
+    _check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
+    _check_choice('loss_type', loss_type, LOSS_TYPES)
+    learned_var = model_var_type in ('learned', 'learned_range')
+    if loss_type == 'mse' and learned_var:
+      raise ValueError(
+        f"loss_type 'mse' cannot train a learned variance (model_var_type {model_var_type!r}); "
+        "use 'hybrid' or 'kl', or a fixed variance type."
+      )
+    if loss_type == 'hybrid' and not learned_var:
+      raise ValueError(
+        "loss_type 'hybrid' trains the variance through its bound term and needs "
+        f"model_var_type 'learned' or 'learned_range', got {model_var_type!r}."
+      )
+
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas)
+    # `jsd` ends with beta = 1, i.e. abar = 0 (pure noise); 1 / abar is then inf there, as in
+    # the original code.
+    with np.errstate(divide='ignore'):
+      recip_alphas_cumprod = 1.0 / alphas_cumprod
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])  # abar_{-1} = 1.
+    # Posterior q(x_{t-1} | x_t, x_0), eqs. (6)-(7).
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    fixedlarge_variance = np.append(posterior_variance[1], betas[1:])
+    tables = dict(
+      betas=betas,
+      alphas_cumprod=alphas_cumprod,
+      alphas_cumprod_prev=alphas_cumprod_prev,
+      sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+      sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+      log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+      sqrt_recip_alphas_cumprod=np.sqrt(recip_alphas_cumprod),
+      sqrt_recipm1_alphas_cumprod=np.sqrt(recip_alphas_cumprod - 1.0),
+      posterior_variance=posterior_variance,
+      # var(t = 0) = 0, so the log is clipped by replacing entry 0 with entry 1.
+      posterior_log_variance_clipped=np.log(
+        np.append(posterior_variance[1], posterior_variance[1:])
+      ),
+      posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+      posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+      fixedlarge_variance=fixedlarge_variance,
+      fixedlarge_log_variance=np.log(fixedlarge_variance),
+    )
+    return cls(
+      **{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()},
+      num_timesteps=int(betas.size),
+      model_mean_type=model_mean_type,
+      model_var_type=model_var_type,
+      loss_type=loss_type,
+    )
+
+  @classmethod
+  def from_config(cls, config) -> GaussianDiffusion:
+    """Builds the process from a `config.diffusion` ConfigDict (see configs/default.py)."""
+    betas = get_beta_schedule(
+      config.beta_schedule,
+      beta_start=config.beta_start,
+      beta_end=config.beta_end,
+      num_diffusion_timesteps=config.num_diffusion_timesteps,
+    )
+    return cls.create(
+      betas,
+      model_mean_type=config.model_mean_type,
+      model_var_type=config.model_var_type,
+      loss_type=config.loss_type,
+    )
+
+  @property
+  def learned_variance(self) -> bool:
+    """Whether the network emits 2C channels, the second half a variance output."""
+    return self.model_var_type in ('learned', 'learned_range')
+
+  # --- The forward process q. ----------------------------------------------------------------
+
+  def q_mean_variance(self, x_start, t):
+    """Mean, variance and log-variance of q(x_t | x_0) (eq. 4)."""
+    mean = _extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
+    variance = _extract(1.0 - self.alphas_cumprod, t, x_start.ndim)
+    log_variance = _extract(self.log_one_minus_alphas_cumprod, t, x_start.ndim)
+    return mean, variance, log_variance
+
+  def q_sample(self, x_start, t, noise):
+    """Draws x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (eq. 4)."""
+    return (
+      _extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
+      + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise
+    )
+
+  def q_posterior_mean_variance(self, x_start, x_t, t):
+    """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
+    mean = (
+      _extract(self.posterior_mean_coef1, t, x_t.ndim) * x_start
+      + _extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t
+    )
+    variance = _extract(self.posterior_variance, t, x_t.ndim)
+    log_variance_clipped = _extract(self.posterior_log_variance_clipped, t, x_t.ndim)
+    return mean, variance, log_variance_clipped
+
+  # --- The reverse process p. ----------------------------------------------------------------
+
+  def predict_xstart_from_eps(self, x_t, t, eps):
+    """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), the inverse of eq. (4)."""
+    return (
+      _extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+      - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+    )
+
+  def predict_eps_from_xstart(self, x_t, t, pred_xstart):
+    """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1), the inverse of eq. (4)."""
+    return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - pred_xstart) / _extract(
+      self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim
+    )
+
+  def predict_xstart_from_xprev(self, x_t, t, xprev):
+    """Inverts the posterior mean (eq. 7) for x_0 given mu = x_{t-1} prediction."""
+    coef1 = _extract(self.posterior_mean_coef1, t, x_t.ndim)
+    coef2 = _extract(self.posterior_mean_coef2, t, x_t.ndim)
+    return (xprev - coef2 * x_t) / coef1
+
+  def _model_log_variance(self, var_output, x, t):
+    """The log-variance of p(x_{t-1} | x_t), `[B, H, W, C]` or broadcastable to it."""
+    if self.model_var_type == 'learned':
+      return var_output
+    if self.model_var_type == 'learned_range':
+      # Improved DDPM eq. (15): interpolate log beta_t and the clipped log posterior variance.
+      min_log = _extract(self.posterior_log_variance_clipped, t, x.ndim)
+      max_log = _extract(jnp.log(self.betas), t, x.ndim)
+      frac = (var_output + 1.0) / 2.0
+      return frac * max_log + (1.0 - frac) * min_log
+    if self.model_var_type == 'fixedlarge':
+      return _extract(self.fixedlarge_log_variance, t, x.ndim)
+    return _extract(self.posterior_log_variance_clipped, t, x.ndim)
+
+  def p_mean_variance(self, model_fn: ModelFn, x, t, clip_denoised: bool = True):
+    """Mean and variance of p(x_{t-1} | x_t) (eq. 1) and the predicted x_0.
+
+    Returns a dict of `mean`, `variance`, `log_variance` (each shaped like x, or
+    `[B, 1, 1, 1]` for fixed variances) and `pred_xstart` (clipped to [-1, 1] when
+    `clip_denoised`).
+    """
+    model_output = model_fn(x, t)
+    channels = x.shape[-1]
+    if self.learned_variance:
+      if model_output.shape[-1] != 2 * channels:
+        raise ValueError(
+          f'model_var_type {self.model_var_type!r} needs {2 * channels} output channels, '
+          f'got {model_output.shape[-1]}.'
+        )
+      model_output, var_output = model_output[..., :channels], model_output[..., channels:]
+    else:
+      var_output = None
+    log_variance = self._model_log_variance(var_output, x, t)
+
+    def process_xstart(x0):
+      return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
+
+    if self.model_mean_type == 'xprev':
+      pred_xstart = process_xstart(self.predict_xstart_from_xprev(x, t, model_output))
+      mean = model_output
+    else:
+      if self.model_mean_type == 'xstart':
+        pred_xstart = process_xstart(model_output)
+      else:
+        pred_xstart = process_xstart(self.predict_xstart_from_eps(x, t, model_output))
+      mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+    return {
+      'mean': mean,
+      'variance': jnp.exp(log_variance),
+      'log_variance': log_variance,
+      'pred_xstart': pred_xstart,
+    }
+
+  def p_sample(self, model_fn: ModelFn, x, t, rng, clip_denoised: bool = True):
+    """One ancestral step x_{t-1} ~ p(x_{t-1} | x_t) (Algorithm 2); no noise where t == 0.
+
+    Returns a dict of `sample` (x_{t-1}) and `pred_xstart`.
+    """
+    out = self.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised)
+    noise = jax.random.normal(rng, x.shape, x.dtype)
+    nonzero_mask = (t != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+    sample = out['mean'] + nonzero_mask * jnp.exp(0.5 * out['log_variance']) * noise
+    return {'sample': sample, 'pred_xstart': out['pred_xstart']}
+
+  def _step_fn(self, model_fn: ModelFn, shape, rng):
+    """Returns x_T and `step(i, x) -> p_sample output` where i counts steps from t = T-1.
+
+    The noise of step t is drawn from `fold_in(loop_rng, t)`, so the samplers below that share a
+    seed share their trajectory whatever the way the loop is split.
+    """
+    init_rng, loop_rng = jax.random.split(rng)
+    x_init = jax.random.normal(init_rng, shape, jnp.float32)
+
+    def step(i, x):
+      t_scalar = self.num_timesteps - 1 - i
+      t = jnp.full((shape[0],), t_scalar, dtype=jnp.int32)
+      return self.p_sample(model_fn, x, t, jax.random.fold_in(loop_rng, t_scalar))
+
+    return x_init, step
+
+  def p_sample_loop(self, model_fn: ModelFn, shape, rng):
+    """Draws samples `shape` = [B, H, W, C] with all T ancestral steps (Algorithm 2)."""
+    x_init, step = self._step_fn(model_fn, shape, rng)
+    return jax.lax.fori_loop(0, self.num_timesteps, lambda i, x: step(i, x)['sample'], x_init)
+
+  def p_sample_loop_progressive(self, model_fn: ModelFn, shape, rng, every: int):
+    """`p_sample_loop` that also records x_t and the predicted x_0 every `every` steps.
+
+    Snapshots are taken at t = T-1, T-1-every, ..., i.e. T // every of them (paper Fig. 6);
+    `every` must divide T. Returns `(samples, snapshots)` where samples equal
+    `p_sample_loop(model_fn, shape, rng)` and snapshots is a dict of `t` `[K]`, `x_t`
+    `[K, B, H, W, C]` and `pred_xstart` `[K, B, H, W, C]`.
+    """
+    if every < 1 or self.num_timesteps % every:
+      raise ValueError(f'every={every} must be a positive divisor of T={self.num_timesteps}.')
+    x_init, step = self._step_fn(model_fn, shape, rng)
+
+    def chunk(x, k):
+      first = k * every
+      out = step(first, x)
+      x_next = jax.lax.fori_loop(
+        first + 1, first + every, lambda i, x: step(i, x)['sample'], out['sample']
+      )
+      snapshot = {
+        't': self.num_timesteps - 1 - first,
+        'x_t': x,
+        'pred_xstart': out['pred_xstart'],
+      }
+      return x_next, snapshot
+
+    samples, snapshots = jax.lax.scan(chunk, x_init, jnp.arange(self.num_timesteps // every))
+    return samples, snapshots
+
+  def ddim_sample_loop(
+    self,
+    model_fn: ModelFn,
+    shape,
+    rng,
+    num_steps: int,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+  ):
+    """Draws samples with DDIM (Song et al. 2021, eq. 12) on `num_steps` of the T timesteps.
+
+    The timesteps are evenly strided: t_i = i * (T // num_steps), i = num_steps-1 ... 0 (the
+    original DDIM "uniform" skip). eta = 0 is the deterministic sampler, eta = 1 has the
+    variance of the ancestral sampler. The predicted x_0 is clipped when `clip_denoised` and the
+    noise is recomputed from it.
+    """
+    if not 1 <= num_steps <= self.num_timesteps:
+      raise ValueError(f'num_steps must be in [1, {self.num_timesteps}], got {num_steps}.')
+    timesteps = np.arange(num_steps) * (self.num_timesteps // num_steps)
+    init_rng, loop_rng = jax.random.split(rng)
+    x_init = jax.random.normal(init_rng, shape, jnp.float32)
+    ndim = len(shape)
+
+    def body(i, x):
+      t_scalar = jnp.asarray(timesteps)[num_steps - 1 - i]
+      t_prev = jnp.asarray(timesteps)[jnp.maximum(num_steps - 2 - i, 0)]
+      t = jnp.full((shape[0],), t_scalar, dtype=jnp.int32)
+      pred_xstart = self.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised)['pred_xstart']
+      eps = self.predict_eps_from_xstart(x, t, pred_xstart)
+      alpha_bar = _extract(self.alphas_cumprod, t, ndim)
+      is_last = i == num_steps - 1
+      alpha_bar_prev = jnp.where(is_last, 1.0, self.alphas_cumprod[t_prev])
+      sigma = (
+        eta
+        * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
+        * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev)
+      )
+      noise = jax.random.normal(jax.random.fold_in(loop_rng, t_scalar), shape, jnp.float32)
+      return (
+        jnp.sqrt(alpha_bar_prev) * pred_xstart
+        + jnp.sqrt(1.0 - alpha_bar_prev - sigma**2) * eps
+        + sigma * noise
+      )
+
+    return jax.lax.fori_loop(0, num_steps, body, x_init)
+
+  # --- Losses and the variational bound. -----------------------------------------------------
+
+  def _vb_terms_bpd(self, model_fn: ModelFn, x_start, x_t, t, clip_denoised: bool):
+    """The bound term L_{t-1} (eq. 5) in bits/dim, `[B]`: the KL for t > 0, the decoder NLL
+    at t == 0. Also returns the predicted x_0."""
+    true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+    out = self.p_mean_variance(model_fn, x_t, t, clip_denoised=clip_denoised)
+    kl = normal_kl(true_mean, true_log_variance, out['mean'], out['log_variance'])
+    kl = mean_flat(kl) / math.log(2.0)
+    decoder_nll = -discretized_gaussian_log_likelihood(
+      x_start, means=out['mean'], log_scales=0.5 * out['log_variance']
+    )
+    decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
+    return jnp.where(t == 0, decoder_nll, kl), out['pred_xstart']
+
+  def training_losses(self, model_fn: ModelFn, x_start, t, noise):
+    """The per-example training loss `[B]` at timesteps t with the given noise.
+
+    `mse`: L_simple (eq. 14) generalized to the mean type's target (noise, x_0 or the posterior
+    mean); `kl`: the bound term L_{t-1} in bits/dim; `hybrid`: improved DDPM's
+    L_simple + lambda L_vlb, where the one-term estimate of L_vlb is T * L_{t-1} and the bound
+    term sees the mean through a stop-gradient, so it trains only the variance.
+    """
+    x_t = self.q_sample(x_start, t, noise)
+    if self.loss_type == 'kl':
+      return self._vb_terms_bpd(model_fn, x_start, x_t, t, clip_denoised=False)[0]
+
+    model_output = model_fn(x_t, t)
+    channels = x_start.shape[-1]
+    mean_output = model_output[..., :channels]
+    target = {
+      'eps': noise,
+      'xstart': x_start,
+      'xprev': self.q_posterior_mean_variance(x_start, x_t, t)[0],
+    }[self.model_mean_type]
+    loss = mean_flat((target - mean_output) ** 2)
+    if self.loss_type == 'hybrid':
+      frozen_output = jnp.concatenate(
+        [jax.lax.stop_gradient(mean_output), model_output[..., channels:]], axis=-1
+      )
+      vb, _ = self._vb_terms_bpd(lambda *_: frozen_output, x_start, x_t, t, clip_denoised=False)
+      loss = loss + HYBRID_VB_WEIGHT * self.num_timesteps * vb
+    return loss
+
+  def prior_bpd(self, x_start):
+    """KL(q(x_T | x_0) || N(0, I)) in bits/dim, `[B]` (L_T of eq. 5)."""
+    t = jnp.full((x_start.shape[0],), self.num_timesteps - 1, dtype=jnp.int32)
+    mean, _, log_variance = self.q_mean_variance(x_start, t)
+    kl = normal_kl(mean, log_variance, 0.0, 0.0)
+    return mean_flat(kl) / math.log(2.0)
+
+  def calc_bpd_loop(self, model_fn: ModelFn, x_start, rng, clip_denoised: bool = True):
+    """The full variational bound (eq. 5) of x_0 in bits/dim, one compiled loop over all t.
+
+    The noise of term t is `normal(fold_in(rng, t), x_start.shape)`. Returns a dict of
+    `total_bpd` `[B]`, `prior_bpd` `[B]`, `terms_bpd` `[B, T]` (L_{t-1} at index t, the decoder
+    at index 0) and `mse` `[B, T]` (squared error of the predicted x_0).
+    """
+
+    def term(_, t_scalar):
+      t = jnp.full((x_start.shape[0],), t_scalar, dtype=jnp.int32)
+      noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x_start.shape, x_start.dtype)
+      x_t = self.q_sample(x_start, t, noise)
+      vb, pred_xstart = self._vb_terms_bpd(model_fn, x_start, x_t, t, clip_denoised)
+      return None, (vb, mean_flat((pred_xstart - x_start) ** 2))
+
+    _, (terms_bpd, mse) = jax.lax.scan(term, None, jnp.arange(self.num_timesteps))
+    terms_bpd, mse = terms_bpd.T, mse.T
+    prior_bpd = self.prior_bpd(x_start)
+    return {
+      'total_bpd': jnp.sum(terms_bpd, axis=1) + prior_bpd,
+      'prior_bpd': prior_bpd,
+      'terms_bpd': terms_bpd,
+      'mse': mse,
+    }
+
+
+def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f'Unknown {field} {value!r}; expected one of {choices}.')

@@ -1,0 +1,617 @@
+"""Tests of ddpm_jax.diffusion against float64 NumPy references written from the paper.
+
+The references below (`Ref*`) are written from the equations of Ho et al. 2020 (and improved
+DDPM / DDIM for their parts) without calling the code under test; float32 results must match
+them to 1e-5 relative (1e-4 for bits/dim terms), as the issue requires.
+"""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from ddpm_jax import diffusion as dm
+
+T = 1000
+SCHEDULE_ARGS = dict(beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=T)
+SHAPE = (4, 6, 6, 3)
+
+
+def rel_err(actual, expected):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
+
+
+def make_diffusion(mean='eps', var='fixedlarge', loss=None, schedule='linear', num_steps=T):
+  if loss is None:
+    loss = 'kl' if var.startswith('learned') else 'mse'
+  betas = dm.get_beta_schedule(
+    schedule, beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=num_steps
+  )
+  return dm.GaussianDiffusion.create(
+    betas, model_mean_type=mean, model_var_type=var, loss_type=loss
+  )
+
+
+class Ref:
+  """Float64 reference of the DDPM quantities, from the paper's equations."""
+
+  def __init__(self, betas):
+    self.betas = np.asarray(betas, np.float64)
+    self.abar = np.cumprod(1.0 - self.betas)
+    self.abar_prev = np.concatenate([[1.0], self.abar[:-1]])
+    # Eq. (7): beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
+    self.post_var = (1.0 - self.abar_prev) / (1.0 - self.abar) * self.betas
+
+  def b(self, table, t):
+    return table[t][:, None, None, None]
+
+  def q_sample(self, x0, t, noise):  # Eq. (4).
+    return np.sqrt(self.b(self.abar, t)) * x0 + np.sqrt(1.0 - self.b(self.abar, t)) * noise
+
+  def post_mean(self, x0, xt, t):  # Eq. (7): mu_tilde_t.
+    abar, abar_prev, beta = self.b(self.abar, t), self.b(self.abar_prev, t), self.b(self.betas, t)
+    alpha = 1.0 - beta
+    return (np.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (
+      np.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
+    ) * xt
+
+  def post_logvar_clipped(self, t):
+    clipped = self.post_var.copy()
+    clipped[0] = self.post_var[1]
+    return self.b(np.log(clipped), t)
+
+  def model_logvar(self, var_type, t, var_out=None):
+    if var_type == 'fixedlarge':
+      v = self.betas.copy()
+      v[0] = self.post_var[1]
+      return self.b(np.log(v), t)
+    if var_type == 'fixedsmall':
+      return self.post_logvar_clipped(t)
+    if var_type == 'learned':
+      return var_out
+    frac = (var_out + 1) / 2  # Improved DDPM eq. (15).
+    return frac * self.b(np.log(self.betas), t) + (1 - frac) * self.post_logvar_clipped(t)
+
+  def pred_x0(self, mean_type, xt, t, out, clip):
+    abar = self.b(self.abar, t)
+    if mean_type == 'eps':  # Eq. (4) solved for x0.
+      x0 = (xt - np.sqrt(1 - abar) * out) / np.sqrt(abar)
+    elif mean_type == 'xstart':
+      x0 = out
+    else:  # Eq. (7) solved for x0.
+      abar_prev, beta = self.b(self.abar_prev, t), self.b(self.betas, t)
+      c1 = np.sqrt(abar_prev) * beta / (1 - abar)
+      c2 = np.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+      x0 = (out - c2 * xt) / c1
+    return np.clip(x0, -1, 1) if clip else x0
+
+  def p_mean_var(self, mean_type, var_type, xt, t, model_out, clip):
+    c = xt.shape[-1]
+    out, var_out = model_out[..., :c], model_out[..., c:]
+    x0 = self.pred_x0(mean_type, xt, t, out, clip)
+    mean = out if mean_type == 'xprev' else self.post_mean(x0, xt, t)
+    logvar = self.model_logvar(var_type, t, var_out)
+    return mean, np.broadcast_to(logvar, xt.shape), x0
+
+  @staticmethod
+  def kl(m1, lv1, m2, lv2):  # KL between Gaussians.
+    return 0.5 * (-1 + lv2 - lv1 + np.exp(lv1 - lv2) + (m1 - m2) ** 2 * np.exp(-lv2))
+
+  @staticmethod
+  def decoder_logprob(x, mean, logvar):
+    """Eq. (13) with the original code's tanh CDF approximation, in float64."""
+
+    def cdf(z):
+      return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+
+    inv_std = np.exp(-0.5 * logvar)
+    hi = cdf(inv_std * (x - mean + 1 / 255))
+    lo = cdf(inv_std * (x - mean - 1 / 255))
+    return np.where(
+      x < -0.999,
+      np.log(np.maximum(hi, 1e-12)),
+      np.where(x > 0.999, np.log(np.maximum(1 - lo, 1e-12)), np.log(np.maximum(hi - lo, 1e-12))),
+    )
+
+  def vb_term(self, mean_type, var_type, x0, xt, t, model_out, clip):
+    mean, logvar, pred_x0 = self.p_mean_var(mean_type, var_type, xt, t, model_out, clip)
+    true_mean = self.post_mean(x0, xt, t)
+    true_logvar = np.broadcast_to(self.post_logvar_clipped(t), xt.shape)
+    kl = self.kl(true_mean, true_logvar, mean, logvar).mean(axis=(1, 2, 3)) / np.log(2)
+    nll = -self.decoder_logprob(x0, mean, logvar).mean(axis=(1, 2, 3)) / np.log(2)
+    return np.where(t == 0, nll, kl), pred_x0
+
+
+def quantized_images(rng, shape=SHAPE):
+  """Images on the 256-level grid in [-1, 1], as the data are, including both edge values."""
+  x = rng.integers(0, 256, size=shape).astype(np.float64) / 127.5 - 1.0
+  x.flat[0], x.flat[1] = -1.0, 1.0
+  return x
+
+
+def linear_model(rng, channels_out, channels_in=SHAPE[-1]):
+  """A smooth model_fn (x, t) -> output with a float64 twin, for end-to-end comparisons."""
+  w = rng.normal(size=(channels_in, channels_out)) * 0.3
+  b = rng.normal(size=(channels_out,)) * 0.1
+
+  def np_fn(x, t):
+    return np.tanh(x @ w + b + (t / T)[:, None, None, None])
+
+  def jax_fn(x, t):
+    tt = (t.astype(jnp.float32) / T)[:, None, None, None]
+    return jnp.tanh(x @ jnp.asarray(w, jnp.float32) + jnp.asarray(b, jnp.float32) + tt)
+
+  return np_fn, jax_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_linear_schedule_definition():
+  # Expected: linspace(1e-4, 0.02, 1000) (paper Sec. 4), float64.
+  betas = dm.get_beta_schedule('linear', **SCHEDULE_ARGS)
+  assert betas.dtype == np.float64 and betas.shape == (T,)
+  assert betas[0] == 1e-4 and betas[-1] == 0.02
+  np.testing.assert_allclose(np.diff(betas), (0.02 - 1e-4) / (T - 1), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+  'name, expected',
+  [
+    ('quad', lambda: np.linspace(1e-2, math.sqrt(0.02), T) ** 2),
+    ('const', lambda: np.full(T, 0.02)),
+    ('jsd', lambda: 1.0 / (T - np.arange(T))),
+    (
+      'warmup10',
+      lambda: np.concatenate([np.linspace(1e-4, 0.02, 100), np.full(T - 100, 0.02)]),
+    ),
+    (
+      'warmup50',
+      lambda: np.concatenate([np.linspace(1e-4, 0.02, 500), np.full(T - 500, 0.02)]),
+    ),
+  ],
+)
+def test_other_schedules(name, expected):
+  # Expected: the definitions of REFERENCE.md, written out independently.
+  np.testing.assert_allclose(dm.get_beta_schedule(name, **SCHEDULE_ARGS), expected(), rtol=1e-12)
+
+
+def test_cosine_schedule_matches_improved_ddpm():
+  # Improved DDPM eq. (17): abar(t) = f(t)/f(0), f(t) = cos(((t/T + s)/(1 + s)) pi/2)^2, and
+  # beta_t = min(1 - abar(t)/abar(t-1), 0.999). Check abar through the product of 1 - beta.
+  betas = dm.get_beta_schedule('cosine', **SCHEDULE_ARGS)
+  s = 0.008
+
+  def f(t):
+    return np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2
+
+  abar = f(np.arange(1, T + 1)) / f(0)
+  unclipped = betas < 0.999
+  np.testing.assert_allclose(np.cumprod(1 - betas)[:-1][unclipped[:-1]], abar[:-1][unclipped[:-1]])
+  assert betas.max() == pytest.approx(0.999)  # The last step is clipped.
+
+
+def test_unknown_schedule_raises():
+  with pytest.raises(ValueError, match="Unknown beta schedule 'cubic'"):
+    dm.get_beta_schedule('cubic', **SCHEDULE_ARGS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and the forward process.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_golden_posterior_variance():
+  # Golden values from REFERENCE.md (linear 1e-4..0.02, T = 1000).
+  diff = make_diffusion()
+  assert diff.posterior_variance.dtype == jnp.float32
+  np.testing.assert_allclose(
+    np.asarray(diff.posterior_variance)[[0, 487, 999]], [0.0, 0.0097916, 0.0199999], atol=1e-7
+  )
+
+
+def test_tables_match_float64_reference():
+  diff = make_diffusion()
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  np.testing.assert_allclose(diff.alphas_cumprod, ref.abar, rtol=1e-6)
+  np.testing.assert_allclose(diff.posterior_variance[1:], ref.post_var[1:], rtol=1e-6)
+  clipped = np.log(np.concatenate([[ref.post_var[1]], ref.post_var[1:]]))
+  np.testing.assert_allclose(diff.posterior_log_variance_clipped, clipped, rtol=1e-6)
+
+
+@pytest.mark.parametrize('schedule', dm.BETA_SCHEDULES)
+def test_q_functions_match_reference(schedule):
+  diff = make_diffusion(schedule=schedule)
+  ref = Ref(dm.get_beta_schedule(schedule, **SCHEDULE_ARGS))
+  rng = np.random.default_rng(0)
+  x0 = quantized_images(rng)
+  noise = rng.normal(size=SHAPE)
+  t = np.array([0, 1, 487, 999])
+
+  xt = jax.jit(diff.q_sample)(x0.astype(np.float32), t, noise.astype(np.float32))
+  assert rel_err(xt, ref.q_sample(x0, t, noise)) < 1e-5
+
+  mean, var, logvar = jax.jit(diff.q_mean_variance)(x0.astype(np.float32), t)
+  assert rel_err(mean, np.sqrt(ref.b(ref.abar, t)) * x0) < 1e-5
+  assert rel_err(var, 1 - ref.b(ref.abar, t)) < 1e-5
+  assert rel_err(logvar, np.log(1 - ref.b(ref.abar, t))) < 1e-5
+
+  xt64 = ref.q_sample(x0, t, noise)
+  mean, var, logvar = jax.jit(diff.q_posterior_mean_variance)(
+    x0.astype(np.float32), xt64.astype(np.float32), t
+  )
+  assert rel_err(mean, ref.post_mean(x0, xt64, t)) < 1e-5
+  assert rel_err(var, ref.b(ref.post_var, t)) < 1e-5
+  assert rel_err(logvar, ref.post_logvar_clipped(t)) < 1e-5
+
+
+def test_q_posterior_at_t0_returns_x0():
+  # abar_{-1} = 1 makes coef1 = 1 and coef2 = 0 at t = 0: the posterior mean is x0 itself.
+  diff = make_diffusion()
+  rng = np.random.default_rng(1)
+  x0 = quantized_images(rng).astype(np.float32)
+  xt = rng.normal(size=SHAPE).astype(np.float32)
+  mean, var, _ = diff.q_posterior_mean_variance(x0, xt, jnp.zeros(SHAPE[0], jnp.int32))
+  np.testing.assert_allclose(mean, x0, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(var, 0.0)
+
+
+def test_q_sample_moments():
+  # Eq. (4): x_t | x_0 ~ N(sqrt(abar_t) x_0, (1 - abar_t) I). Over 200k draws the standard
+  # error of the mean is sqrt(var / n) < 2.3e-3, so 5 sigma bounds are 1.2e-2 (mean) and 1% (var).
+  diff = make_diffusion()
+  n, t_val = 200_000, 300
+  x0 = jnp.full((n, 1, 1, 1), 0.5)
+  t = jnp.full((n,), t_val, jnp.int32)
+  noise = jax.random.normal(jax.random.key(0), x0.shape)
+  xt = np.asarray(diff.q_sample(x0, t, noise), np.float64).ravel()
+  abar = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS)).abar[t_val]
+  assert abs(xt.mean() - np.sqrt(abar) * 0.5) < 5 * np.sqrt((1 - abar) / n)
+  assert abs(xt.var() / (1 - abar) - 1) < 5 * np.sqrt(2 / n)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reverse process.
+# ----------------------------------------------------------------------------------------------
+
+ALL_TYPES = list(itertools.product(dm.MODEL_MEAN_TYPES, dm.MODEL_VAR_TYPES))
+
+
+@pytest.mark.parametrize('mean_type, var_type', ALL_TYPES)
+@pytest.mark.parametrize('clip', [True, False])
+def test_p_mean_variance_matches_reference(mean_type, var_type, clip):
+  diff = make_diffusion(mean_type, var_type)
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  rng = np.random.default_rng(2)
+  channels = SHAPE[-1] * (2 if diff.learned_variance else 1)
+  np_fn, jax_fn = linear_model(rng, channels)
+  x = rng.normal(size=SHAPE)
+  t = np.array([0, 5, 487, 999])
+  out = jax.jit(lambda x, t: diff.p_mean_variance(jax_fn, x, t, clip_denoised=clip))(
+    x.astype(np.float32), t
+  )
+  mean, logvar, x0 = ref.p_mean_var(mean_type, var_type, x, t, np_fn(x, t), clip)
+  assert rel_err(out['pred_xstart'], x0) < 1e-5
+  assert rel_err(out['mean'], mean) < 1e-5
+  assert rel_err(np.broadcast_to(out['log_variance'], SHAPE), logvar) < 1e-5
+  assert rel_err(np.broadcast_to(out['variance'], SHAPE), np.exp(logvar)) < 1e-5
+
+
+@pytest.mark.parametrize('mean_type', dm.MODEL_MEAN_TYPES)
+def test_exact_model_recovers_true_posterior_mean(mean_type):
+  # A model_fn returning the exact target (true noise, true x0, true posterior mean) must make
+  # p's mean equal q's posterior mean mu_tilde(x_t, x_0) (eq. 7), computed in float64.
+  diff = make_diffusion(mean_type, 'fixedlarge')
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  rng = np.random.default_rng(3)
+  x0 = quantized_images(rng)
+  noise = rng.normal(size=SHAPE)
+  t = np.array([1, 10, 500, 998])
+  xt = ref.q_sample(x0, t, noise)
+  true_mean = ref.post_mean(x0, xt, t)
+  target = {'eps': noise, 'xstart': x0, 'xprev': true_mean}[mean_type]
+  out = diff.p_mean_variance(
+    lambda *_: jnp.asarray(target, jnp.float32), xt.astype(np.float32), t, clip_denoised=True
+  )
+  assert rel_err(out['mean'], true_mean) < 1e-5
+  # x0 is recovered too, within the conditioning of float32: eps divides by sqrt(abar_t)
+  # (6e-3 at t = 998, so float32 rounding of x_t grows 160-fold, hence 1e-4); xprev divides
+  # by the posterior coefficient of x0 (1.2e-4 at t = 998: 1e4-fold), so only the rows
+  # t = 1, 10, whose coefficient is above 1e-2, are compared for it.
+  rows = slice(None) if mean_type != 'xprev' else slice(0, 2)
+  tol = {'eps': 1e-4, 'xstart': 1e-7, 'xprev': 1e-5}[mean_type]
+  assert rel_err(out['pred_xstart'][rows], x0[rows]) < tol
+
+
+def test_p_sample_adds_no_noise_at_t0():
+  diff = make_diffusion()
+  rng = np.random.default_rng(4)
+  _, jax_fn = linear_model(rng, SHAPE[-1])
+  x = jnp.asarray(rng.normal(size=SHAPE), jnp.float32)
+  t = jnp.array([0, 0, 3, 3], jnp.int32)
+  out = diff.p_sample(jax_fn, x, t, jax.random.key(0))
+  mean = diff.p_mean_variance(jax_fn, x, t)['mean']
+  np.testing.assert_array_equal(out['sample'][:2], mean[:2])
+  assert np.all(np.abs(out['sample'][2:] - mean[2:]) > 0)
+
+
+def test_p_sample_loop_is_traced_once_and_matches_python_loop():
+  # A 1000-step loop must compile to one loop: the model function is traced exactly once.
+  diff = make_diffusion()
+  traces = []
+
+  def model_fn(x, t):
+    traces.append(1)
+    return 0.1 * x + 1e-4 * t[:, None, None, None]
+
+  shape = (2, 4, 4, 1)
+  rng = jax.random.key(5)
+  samples = jax.jit(lambda r: diff.p_sample_loop(model_fn, shape, r))(rng)
+  assert len(traces) == 1
+  assert samples.shape == shape and np.all(np.isfinite(samples))
+
+  # Same draws as Algorithm 2 written as a Python loop over the documented keys.
+  init_rng, loop_rng = jax.random.split(rng)
+  x = jax.random.normal(init_rng, shape)
+  step = jax.jit(lambda x, t, r: diff.p_sample(model_fn, x, t, r)['sample'])
+  for t in range(T - 1, -1, -1):
+    x = step(x, jnp.full((2,), t, jnp.int32), jax.random.fold_in(loop_rng, t))
+  np.testing.assert_allclose(samples, x, rtol=1e-5, atol=1e-5)
+
+
+def test_progressive_matches_p_sample_loop():
+  diff = make_diffusion(num_steps=100)
+
+  def model_fn(x, t):
+    return 0.5 * x
+
+  shape, rng = (2, 4, 4, 1), jax.random.key(6)
+  samples = jax.jit(lambda r: diff.p_sample_loop(model_fn, shape, r))(rng)
+  final, snaps = jax.jit(lambda r: diff.p_sample_loop_progressive(model_fn, shape, r, 25))(rng)
+  np.testing.assert_allclose(final, samples, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(snaps['t'], [99, 74, 49, 24])
+  assert snaps['x_t'].shape == snaps['pred_xstart'].shape == (4,) + shape
+  # The first snapshot is x_T itself, drawn from the documented key.
+  np.testing.assert_array_equal(snaps['x_t'][0], jax.random.normal(jax.random.split(rng)[0], shape))
+  with pytest.raises(ValueError, match='divisor'):
+    diff.p_sample_loop_progressive(model_fn, shape, rng, 30)
+
+
+# ----------------------------------------------------------------------------------------------
+# DDIM.
+# ----------------------------------------------------------------------------------------------
+
+
+def ddim_reference(ref, np_fn, x_init, num_steps, eta=0.0, noises=None):
+  """DDIM eq. (12) in float64 with the eps-model of np_fn (no clipping triggered)."""
+  seq = np.arange(num_steps) * (T // num_steps)
+  x = x_init.astype(np.float64)
+  for i in range(num_steps - 1, -1, -1):
+    t = np.full(x.shape[0], seq[i])
+    eps = np_fn(x, t)
+    abar = ref.abar[seq[i]]
+    abar_prev = ref.abar[seq[i - 1]] if i > 0 else 1.0
+    x0 = (x - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
+    sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+    x = np.sqrt(abar_prev) * x0 + np.sqrt(1 - abar_prev - sigma**2) * eps
+    if eta:
+      x = x + sigma * noises[seq[i]]
+  return x
+
+
+@pytest.mark.parametrize('num_steps', [T, 50])
+def test_ddim_eta0_matches_float64_recursion(num_steps):
+  diff = make_diffusion()
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  rng = np.random.default_rng(7)
+  np_fn, _ = linear_model(rng, 1, channels_in=1)
+
+  def jax_fn(x, t):  # The eps model: small, so that x0 stays inside [-1, 1] (no clipping).
+    return 0.1 * jnp.tanh(x)
+
+  def np_eps(x, t):
+    return 0.1 * np.tanh(x)
+
+  shape, key = (2, 3, 3, 1), jax.random.key(8)
+  sample_fn = jax.jit(
+    lambda r: diff.ddim_sample_loop(jax_fn, shape, r, num_steps, clip_denoised=False)
+  )
+  samples = sample_fn(key)
+  np.testing.assert_array_equal(samples, sample_fn(key))  # Deterministic.
+  x_init = np.asarray(jax.random.normal(jax.random.split(key)[0], shape))
+  expected = ddim_reference(ref, np_eps, x_init, num_steps)
+  assert rel_err(samples, expected) < 1e-5
+
+
+def test_ddim_eta1_uses_documented_noise():
+  diff = make_diffusion()
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  shape, key, num_steps = (2, 3, 3, 1), jax.random.key(9), 20
+  samples = diff.ddim_sample_loop(
+    lambda x, t: 0.1 * jnp.tanh(x), shape, key, num_steps, eta=1.0, clip_denoised=False
+  )
+  init_rng, loop_rng = jax.random.split(key)
+  noises = {
+    t: np.asarray(jax.random.normal(jax.random.fold_in(loop_rng, t), shape))
+    for t in np.arange(num_steps) * (T // num_steps)
+  }
+  expected = ddim_reference(
+    ref,
+    lambda x, t: 0.1 * np.tanh(x),
+    np.asarray(jax.random.normal(init_rng, shape)),
+    num_steps,
+    eta=1.0,
+    noises=noises,
+  )
+  assert rel_err(samples, expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and the variational bound.
+# ----------------------------------------------------------------------------------------------
+
+LOSS_COMBOS = [
+  (mean, var, loss)
+  for mean, var, loss in itertools.product(dm.MODEL_MEAN_TYPES, dm.MODEL_VAR_TYPES, dm.LOSS_TYPES)
+  if not (loss == 'mse' and var.startswith('learned'))
+  and not (loss == 'hybrid' and not var.startswith('learned'))
+]
+
+
+@pytest.mark.parametrize('mean_type, var_type, loss_type', LOSS_COMBOS)
+def test_training_losses_match_reference(mean_type, var_type, loss_type):
+  diff = make_diffusion(mean_type, var_type, loss_type)
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  rng = np.random.default_rng(10)
+  channels = SHAPE[-1] * (2 if diff.learned_variance else 1)
+  np_fn, jax_fn = linear_model(rng, channels)
+  x0 = quantized_images(rng)
+  noise = rng.normal(size=SHAPE)
+  t = np.array([0, 1, 250, 999])
+  loss = jax.jit(lambda x0, t, n: diff.training_losses(jax_fn, x0, t, n))(
+    x0.astype(np.float32), t, noise.astype(np.float32)
+  )
+  assert loss.shape == (SHAPE[0],)
+  xt = ref.q_sample(x0, t, noise)
+  out = np_fn(xt, t)
+  target = {'eps': noise, 'xstart': x0, 'xprev': ref.post_mean(x0, xt, t)}[mean_type]
+  mse = ((target - out[..., : SHAPE[-1]]) ** 2).mean(axis=(1, 2, 3))
+  vb = ref.vb_term(mean_type, var_type, x0, xt, t, out, clip=False)[0]
+  expected = {'mse': mse, 'kl': vb, 'hybrid': mse + 1e-3 * T * vb}[loss_type]
+  assert rel_err(loss, expected) < 1e-4
+
+
+def test_hybrid_bound_term_trains_only_the_variance():
+  # Improved DDPM: the L_vlb part of L_hybrid sees the mean through a stop-gradient, so the
+  # gradient w.r.t. the mean channels is that of L_simple alone.
+  diff = make_diffusion('eps', 'learned_range', 'hybrid')
+  rng = np.random.default_rng(11)
+  x0 = jnp.asarray(quantized_images(rng), jnp.float32)
+  noise = jnp.asarray(rng.normal(size=SHAPE), jnp.float32)
+  t = jnp.array([0, 1, 250, 999])
+  out0 = jnp.asarray(rng.normal(size=SHAPE[:-1] + (6,)) * 0.1, jnp.float32)
+  grad = jax.grad(lambda o: diff.training_losses(lambda *_: o, x0, t, noise).sum())(out0)
+  expected_mean_grad = 2 * (out0[..., :3] - noise) / np.prod(SHAPE[1:])
+  np.testing.assert_allclose(grad[..., :3], expected_mean_grad, rtol=1e-5, atol=1e-9)
+  assert np.abs(grad[..., 3:]).sum() > 0
+
+
+@pytest.mark.parametrize('mean_type, var_type', ALL_TYPES)
+def test_calc_bpd_loop_matches_reference(mean_type, var_type):
+  num_steps = 50
+  betas = dm.get_beta_schedule(
+    'linear', beta_start=1e-4, beta_end=0.2, num_diffusion_timesteps=num_steps
+  )
+  diff = dm.GaussianDiffusion.create(
+    betas, model_mean_type=mean_type, model_var_type=var_type, loss_type='kl'
+  )
+  ref = Ref(betas)
+  rng = np.random.default_rng(12)
+  channels = SHAPE[-1] * (2 if diff.learned_variance else 1)
+  np_fn, jax_fn = linear_model(rng, channels)
+  x0 = quantized_images(rng)
+  key = jax.random.key(13)
+  out = jax.jit(lambda x, r: diff.calc_bpd_loop(jax_fn, x, r))(x0.astype(np.float32), key)
+  assert out['terms_bpd'].shape == out['mse'].shape == (SHAPE[0], num_steps)
+
+  terms, mses = [], []
+  for t_val in range(num_steps):
+    t = np.full(SHAPE[0], t_val)
+    noise = np.asarray(jax.random.normal(jax.random.fold_in(key, t_val), SHAPE), np.float64)
+    xt = ref.q_sample(x0, t, noise)
+    vb, pred_x0 = ref.vb_term(mean_type, var_type, x0, xt, t, np_fn(xt, t), clip=True)
+    terms.append(vb)
+    mses.append(((pred_x0 - x0) ** 2).mean(axis=(1, 2, 3)))
+  terms, mses = np.stack(terms, 1), np.stack(mses, 1)
+  # Prior L_T: KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)).
+  abar_t = ref.abar[-1]
+  prior = ref.kl(np.sqrt(abar_t) * x0, np.log(1 - abar_t), 0.0, 0.0).mean(axis=(1, 2, 3))
+  prior /= np.log(2)
+  assert rel_err(out['terms_bpd'], terms) < 1e-4
+  assert rel_err(out['mse'], mses) < 1e-4
+  assert rel_err(out['prior_bpd'], prior) < 1e-4
+  assert rel_err(out['total_bpd'], terms.sum(1) + prior) < 1e-4
+
+
+def test_kl_training_loss_equals_bpd_term():
+  # training_losses('kl') at t with the noise of calc_bpd_loop's term t is that very term.
+  diff = make_diffusion('eps', 'fixedsmall', 'kl', num_steps=20)
+  rng = np.random.default_rng(14)
+  _, jax_fn = linear_model(rng, SHAPE[-1])
+  x0 = jnp.asarray(quantized_images(rng), jnp.float32)
+  key = jax.random.key(15)
+  bpd = diff.calc_bpd_loop(jax_fn, x0, key, clip_denoised=False)
+  for t_val in (0, 1, 7, 19):
+    noise = jax.random.normal(jax.random.fold_in(key, t_val), SHAPE)
+    t = jnp.full((SHAPE[0],), t_val, jnp.int32)
+    loss = diff.training_losses(jax_fn, x0, t, noise)
+    np.testing.assert_allclose(loss, bpd['terms_bpd'][:, t_val], rtol=1e-6)
+
+
+def test_decoder_far_from_the_mean_matches_float64():
+  # Bins 4.5-6 standard deviations above or below the mean have probabilities (1e-11..1e-6)
+  # below float32's rounding of 1 but above the 1e-12 clamp; the float64 evaluation of the
+  # original formula (Ref.decoder_logprob) is the reference.
+  x = np.array([-0.5, 0.2, 0.5, 0.9, -0.9, -1.0, 1.0])
+  means = x + np.array([0.0225, -0.025, 0.03, -0.028, 0.026, 0.025, -0.027])
+  logvar = np.full_like(x, 2 * np.log(0.005))
+  got = dm.discretized_gaussian_log_likelihood(
+    jnp.asarray(x, jnp.float32),
+    means=jnp.asarray(means, jnp.float32),
+    log_scales=jnp.asarray(0.5 * logvar, jnp.float32),
+  )
+  expected = Ref.decoder_logprob(x, means, logvar)
+  assert np.all(expected > np.log(1e-12))
+  np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_normal_kl_against_closed_form():
+  # KL of univariate Gaussians from SciPy's entropy integrals: KL = cross-entropy - entropy.
+  m1, lv1, m2, lv2 = 0.3, np.log(0.5), -0.2, np.log(2.0)
+  s1, s2 = np.sqrt(0.5), np.sqrt(2.0)
+  cross_entropy = 0.5 * np.log(2 * np.pi * s2**2) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2)
+  entropy = 0.5 * np.log(2 * np.pi * np.e * s1**2)
+  np.testing.assert_allclose(dm.normal_kl(m1, lv1, m2, lv2), cross_entropy - entropy, rtol=1e-6)
+
+
+def test_approx_cdf_close_to_exact():
+  # The tanh approximation is within 2e-4 of the exact normal CDF (SciPy's ndtr).
+  z = np.linspace(-6, 6, 1001)
+  np.testing.assert_allclose(dm.approx_standard_normal_cdf(z), special.ndtr(z), atol=2e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  'kwargs, message',
+  [
+    (dict(model_mean_type='eps', model_var_type='learned', loss_type='mse'), "'mse' cannot"),
+    (dict(model_mean_type='eps', model_var_type='fixedsmall', loss_type='hybrid'), 'hybrid'),
+    (dict(model_mean_type='v', model_var_type='fixedsmall', loss_type='mse'), 'model_mean_type'),
+    (dict(model_mean_type='eps', model_var_type='fixed', loss_type='mse'), 'model_var_type'),
+    (dict(model_mean_type='eps', model_var_type='fixedsmall', loss_type='l1'), 'loss_type'),
+  ],
+)
+def test_invalid_combinations_raise(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    dm.GaussianDiffusion.create(dm.get_beta_schedule('linear', **SCHEDULE_ARGS), **kwargs)
+
+
+def test_diffusion_is_a_pytree_usable_as_jit_argument():
+  diff = make_diffusion()
+  leaves = jax.tree.leaves(diff)
+  assert all(leaf.dtype == jnp.float32 and leaf.shape == (T,) for leaf in leaves)
+  x0 = jnp.zeros(SHAPE)
+  t = jnp.zeros(SHAPE[0], jnp.int32)
+  out = jax.jit(lambda d, x: d.q_sample(x, t, jnp.ones_like(x)))(diff, x0)
+  np.testing.assert_allclose(out, np.sqrt(1e-4), rtol=1e-6)  # sqrt(1 - abar_0) = sqrt(beta_0).
