@@ -1,0 +1,141 @@
+"""Orbax checkpoints in `<workdir>/checkpoints`: one step directory per save.
+
+Each checkpoint holds the items `params`, `ema_params`, `opt_state` (training runs only; an
+imported official model has none) and `meta` (JSON: the step, the seed and the number of
+training examples consumed, which fix the random draws and the data position on resume).
+Saving is asynchronous; restoring falls back to an older step, with a warning, when the latest
+cannot be read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+ITEMS = ('params', 'ema_params', 'opt_state', 'meta')
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / 'checkpoints'
+
+
+def create_manager(
+  workdir: str, *, max_to_keep: int | None = None, async_save: bool = True
+) -> ocp.CheckpointManager:
+  """A CheckpointManager for `<workdir>/checkpoints` keeping the last `max_to_keep` steps."""
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=max_to_keep,
+    enable_async_checkpointing=async_save,
+    create=True,
+  )
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  *,
+  params: Any,
+  ema_params: Any,
+  opt_state: Any | None,
+  meta: dict[str, Any],
+) -> None:
+  """Starts saving a checkpoint at `step` (asynchronously; see `manager.wait_until_finished`).
+
+  A checkpoint already at `step` can only be one that `restore` skipped as unreadable (a run
+  never saves a step twice otherwise); it is replaced.
+  """
+  if step in manager.all_steps():
+    logging.warning('Replacing the unreadable checkpoint at step %d.', step)
+    manager.wait_until_finished()
+    manager.delete(step)
+  items = dict(
+    params=ocp.args.StandardSave(params),
+    ema_params=ocp.args.StandardSave(ema_params),
+    meta=ocp.args.JsonSave(dict(meta, step=int(step))),
+  )
+  if opt_state is not None:
+    items['opt_state'] = ocp.args.StandardSave(opt_state)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def save_imported(workdir: str, *, params: Any, step: int) -> str:
+  """Writes imported weights as the params and EMA params of a checkpoint at `step`.
+
+  Sampling and evaluation then read the workdir as if it had been trained here. Returns the
+  checkpoint's directory.
+  """
+  manager = create_manager(workdir, async_save=False)
+  if step in manager.all_steps():
+    raise FileExistsError(f'{checkpoint_dir(workdir)} already has a checkpoint at step {step}.')
+  save(manager, step, params=params, ema_params=params, opt_state=None, meta={'imported': True})
+  manager.wait_until_finished()
+  manager.close()
+  return str(checkpoint_dir(workdir) / str(step))
+
+
+def restore(
+  manager: ocp.CheckpointManager,
+  abstract_items: dict[str, Any],
+  *,
+  step: int | None = None,
+) -> tuple[int, dict[str, Any]] | None:
+  """Restores `abstract_items` (item name -> abstract pytree, e.g. of jax.ShapeDtypeStruct
+  with shardings) from `step`, or from the newest readable step when `step` is None.
+
+  Returns (step, items with `meta`), or None when there is no checkpoint at all. A step that
+  cannot be read is skipped with a warning in favour of the one before it; if none can be read,
+  raises RuntimeError: a run never starts afresh over checkpoints it could not load.
+  """
+  steps = manager.all_steps()
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(
+        f'No checkpoint at step {step} in {manager.directory}; available: {sorted(steps)}.'
+      )
+    candidates = [step]
+  else:
+    candidates = sorted(steps, reverse=True)
+  if not candidates:
+    return None
+  args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+  args['meta'] = ocp.args.JsonRestore()
+  errors = []
+  for candidate in candidates:
+    try:
+      items = manager.restore(candidate, args=ocp.args.Composite(**args))
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one.
+      logging.warning('Could not read the checkpoint at step %d: %s', candidate, e)
+      errors.append(f'step {candidate}: {type(e).__name__}: {e}')
+      continue
+    return candidate, dict(items)
+  raise RuntimeError(
+    f'None of the checkpoints in {manager.directory} could be read:\n' + '\n'.join(errors)
+  )
+
+
+def restore_ema_params(
+  workdir: str, abstract_params: Any, *, step: int | None = None
+) -> tuple[int, Any]:
+  """The EMA params of the checkpoint at `step` (default: latest) of a trained or imported
+  workdir, shaped and sharded like `abstract_params`. Raises FileNotFoundError if there is none.
+  """
+  manager = create_manager(workdir, async_save=False)
+  restored = restore(manager, {'ema_params': abstract_params}, step=step)
+  manager.close()
+  if restored is None:
+    raise FileNotFoundError(
+      f'No checkpoint in {checkpoint_dir(workdir)}: train first (--mode=train) or convert '
+      'official weights with `python -m ddpm_jax.pretrained`.'
+    )
+  step, items = restored
+  return step, items['ema_params']
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+  """jax.ShapeDtypeStruct twins of the arrays of `tree`, optionally all with `sharding`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

@@ -1,0 +1,307 @@
+"""The DDPM U-Net (Ho et al. 2020, Appendix B), numerically the official TensorFlow network.
+
+A PixelCNN++-style U-Net: ResNet blocks conditioned on a sinusoidal timestep embedding, single-head
+self-attention at chosen resolutions, GroupNorm, swish. The parameter tree mirrors the original
+variable scopes so that official weights map over by name (`ddpm_jax/pretrained.py`):
+
+  temb/dense{0,1}, conv_in,
+  down_{i}/block_{j}/{norm1, conv1, temb_proj, norm2, conv2, nin_shortcut},
+  down_{i}/attn_{j}/{norm, q, k, v, proj_out}, down_{i}/downsample/conv,
+  mid/{block_1, attn_1, block_2},
+  up_{i}/block_{j}, up_{i}/attn_{j}, up_{i}/upsample/conv,
+  norm_out, conv_out.
+
+Level i runs at resolution image_size / 2**i on both paths; up_{i} has num_res_blocks + 1 blocks.
+Convolutions and dense layers compute in `dtype`; parameters, GroupNorm and the attention softmax
+stay float32.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The original's init scale "0": conv2 of every ResNet block, proj_out and conv_out start near zero
+# so that each residual branch, and the network output, starts close to the identity / zero.
+ZERO_ISH = 1e-10
+
+
+def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
+  """The original's initializer: variance scaling, fan_avg, uniform (limit sqrt(3 scale / fan))."""
+  return nn.initializers.variance_scaling(scale, 'fan_avg', 'uniform')
+
+
+def get_timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal embedding of integer timesteps, as in the original (and Transformers).
+
+  Args:
+    t: [B] timesteps (int or float), 0-based.
+    dim: embedding size, even.
+
+  Returns:
+    [B, dim] float32: [sin(t f), cos(t f)], sin first, with f_i = 10000^(-i / (dim/2 - 1)).
+  """
+  half = dim // 2
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000) / (half - 1)))
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+
+
+def _conv(features: int, name: str, dtype: Any, *, strides: int = 1, init_scale: float = 1.0):
+  # Flax 'SAME' padding equals TF 'SAME': (1, 1) at stride 1 and (0, 1) at stride 2 on even sizes.
+  return nn.Conv(
+    features,
+    (3, 3),
+    strides=(strides, strides),
+    padding='SAME',
+    dtype=dtype,
+    kernel_init=default_init(init_scale),
+    name=name,
+  )
+
+
+def _dense(features: int, name: str, dtype: Any, *, init_scale: float = 1.0):
+  """A dense layer over the last axis; on [B, H, W, C] it is the original's 1x1 `nin`."""
+  return nn.Dense(features, dtype=dtype, kernel_init=default_init(init_scale), name=name)
+
+
+def _group_norm(name: str):
+  """GroupNorm(32 groups, eps 1e-6) computed and returned in float32.
+
+  The variance is taken as E[(x - mean)^2], as the original does, not E[x^2] - mean^2.
+  """
+  return nn.GroupNorm(
+    num_groups=32, epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name=name
+  )
+
+
+class ResnetBlock(nn.Module):
+  """norm1 -> swish -> conv1 -> + temb_proj(swish(temb)) -> norm2 -> swish -> dropout -> conv2.
+
+  The shortcut is a 1x1 linear map (`nin_shortcut`) when the channel count changes. Output x + h.
+  """
+
+  out_ch: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    """x: [B, H, W, C_in], temb: [B, 4 ch]; returns [B, H, W, out_ch]."""
+    h = nn.swish(_group_norm('norm1')(x))
+    h = _conv(self.out_ch, 'conv1', self.dtype)(h)
+    h += _dense(self.out_ch, 'temb_proj', self.dtype)(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(_group_norm('norm2')(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = _conv(self.out_ch, 'conv2', self.dtype, init_scale=ZERO_ISH)(h)
+    if x.shape[-1] != self.out_ch:
+      x = _dense(self.out_ch, 'nin_shortcut', self.dtype)(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all H * W positions, with a residual connection."""
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C]; returns [B, H, W, C]."""
+    b, height, width, c = x.shape
+    h = _group_norm('norm')(x)
+    q, k, v = (_dense(c, name, self.dtype)(h).reshape(b, height * width, c) for name in 'qkv')
+    logits = jnp.einsum('bic,bjc->bij', q, k, preferred_element_type=jnp.float32) * c**-0.5
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    h = jnp.einsum('bij,bjc->bic', weights, v).reshape(b, height, width, c)
+    return x + _dense(c, 'proj_out', self.dtype, init_scale=ZERO_ISH)(h)
+
+
+class Downsample(nn.Module):
+  """Halves H and W: 3x3 stride-2 conv (TF 'SAME' padding) or 2x2 average pooling."""
+
+  with_conv: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.with_conv:
+      return _conv(x.shape[-1], 'conv', self.dtype, strides=2)(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+
+
+class Upsample(nn.Module):
+  """Doubles H and W by nearest-neighbour repetition, then an optional 3x3 conv."""
+
+  with_conv: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if self.with_conv:
+      x = _conv(x.shape[-1], 'conv', self.dtype)(x)
+    return x
+
+
+class TimestepEmbedding(nn.Module):
+  """t -> sinusoidal embedding (ch) -> dense0 (4 ch) -> swish -> dense1 (4 ch)."""
+
+  ch: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    """t: [B]; returns [B, 4 ch]."""
+    temb = get_timestep_embedding(t, self.ch)
+    temb = _dense(4 * self.ch, 'dense0', self.dtype)(temb)
+    return _dense(4 * self.ch, 'dense1', self.dtype)(nn.swish(temb))
+
+
+class DownLevel(nn.Module):
+  """One level of the contracting path: ResNet blocks (+ attention), then a downsample.
+
+  Returns the outputs that the U-Net pushes on its skip stack: one per block, plus the downsampled
+  feature map when `downsample` is set.
+  """
+
+  out_ch: int
+  num_res_blocks: int
+  attn_resolutions: tuple[int, ...]
+  dropout: float
+  downsample: bool
+  resamp_with_conv: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> list[jax.Array]:
+    outputs = []
+    for i_block in range(self.num_res_blocks):
+      h = ResnetBlock(self.out_ch, self.dropout, self.dtype, name=f'block_{i_block}')(
+        h, temb, train=train
+      )
+      if h.shape[1] in self.attn_resolutions:
+        h = AttnBlock(self.dtype, name=f'attn_{i_block}')(h)
+      outputs.append(h)
+    if self.downsample:
+      outputs.append(Downsample(self.resamp_with_conv, self.dtype, name='downsample')(h))
+    return outputs
+
+
+class MidBlock(nn.Module):
+  """block_1 -> attn_1 -> block_2 at the lowest resolution."""
+
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    ch = h.shape[-1]
+    h = ResnetBlock(ch, self.dropout, self.dtype, name='block_1')(h, temb, train=train)
+    h = AttnBlock(self.dtype, name='attn_1')(h)
+    return ResnetBlock(ch, self.dropout, self.dtype, name='block_2')(h, temb, train=train)
+
+
+class UpLevel(nn.Module):
+  """One level of the expanding path: num_res_blocks + 1 ResNet blocks on concat(h, skip).
+
+  `skips` are this level's entries of the skip stack in push order; they are consumed last first.
+  Attention follows each block where the resolution is in `attn_resolutions`; an upsample ends
+  every level but level 0.
+  """
+
+  out_ch: int
+  num_res_blocks: int
+  attn_resolutions: tuple[int, ...]
+  dropout: float
+  upsample: bool
+  resamp_with_conv: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, h: jax.Array, skips: Sequence[jax.Array], temb: jax.Array, *, train: bool
+  ) -> jax.Array:
+    for i_block, skip in enumerate(reversed(skips)):
+      h = ResnetBlock(self.out_ch, self.dropout, self.dtype, name=f'block_{i_block}')(
+        jnp.concatenate([h, skip], axis=-1), temb, train=train
+      )
+      if h.shape[1] in self.attn_resolutions:
+        h = AttnBlock(self.dtype, name=f'attn_{i_block}')(h)
+    if self.upsample:
+      h = Upsample(self.resamp_with_conv, self.dtype, name='upsample')(h)
+    return h
+
+
+class UNet(nn.Module):
+  """The DDPM noise-prediction network.
+
+  Attributes:
+    ch: base channel count (128 in the paper); level i has ch * ch_mult[i] channels.
+    out_ch: output channels (C, or 2C when the network also predicts the variance).
+    ch_mult: channel multiplier per resolution level.
+    num_res_blocks: ResNet blocks per level on the down path (one more on the up path).
+    attn_resolutions: feature-map sizes (H) at which self-attention follows each block.
+    dropout: dropout rate inside the ResNet blocks, active only when train=True.
+    resamp_with_conv: whether down/upsampling use a 3x3 conv (the paper: True).
+    dtype: compute dtype of convolutions and dense layers; parameters stay float32.
+  """
+
+  ch: int
+  out_ch: int
+  ch_mult: tuple[int, ...]
+  num_res_blocks: int
+  attn_resolutions: tuple[int, ...]
+  dropout: float
+  resamp_with_conv: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
+    """Predicts the model output (eps, x0 or the posterior mean, and maybe a variance).
+
+    Args:
+      x: [B, H, W, C] noisy images, in [-1, 1] at t = 0.
+      t: [B] int32 timesteps in [0, T).
+      train: enables dropout; needs rngs={'dropout': key} when dropout > 0.
+
+    Returns:
+      [B, H, W, out_ch] float32.
+    """
+    num_levels = len(self.ch_mult)
+    temb = TimestepEmbedding(self.ch, self.dtype, name='temb')(t)
+
+    hs = [_conv(self.ch, 'conv_in', self.dtype)(x)]
+    for i_level, mult in enumerate(self.ch_mult):
+      hs += DownLevel(
+        out_ch=self.ch * mult,
+        num_res_blocks=self.num_res_blocks,
+        attn_resolutions=self.attn_resolutions,
+        dropout=self.dropout,
+        downsample=i_level != num_levels - 1,
+        resamp_with_conv=self.resamp_with_conv,
+        dtype=self.dtype,
+        name=f'down_{i_level}',
+      )(hs[-1], temb, train=train)
+
+    h = MidBlock(self.dropout, self.dtype, name='mid')(hs[-1], temb, train=train)
+
+    level_size = self.num_res_blocks + 1
+    for i_level in reversed(range(num_levels)):
+      h = UpLevel(
+        out_ch=self.ch * self.ch_mult[i_level],
+        num_res_blocks=self.num_res_blocks,
+        attn_resolutions=self.attn_resolutions,
+        dropout=self.dropout,
+        upsample=i_level != 0,
+        resamp_with_conv=self.resamp_with_conv,
+        dtype=self.dtype,
+        name=f'up_{i_level}',
+      )(h, hs[-level_size:], temb, train=train)
+      hs = hs[:-level_size]
+
+    h = nn.swish(_group_norm('norm_out')(h))
+    h = _conv(self.out_ch, 'conv_out', self.dtype, init_scale=ZERO_ISH)(h)
+    return h.astype(jnp.float32)

@@ -1,0 +1,592 @@
+r"""The official DDPM weights as parameters of our U-Net, and a command-line converter.
+
+Two published forms of the same weights (REFERENCE.md, "Official weights") are read:
+- the diffusers ports on the Hugging Face Hub (`google/ddpm-cifar10-32`, `google/ddpm-church-256`,
+  ...): a folder with `config.json` and `diffusion_pytorch_model.safetensors`;
+- the original TensorFlow checkpoints (`model.ckpt-790000` for CIFAR10), whose variable names our
+  parameter tree mirrors; the EMA copies are taken by default.
+
+Nothing downloads at run time. With internet access, fetch and convert, e.g.:
+
+  hf download google/ddpm-cifar10-32 --local-dir /tmp/ddpm-cifar10-32
+  python -m ddpm_jax.pretrained --config=configs/cifar10.py --format=diffusers \
+    --source=/tmp/ddpm-cifar10-32 --workdir=/tmp/ddpm_cifar10_official
+
+or, with the original checkpoint files (`model.ckpt-790000.{index,data-*}`, linked from the
+README of github.com/hojonathanho/diffusion) in /tmp/ddpm_tf:
+
+  python -m ddpm_jax.pretrained --config=configs/cifar10.py --format=tf \
+    --source=/tmp/ddpm_tf/model.ckpt-790000 --workdir=/tmp/ddpm_cifar10_official
+
+The converter checks the weights' architecture against the config and writes them as both the
+parameters and the EMA parameters of a checkpoint in `workdir/checkpoints`, at the step parsed from
+`model.ckpt-N` (else 0, or --step). From TF checkpoints it takes the EMA weights, which the paper
+samples from; --nouse_ema takes the raw training weights instead.
+
+Imports are strict: every parameter of our tree must come from exactly one tensor of the expected
+shape, and every model tensor in the source must be used; anything else raises a ValueError that
+names the tensors.
+"""
+
+import functools
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import traverse_util
+from ml_collections import config_flags
+from safetensors import numpy as safetensors_numpy
+
+from ddpm_jax import checkpoints
+from ddpm_jax.models import create_model
+from ddpm_jax.models.unet import UNet
+
+# A parameter's path in our tree, e.g. ('down_0', 'block_1', 'conv1', 'kernel').
+ParamPath = tuple[str, ...]
+
+# Architecture fields shared by UNet and an imported model config, in the order errors list them.
+_ARCH_FIELDS = ('ch', 'out_ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'resamp_with_conv')
+_MAX_LISTED = 20  # Tensors listed per kind of import error.
+
+
+def make_model_config(
+  *,
+  ch: int,
+  out_ch: int,
+  ch_mult: Sequence[int],
+  num_res_blocks: int,
+  attn_resolutions: Sequence[int],
+  image_size: int,
+  num_channels: int,
+  dropout: float = 0.0,
+  resamp_with_conv: bool = True,
+) -> ml_collections.ConfigDict:
+  """The architecture of a set of weights: the UNet fields plus the image shape they expect."""
+  return ml_collections.ConfigDict(
+    dict(
+      ch=ch,
+      out_ch=out_ch,
+      ch_mult=tuple(ch_mult),
+      num_res_blocks=num_res_blocks,
+      attn_resolutions=tuple(attn_resolutions),
+      dropout=dropout,
+      resamp_with_conv=resamp_with_conv,
+      dtype='float32',
+      image_size=image_size,
+      num_channels=num_channels,
+    )
+  )
+
+
+def build_unet(model_config: ml_collections.ConfigDict) -> UNet:
+  """The UNet that a model config (`make_model_config`) describes."""
+  fields = {field: model_config[field] for field in (*_ARCH_FIELDS, 'dropout')}
+  return UNet(**fields, dtype=jnp.dtype(model_config.dtype))
+
+
+def param_shapes(model_config: ml_collections.ConfigDict) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+  """Flat {path: ShapeDtypeStruct} of the UNet's parameters, traced with jax.eval_shape."""
+  size = model_config.image_size
+  x = jax.ShapeDtypeStruct((1, size, size, model_config.num_channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  init = functools.partial(build_unet(model_config).init, train=False)
+  variables = jax.eval_shape(init, jax.random.key(0), x, t)
+  return traverse_util.flatten_dict(variables['params'])
+
+
+def _module_kinds(shapes: Mapping[ParamPath, jax.ShapeDtypeStruct]) -> dict[ParamPath, str]:
+  """Each module of our tree as 'norm', 'conv' (3x3) or 'dense' (over the channel axis)."""
+  kinds = {}
+  for path, shape in shapes.items():
+    module, leaf = path[:-1], path[-1]
+    if leaf == 'scale':
+      kinds[module] = 'norm'
+    elif leaf == 'kernel':
+      kinds[module] = 'conv' if len(shape.shape) == 4 else 'dense'
+  return kinds
+
+
+def _format_names(names: Sequence[str]) -> str:
+  listed = ', '.join(names[:_MAX_LISTED])
+  more = len(names) - _MAX_LISTED
+  return listed + (f' and {more} more' if more > 0 else '')
+
+
+# One way to fill a parameter: candidate source names (first present wins), the source shape
+# expected, and the map from the source layout to ours.
+_Source = tuple[tuple[str, ...], tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
+
+
+def _assemble(
+  shapes: Mapping[ParamPath, jax.ShapeDtypeStruct],
+  sources: Mapping[ParamPath, _Source],
+  available: Mapping[str, tuple[int, ...]],
+  read: Callable[[str], np.ndarray],
+  what: str,
+) -> dict:
+  """Fills our parameter tree from named source tensors, strictly.
+
+  Args:
+    shapes: our flat parameter shapes.
+    sources: for each of our parameters, where it comes from.
+    available: shape of every model tensor in the source.
+    read: loads a source tensor by name.
+    what: the source, for error messages.
+
+  Returns:
+    The nested params dict of float32 NumPy arrays.
+
+  Raises:
+    ValueError: naming every missing, unexpected or wrongly shaped tensor.
+  """
+  params, used, missing, wrong_shape = {}, set(), [], []
+  for path, (names, source_shape, convert) in sources.items():
+    name = next((n for n in names if n in available), None)
+    if name is None:
+      missing.append(' or '.join(names))
+      continue
+    used.add(name)
+    if tuple(available[name]) != source_shape:
+      wrong_shape.append(
+        f'{name} has shape {tuple(available[name])}, expected {source_shape} '
+        f'(for {"/".join(path)} of shape {shapes[path].shape})'
+      )
+      continue
+    params[path] = convert(np.asarray(read(name), np.float32))
+  unexpected = sorted(set(available) - used)
+  problems = []
+  if missing:
+    problems.append(f'missing tensors ({len(missing)}): {_format_names(missing)}')
+  if unexpected:
+    problems.append(f'unexpected tensors ({len(unexpected)}): {_format_names(unexpected)}')
+  if wrong_shape:
+    problems.append(f'wrongly shaped tensors ({len(wrong_shape)}): {_format_names(wrong_shape)}')
+  if problems:
+    raise ValueError(f'Cannot import {what}: ' + '; '.join(problems))
+  return traverse_util.unflatten_dict(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers (UNet2DModel)
+# ---------------------------------------------------------------------------------------------
+
+# Our layer name -> diffusers layer names, newest first (older files name attention layers
+# query/key/value/proj_attn).
+_DIFFUSERS_LAYERS = {
+  'norm1': ('norm1',),
+  'conv1': ('conv1',),
+  'temb_proj': ('time_emb_proj',),
+  'norm2': ('norm2',),
+  'conv2': ('conv2',),
+  'nin_shortcut': ('conv_shortcut',),
+  'norm': ('group_norm',),
+  'q': ('to_q', 'query'),
+  'k': ('to_k', 'key'),
+  'v': ('to_v', 'value'),
+  'proj_out': ('to_out.0', 'proj_attn'),
+}
+_DIFFUSERS_TOP = {
+  ('temb', 'dense0'): 'time_embedding.linear_1',
+  ('temb', 'dense1'): 'time_embedding.linear_2',
+  ('conv_in',): 'conv_in',
+  ('norm_out',): 'conv_norm_out',
+  ('conv_out',): 'conv_out',
+}
+_DIFFUSERS_MID = {'block_1': 'resnets.0', 'attn_1': 'attentions.0', 'block_2': 'resnets.1'}
+
+
+def _diffusers_modules(module: ParamPath, num_levels: int) -> tuple[str, ...]:
+  """Candidate diffusers names of one of our modules; up level i is up_blocks.{L - 1 - i}."""
+  if module in _DIFFUSERS_TOP:
+    return (_DIFFUSERS_TOP[module],)
+  scope, part, layer = module
+  if scope == 'mid':
+    prefix = f'mid_block.{_DIFFUSERS_MID[part]}'
+  else:
+    direction, level = scope.split('_')
+    level = int(level) if direction == 'down' else num_levels - 1 - int(level)
+    blocks = f'{direction}_blocks.{level}'
+    if part in ('downsample', 'upsample'):
+      return (f'{blocks}.{part}rs.0.conv',)
+    kind, index = part.split('_')
+    prefix = f'{blocks}.{"resnets" if kind == "block" else "attentions"}.{index}'
+  return tuple(f'{prefix}.{name}' for name in _DIFFUSERS_LAYERS[layer])
+
+
+def _diffusers_sources(
+  shapes: Mapping[ParamPath, jax.ShapeDtypeStruct], num_levels: int
+) -> dict[ParamPath, _Source]:
+  """Where each of our parameters lives in a UNet2DModel state dict, and its torch layout."""
+  kinds = _module_kinds(shapes)
+  sources = {}
+  for path, shape in shapes.items():
+    module, leaf = path[:-1], path[-1]
+    names = _diffusers_modules(module, num_levels)
+    names = tuple(f'{name}.{"bias" if leaf == "bias" else "weight"}' for name in names)
+    if leaf != 'kernel':
+      sources[path] = (names, shape.shape, lambda w: w)
+    elif kinds[module] == 'conv':  # torch [out, in, kh, kw] -> [kh, kw, in, out]
+      kh, kw, c_in, c_out = shape.shape
+      sources[path] = (names, (c_out, c_in, kh, kw), lambda w: w.transpose(2, 3, 1, 0))
+    elif module[-1] == 'nin_shortcut':  # torch 1x1 conv [out, in, 1, 1] -> [in, out]
+      c_in, c_out = shape.shape
+      sources[path] = (names, (c_out, c_in, 1, 1), lambda w: w[:, :, 0, 0].T)
+    else:  # torch linear [out, in] -> [in, out]
+      c_in, c_out = shape.shape
+      sources[path] = (names, (c_out, c_in), lambda w: w.T)
+  return sources
+
+
+# UNet2DModel.__init__ defaults, which apply to keys a config.json omits.
+_DIFFUSERS_DEFAULTS = {
+  'in_channels': 3,
+  'out_channels': 3,
+  'layers_per_block': 2,
+  'dropout': 0.0,
+  'attention_head_dim': 8,
+}
+# Settings that the original network fixes: (key, UNet2DModel default, required value).
+_DIFFUSERS_REQUIRED = (
+  ('time_embedding_type', 'positional', 'positional'),
+  ('flip_sin_to_cos', True, False),
+  ('freq_shift', 0, 1),
+  ('center_input_sample', False, False),
+  ('downsample_padding', 1, 0),
+  ('downsample_type', 'conv', 'conv'),
+  ('upsample_type', 'conv', 'conv'),
+  ('mid_block_type', 'UNetMidBlock2D', 'UNetMidBlock2D'),
+  ('mid_block_scale_factor', 1, 1),
+  ('add_attention', True, True),
+  ('norm_num_groups', 32, 32),
+  ('attn_norm_num_groups', None, None),
+  ('norm_eps', 1e-5, 1e-6),
+  ('resnet_time_scale_shift', 'default', 'default'),
+  ('class_embed_type', None, None),
+  ('num_class_embeds', None, None),
+)
+
+
+def model_config_from_diffusers(config: Mapping) -> ml_collections.ConfigDict:
+  """Our model config (see `make_model_config`) for a UNet2DModel `config.json`.
+
+  Raises:
+    ValueError: listing every setting our UNet cannot represent (multi-head attention, cos-first
+      timestep embedding, symmetric downsample padding, ...).
+  """
+  get = lambda key: config.get(key, _DIFFUSERS_DEFAULTS.get(key))
+  problems = []
+  if config.get('_class_name', 'UNet2DModel') != 'UNet2DModel':
+    problems.append(f'_class_name is {config["_class_name"]!r}, expected UNet2DModel')
+  for key in ('block_out_channels', 'down_block_types', 'up_block_types', 'sample_size'):
+    if key not in config:
+      raise ValueError(f'diffusers config has no {key!r}')
+  for key, default, required in _DIFFUSERS_REQUIRED:
+    if config.get(key, default) != required:
+      problems.append(f'{key} is {config.get(key, default)!r}, expected {required!r}')
+  if config.get('act_fn', 'silu') not in ('silu', 'swish'):
+    problems.append(f'act_fn is {config["act_fn"]!r}, expected silu')
+
+  widths = list(config['block_out_channels'])
+  ch = widths[0]
+  if config.get('time_embedding_dim') not in (None, 4 * ch):
+    problems.append(f'time_embedding_dim is {config["time_embedding_dim"]}, expected {4 * ch}')
+  if any(width % ch for width in widths):
+    problems.append(f'block_out_channels {widths} are not multiples of {ch}')
+  sample_size = config['sample_size']
+  if not isinstance(sample_size, int):
+    height, width = sample_size
+    if height != width:
+      problems.append(f'sample_size {sample_size} is not square')
+    sample_size = height
+
+  down_types, up_types = list(config['down_block_types']), list(config['up_block_types'])
+  if not len(widths) == len(down_types) == len(up_types):
+    problems.append(
+      f'{len(widths)} block_out_channels for {len(down_types)} down and {len(up_types)} up blocks'
+    )
+  down_attn = {'DownBlock2D': False, 'AttnDownBlock2D': True}
+  up_attn = {'UpBlock2D': False, 'AttnUpBlock2D': True}
+  if not set(down_types) <= set(down_attn) or not set(up_types) <= set(up_attn):
+    problems.append(
+      f'block types {down_types} / {up_types} are not DownBlock2D/AttnDownBlock2D and '
+      'UpBlock2D/AttnUpBlock2D'
+    )
+  elif [up_attn[u] for u in reversed(up_types)] != [down_attn[d] for d in down_types]:
+    problems.append(f'attention in up_block_types {up_types} does not mirror {down_types}')
+  attn_levels = [i for i, d in enumerate(down_types) if down_attn.get(d)]
+
+  # One head: attention_head_dim null (head dim = channels) or equal to every attention width.
+  head_dim = get('attention_head_dim')
+  attn_widths = {widths[i] for i in attn_levels} | {widths[-1]}
+  if head_dim is not None and attn_widths != {head_dim}:
+    problems.append(f'attention_head_dim {head_dim} means several heads at widths {attn_widths}')
+  if problems:
+    raise ValueError('Unsupported diffusers UNet2DModel config: ' + '; '.join(problems))
+
+  return make_model_config(
+    ch=ch,
+    out_ch=get('out_channels'),
+    ch_mult=[width // ch for width in widths],
+    num_res_blocks=get('layers_per_block'),
+    attn_resolutions=[sample_size // 2**i for i in attn_levels],
+    image_size=sample_size,
+    num_channels=get('in_channels'),
+    dropout=get('dropout'),
+  )
+
+
+def params_from_diffusers(
+  state_dict: Mapping[str, np.ndarray], model_config: ml_collections.ConfigDict
+) -> dict:
+  """Our params from a UNet2DModel state dict of NumPy arrays (to_q... or query... naming).
+
+  Args:
+    state_dict: tensor name -> array in torch layout (any float dtype).
+    model_config: the architecture (`make_model_config` / `model_config_from_diffusers`).
+
+  Returns:
+    The params tree for `model.apply({'params': params}, ...)`, float32 NumPy arrays.
+  """
+  shapes = param_shapes(model_config)
+  sources = _diffusers_sources(shapes, len(model_config.ch_mult))
+  available = {name: tuple(np.shape(value)) for name, value in state_dict.items()}
+  return _assemble(shapes, sources, available, state_dict.__getitem__, 'diffusers weights')
+
+
+def load_diffusers_model(folder: str) -> tuple[ml_collections.ConfigDict, dict]:
+  """Reads a local diffusers UNet2DModel folder (config.json, diffusion_pytorch_model.safetensors).
+
+  `folder` may also be a pipeline folder whose U-Net is in `unet/`. Only safetensors are read:
+  no torch, no pickle.
+
+  Returns:
+    (model config as in `make_model_config`, params).
+  """
+  if not os.path.exists(os.path.join(folder, 'config.json')):
+    folder = os.path.join(folder, 'unet')
+  weights = os.path.join(folder, 'diffusion_pytorch_model.safetensors')
+  if not os.path.exists(weights):
+    raise FileNotFoundError(f'{weights} not found (only safetensors weights are read)')
+  with open(os.path.join(folder, 'config.json')) as f:
+    model_config = model_config_from_diffusers(json.load(f))
+  state_dict = safetensors_numpy.load_file(weights)
+  return model_config, params_from_diffusers(state_dict, model_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Original TensorFlow checkpoints
+# ---------------------------------------------------------------------------------------------
+
+_EMA_SUFFIX = '/ExponentialMovingAverage'
+_TF_LEAVES = {
+  'norm': {'scale': 'gamma', 'bias': 'beta'},
+  'conv': {'kernel': 'W', 'bias': 'b'},
+  'dense': {'kernel': 'W', 'bias': 'b'},
+}
+_TF_WEIGHT = re.compile(r'model/.*/(W|b|gamma|beta)')
+
+
+def _load_tf_checkpoint(path: str):
+  """(prefix, tf.train.CheckpointReader) for a checkpoint prefix or a directory with checkpoints."""
+  import tensorflow as tf  # Only TF checkpoints need TensorFlow, which is slow to import.
+
+  prefix = path
+  if os.path.isdir(path):
+    prefix = tf.train.latest_checkpoint(path)
+    if prefix is None:
+      raise ValueError(f'No TF checkpoint in {path}; pass the prefix, e.g. {path}/model.ckpt-N')
+  return prefix, tf.train.load_checkpoint(prefix)
+
+
+def _tf_model_tensors(reader, use_ema: bool) -> dict[str, tuple[int, ...]]:
+  """Shapes of the network weights in a TF checkpoint, by name without the EMA suffix.
+
+  Optimizer slots (.../Adam, .../Adam_1), global_step and the other copy (EMA or raw) are not
+  network weights and are left out.
+  """
+  shapes = {}
+  for name, shape in reader.get_variable_to_shape_map().items():
+    is_ema = name.endswith(_EMA_SUFFIX)
+    base = name.removesuffix(_EMA_SUFFIX)
+    if is_ema == use_ema and _TF_WEIGHT.fullmatch(base):
+      shapes[base] = tuple(shape)
+  return shapes
+
+
+def _count_consecutive(names: Mapping[str, object], pattern: str) -> int:
+  """How many of pattern.format(0), pattern.format(1), ... are in names, without a gap."""
+  count = 0
+  while pattern.format(count) in names:
+    count += 1
+  return count
+
+
+def model_config_from_tf_checkpoint(
+  path: str, *, image_size: int, use_ema: bool = True
+) -> ml_collections.ConfigDict:
+  """The architecture of an original TF checkpoint, read from its tensor names and shapes.
+
+  The checkpoint stores no config and a conv net's weights do not fix the image size, so the
+  caller gives `image_size`; attention resolutions follow from the levels that have `attn_0`.
+  Dropout is not recorded (0.0 here; it does not matter for sampling).
+  """
+  _, reader = _load_tf_checkpoint(path)
+  shapes = _tf_model_tensors(reader, use_ema)
+  if 'model/conv_in/W' not in shapes or 'model/conv_out/W' not in shapes:
+    raise ValueError(f'{path} has no model/conv_in/W or model/conv_out/W (use_ema={use_ema})')
+  _, _, num_channels, ch = shapes['model/conv_in/W']
+  num_levels = _count_consecutive(shapes, 'model/down_{}/block_0/conv1/W')
+  num_res_blocks = _count_consecutive(shapes, 'model/down_0/block_{}/conv1/W')
+  widths = [shapes[f'model/down_{i}/block_0/conv1/W'][-1] for i in range(num_levels)]
+  if any(width % ch for width in widths):
+    raise ValueError(f'{path}: level widths {widths} are not multiples of ch={ch}')
+  return make_model_config(
+    ch=ch,
+    out_ch=shapes['model/conv_out/W'][-1],
+    ch_mult=[width // ch for width in widths],
+    num_res_blocks=num_res_blocks,
+    attn_resolutions=[
+      image_size // 2**i for i in range(num_levels) if f'model/down_{i}/attn_0/q/W' in shapes
+    ],
+    image_size=image_size,
+    num_channels=num_channels,
+    resamp_with_conv=num_levels == 1 or 'model/down_0/downsample/conv/W' in shapes,
+  )
+
+
+def params_from_tf_checkpoint(
+  path: str, model_config: ml_collections.ConfigDict, *, use_ema: bool = True
+) -> dict:
+  """Our params from an original TF checkpoint (prefix such as .../model.ckpt-790000, or its dir).
+
+  Args:
+    path: checkpoint prefix or directory.
+    model_config: the architecture (`make_model_config` / `model_config_from_tf_checkpoint`).
+    use_ema: take the `/ExponentialMovingAverage` copies (the weights the paper samples from);
+      False takes the raw training weights.
+
+  Returns:
+    The params tree, float32 NumPy arrays. TF layouts equal ours: conv W [kh, kw, in, out],
+    dense / nin W [in, out].
+  """
+  prefix, reader = _load_tf_checkpoint(path)
+  shapes = param_shapes(model_config)
+  kinds = _module_kinds(shapes)
+  suffix = _EMA_SUFFIX if use_ema else ''
+  sources = {}
+  for (*module, leaf), shape in shapes.items():
+    name = 'model/' + '/'.join(module) + '/' + _TF_LEAVES[kinds[tuple(module)]][leaf]
+    sources[(*module, leaf)] = ((name,), shape.shape, lambda w: w)
+  available = _tf_model_tensors(reader, use_ema)
+  read = lambda name: reader.get_tensor(name + suffix)
+  copy = 'EMA' if use_ema else 'raw'
+  return _assemble(shapes, sources, available, read, f'{copy} weights of TF checkpoint {prefix}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Converter
+# ---------------------------------------------------------------------------------------------
+
+
+def check_architecture(
+  model_config: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> None:
+  """Raises a ValueError listing each field where the weights differ from the project config.
+
+  Compares image size and channels with `config.data` and the U-Net that `create_model(config)`
+  builds (ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv). Dropout is
+  not compared: it does not change the function used for sampling.
+  """
+  model = create_model(config)
+  fields = [
+    ('data.image_size', model_config.image_size, config.data.image_size),
+    ('data.num_channels', model_config.num_channels, config.data.num_channels),
+  ]
+  for field in _ARCH_FIELDS:
+    name = 'out_ch (from data.num_channels, diffusion.model_var_type)'
+    name = name if field == 'out_ch' else f'model.{field}'
+    fields.append((name, model_config[field], getattr(model, field)))
+  mismatches = [
+    f'{name}: weights have {found!r}, config has {wanted!r}'
+    for name, found, wanted in fields
+    if found != wanted
+  ]
+  if mismatches:
+    raise ValueError('Official weights do not match the config:\n  ' + '\n  '.join(mismatches))
+
+
+def default_step(source: str, source_format: str) -> int:
+  """The training step of the weights: N from a TF `model.ckpt-N` prefix, else 0."""
+  if source_format == 'tf':
+    prefix, _ = _load_tf_checkpoint(source)
+    match = re.search(r'model\.ckpt-(\d+)$', prefix)
+    if match:
+      return int(match.group(1))
+  return 0
+
+
+def convert(
+  config: ml_collections.ConfigDict,
+  *,
+  source: str,
+  source_format: str,
+  workdir: str,
+  step: int | None = None,
+  use_ema: bool = True,
+) -> None:
+  """Imports official weights, checks them against `config`, and saves a checkpoint in workdir.
+
+  Args:
+    config: the project config the weights will be used with.
+    source: a diffusers folder or a TF checkpoint prefix/directory.
+    source_format: 'diffusers' or 'tf'.
+    workdir: where `checkpoints.save_imported` writes (workdir/checkpoints).
+    step: checkpoint step; None means `default_step(source, source_format)`.
+    use_ema: TF only: take the EMA copies (default) or the raw weights.
+  """
+  if source_format == 'diffusers':
+    model_config, params = load_diffusers_model(source)
+    check_architecture(model_config, config)
+  elif source_format == 'tf':
+    model_config = model_config_from_tf_checkpoint(
+      source, image_size=config.data.image_size, use_ema=use_ema
+    )
+    check_architecture(model_config, config)  # Before the import, whose errors are less direct.
+    params = params_from_tf_checkpoint(source, model_config, use_ema=use_ema)
+  else:
+    raise ValueError(f'Unknown format {source_format!r}; expected diffusers or tf')
+  if step is None:
+    step = default_step(source, source_format)
+  checkpoints.save_imported(workdir, params=params, step=step)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  convert(
+    flags.FLAGS.config,
+    source=flags.FLAGS.source,
+    source_format=flags.FLAGS.format,
+    workdir=flags.FLAGS.workdir,
+    step=flags.FLAGS.step,
+    use_ema=flags.FLAGS.use_ema,
+  )
+
+
+if __name__ == '__main__':
+  # Defined only when run as a program, so that importing this library next to main.py, which
+  # also defines --config and --workdir, cannot clash.
+  config_flags.DEFINE_config_file('config', None, 'Project config file.')
+  flags.DEFINE_string('source', None, 'diffusers folder, or TF checkpoint prefix or directory.')
+  flags.DEFINE_enum('format', None, ['diffusers', 'tf'], 'Format of --source.')
+  flags.DEFINE_string('workdir', None, 'Output directory; the checkpoint goes to checkpoints/.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default N of model.ckpt-N, else 0.')
+  flags.DEFINE_bool('use_ema', True, 'TF only: EMA weights, or the raw ones with --nouse_ema.')
+  flags.mark_flags_as_required(['config', 'source', 'format', 'workdir'])
+  app.run(main)

@@ -1,0 +1,417 @@
+"""Tests of the official-weight importers against an independent implementation.
+
+The reference is diffusers' `UNet2DModel` (PyTorch, CPU), configured as the published DDPM ports
+(REFERENCE.md, "Official weights"), with random weights. Our network with the imported weights
+must compute the same function: relative error (|ours - theirs| / |theirs|) at most 1e-5 in
+float32. The TF-checkpoint importer must give exactly the params of the diffusers importer for
+the same weights.
+"""
+
+import functools
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+from diffusers import UNet2DModel
+from flax import traverse_util
+
+from configs.default import get_config
+from ddpm_jax import checkpoints, pretrained
+
+# The diffusers config of google/ddpm-cifar10-32 (REFERENCE.md), at width `ch`.
+DOWN_TYPES = ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D']
+UP_TYPES = ['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D']
+
+
+def cifar10_diffusers_config(ch=128):
+  return dict(
+    _class_name='UNet2DModel',
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=[ch, 2 * ch, 2 * ch, 2 * ch],
+    layers_per_block=2,
+    down_block_types=DOWN_TYPES,
+    up_block_types=UP_TYPES,
+    downsample_padding=0,
+    norm_eps=1e-6,
+    norm_num_groups=32,
+    attention_head_dim=None,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    act_fn='silu',
+    center_input_sample=False,
+    mid_block_scale_factor=1,
+    time_embedding_type='positional',
+  )
+
+
+def torch_unet(ch, seed=0):
+  """A diffusers UNet2DModel with the CIFAR10 topology at width ch, every weight perturbed."""
+  torch.manual_seed(seed)
+  config = {k: v for k, v in cifar10_diffusers_config(ch).items() if k != '_class_name'}
+  model = UNet2DModel(**config).eval()
+  with torch.no_grad():
+    for param in model.parameters():
+      param.add_(0.05 * torch.randn_like(param))
+  return model
+
+
+def numpy_state_dict(model):
+  return {name: value.numpy() for name, value in model.state_dict().items()}
+
+
+def torch_forward(model, x, t):
+  """x: [B, H, W, C] NumPy, t: [B] ints -> [B, H, W, C'] NumPy, through diffusers."""
+  with torch.no_grad():
+    out = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.tensor(t)).sample
+  return out.numpy().transpose(0, 2, 3, 1)
+
+
+def rel_err(actual, expected):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+def assert_trees_equal(a, b):
+  flat_a, flat_b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+  assert flat_a.keys() == flat_b.keys()
+  for path, value in flat_a.items():
+    np.testing.assert_array_equal(value, flat_b[path], err_msg='/'.join(path))
+
+
+@pytest.fixture(scope='module')
+def small():
+  """The CIFAR10 topology at width 32: (torch model, its NumPy state dict, our model config)."""
+  model = torch_unet(32)
+  model_config = pretrained.model_config_from_diffusers(cifar10_diffusers_config(32))
+  return model, numpy_state_dict(model), model_config
+
+
+@pytest.fixture(scope='module')
+def small_params(small):
+  _, state_dict, model_config = small
+  return pretrained.params_from_diffusers(state_dict, model_config)
+
+
+def test_cifar10_matches_diffusers():
+  # Full CIFAR10 configuration; expected: diffusers' output, to 1e-5 relative (the issue).
+  # Measured 3.3e-6 (t = 0, 17) and 4.5e-6 (t = 500, 999) on CPU.
+  model = torch_unet(128)
+  model_config = pretrained.model_config_from_diffusers(cifar10_diffusers_config(128))
+  params = pretrained.params_from_diffusers(numpy_state_dict(model), model_config)
+  assert sum(p.size for p in jax.tree.leaves(params)) == 35_746_307  # REFERENCE.md.
+  apply = jax.jit(functools.partial(pretrained.build_unet(model_config).apply, train=False))
+  rng = np.random.default_rng(0)
+  for t in ([0, 17], [500, 999]):
+    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    with jax.default_matmul_precision('float32'):  # No TF32 where an accelerator has it.
+      ours = apply({'params': params}, x, jnp.asarray(t, jnp.int32))
+    err = rel_err(ours, torch_forward(model, x, t))
+    print(f't={t}: relative error vs diffusers {err:.2e}')
+    assert err <= 1e-5
+
+
+def test_model_config_from_diffusers_published_configs():
+  # REFERENCE.md: CIFAR10 is ch 128, ch_mult (1, 2, 2, 2), attention at 16; the 256 models have
+  # block_out_channels [128, 128, 256, 256, 512, 512] with attention in down block 4 (256 / 16).
+  cifar10 = pretrained.model_config_from_diffusers(cifar10_diffusers_config())
+  assert cifar10.to_dict() == dict(
+    ch=128,
+    out_ch=3,
+    ch_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attn_resolutions=(16,),
+    dropout=0.0,
+    resamp_with_conv=True,
+    dtype='float32',
+    image_size=32,
+    num_channels=3,
+  )
+  church = cifar10_diffusers_config()
+  church.update(
+    sample_size=256,
+    block_out_channels=[128, 128, 256, 256, 512, 512],
+    down_block_types=['DownBlock2D'] * 4 + ['AttnDownBlock2D', 'DownBlock2D'],
+    up_block_types=['UpBlock2D', 'AttnUpBlock2D'] + ['UpBlock2D'] * 4,
+  )
+  church = pretrained.model_config_from_diffusers(church)
+  assert (church.ch_mult, church.attn_resolutions, church.image_size) == (
+    (1, 1, 2, 2, 4, 4),
+    (16,),
+    256,
+  )
+  shapes = pretrained.param_shapes(church)
+  assert sum(s.size for s in shapes.values()) == 113_673_219  # REFERENCE.md.
+
+
+@pytest.mark.parametrize(
+  'change, named',
+  [
+    (dict(flip_sin_to_cos=True), 'flip_sin_to_cos'),
+    (dict(attention_head_dim=8), 'attention_head_dim'),
+    (dict(freq_shift=0), 'freq_shift'),
+    (dict(downsample_padding=1), 'downsample_padding'),
+    (dict(norm_eps=1e-5), 'norm_eps'),
+    (dict(up_block_types=['UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D', 'UpBlock2D']), 'mirror'),
+    (dict(down_block_types=['CrossAttnDownBlock2D'] + DOWN_TYPES[1:]), 'block types'),
+  ],
+)
+def test_model_config_from_diffusers_rejects_other_networks(change, named):
+  with pytest.raises(ValueError, match=named):
+    pretrained.model_config_from_diffusers({**cifar10_diffusers_config(), **change})
+
+
+def test_model_config_from_diffusers_applies_diffusers_defaults():
+  # A config.json without attention_head_dim means diffusers' default 8: several heads.
+  config = cifar10_diffusers_config()
+  del config['attention_head_dim']
+  with pytest.raises(ValueError, match='attention_head_dim 8'):
+    pretrained.model_config_from_diffusers(config)
+
+
+def test_parameters_land_where_they_belong(small, small_params):
+  # Hand-written correspondences from REFERENCE.md; up_blocks.{k} is up level L - 1 - k.
+  _, state_dict, _ = small
+  p = small_params
+  expected = [
+    (p['temb']['dense0']['kernel'], state_dict['time_embedding.linear_1.weight'].T),
+    (p['conv_in']['kernel'], state_dict['conv_in.weight'].transpose(2, 3, 1, 0)),
+    (p['down_0']['block_1']['norm2']['scale'], state_dict['down_blocks.0.resnets.1.norm2.weight']),
+    (
+      p['down_1']['block_0']['nin_shortcut']['kernel'],
+      state_dict['down_blocks.1.resnets.0.conv_shortcut.weight'][:, :, 0, 0].T,
+    ),
+    (p['down_1']['attn_1']['k']['bias'], state_dict['down_blocks.1.attentions.1.to_k.bias']),
+    (
+      p['down_2']['downsample']['conv']['kernel'],
+      state_dict['down_blocks.2.downsamplers.0.conv.weight'].transpose(2, 3, 1, 0),
+    ),
+    (
+      p['mid']['attn_1']['proj_out']['kernel'],
+      state_dict['mid_block.attentions.0.to_out.0.weight'].T,
+    ),
+    (
+      p['mid']['block_2']['temb_proj']['bias'],
+      state_dict['mid_block.resnets.1.time_emb_proj.bias'],
+    ),
+    (
+      p['up_3']['block_2']['nin_shortcut']['kernel'],
+      state_dict['up_blocks.0.resnets.2.conv_shortcut.weight'][:, :, 0, 0].T,
+    ),
+    (p['up_1']['attn_2']['q']['kernel'], state_dict['up_blocks.2.attentions.2.to_q.weight'].T),
+    (
+      p['up_1']['upsample']['conv']['bias'],
+      state_dict['up_blocks.2.upsamplers.0.conv.bias'],
+    ),
+    (p['norm_out']['bias'], state_dict['conv_norm_out.bias']),
+    (p['conv_out']['kernel'], state_dict['conv_out.weight'].transpose(2, 3, 1, 0)),
+  ]
+  for ours, theirs in expected:
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_older_attention_key_names(small, small_params):
+  # Older files name the attention layers query/key/value/proj_attn: the same params result.
+  _, state_dict, model_config = small
+  renames = {
+    '.to_q.': '.query.',
+    '.to_k.': '.key.',
+    '.to_v.': '.value.',
+    '.to_out.0.': '.proj_attn.',
+  }
+  old = {}
+  for name, value in state_dict.items():
+    for new_part, old_part in renames.items():
+      name = name.replace(new_part, old_part)
+    old[name] = value
+  assert sum('.query.' in name for name in old) == 2 * 6  # 2 + 3 up + 1 mid attention blocks.
+  assert_trees_equal(pretrained.params_from_diffusers(old, model_config), small_params)
+
+
+def test_load_diffusers_model_from_save_pretrained(small, small_params, tmp_path):
+  # Both a U-Net folder and a pipeline folder (U-Net in unet/) read back as the state dict.
+  model, _, model_config = small
+  model.save_pretrained(tmp_path / 'unet', safe_serialization=True)
+  for folder in (tmp_path / 'unet', tmp_path):
+    loaded_config, params = pretrained.load_diffusers_model(str(folder))
+    assert loaded_config.to_dict() == model_config.to_dict()
+    assert_trees_equal(params, small_params)
+
+
+@pytest.mark.parametrize(
+  'edit, named',
+  [
+    (lambda sd: sd.pop('down_blocks.1.attentions.0.to_q.weight'), 'down_blocks.1.attentions.0'),
+    (lambda sd: sd.update({'mid_block.extra.weight': np.zeros(3)}), 'mid_block.extra.weight'),
+    (lambda sd: sd.update({'conv_in.weight': np.zeros((32, 3, 3, 1))}), 'conv_in.weight'),
+    (lambda sd: sd.update({'conv_in.bias': np.zeros(1)}), 'conv_in.bias'),
+  ],
+  ids=['missing', 'unexpected', 'wrong shape', 'broadcastable shape'],
+)
+def test_import_errors_name_the_tensor(small, edit, named):
+  _, state_dict, model_config = small
+  state_dict = dict(state_dict)
+  edit(state_dict)
+  with pytest.raises(ValueError, match=named.replace('.', r'\.')):
+    pretrained.params_from_diffusers(state_dict, model_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Original TF checkpoints
+# ---------------------------------------------------------------------------------------------
+
+TF_LEAVES = {'kernel': 'W', 'bias': 'b'}
+TF_NORM_LEAVES = {'scale': 'gamma', 'bias': 'beta'}
+
+
+def tf_names(params):
+  """{original TF variable name: array} for our params (REFERENCE.md's names: model/<our path>
+  with W, b for conv/dense and gamma, beta for GroupNorm)."""
+  names = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    is_norm = path[-2].startswith('norm')
+    leaf = (TF_NORM_LEAVES if is_norm else TF_LEAVES)[path[-1]]
+    names['model/' + '/'.join(path[:-1]) + '/' + leaf] = value
+  return names
+
+
+def write_tf_checkpoint(prefix, tensors):
+  names = list(tensors)
+  values = [np.asarray(tensors[name]) for name in names]
+  tf.raw_ops.SaveV2(
+    prefix=prefix, tensor_names=names, shape_and_slices=[''] * len(names), tensors=values
+  )
+
+
+@pytest.fixture(scope='module')
+def tf_checkpoint(small_params, tmp_path_factory):
+  """A checkpoint like the original's: raw weights (EMA + 1), EMA copies, Adam slots and
+  global_step, at model.ckpt-1234."""
+  tensors = {}
+  for name, ema in tf_names(small_params).items():
+    tensors[name] = ema + 1
+    tensors[name + '/ExponentialMovingAverage'] = ema
+    tensors[name + '/Adam'] = np.zeros_like(ema)
+    tensors[name + '/Adam_1'] = np.zeros_like(ema)
+  tensors['global_step'] = np.array(1234, np.int64)
+  prefix = str(tmp_path_factory.mktemp('tf') / 'model.ckpt-1234')
+  write_tf_checkpoint(prefix, tensors)
+  return prefix
+
+
+def test_tf_checkpoint_matches_diffusers_import(small, small_params, tf_checkpoint):
+  # The original names and the diffusers port of the same weights give identical params.
+  _, _, model_config = small
+  inferred = pretrained.model_config_from_tf_checkpoint(tf_checkpoint, image_size=32)
+  assert inferred.to_dict() == model_config.to_dict()
+  params = pretrained.params_from_tf_checkpoint(tf_checkpoint, model_config)
+  assert_trees_equal(params, small_params)
+  # A few names spelled out as in REFERENCE.md, read back from the checkpoint.
+  reader = tf.train.load_checkpoint(tf_checkpoint)
+  for name, ours in [
+    ('model/temb/dense1/W', params['temb']['dense1']['kernel']),
+    ('model/down_1/attn_0/norm/gamma', params['down_1']['attn_0']['norm']['scale']),
+    ('model/down_1/attn_0/proj_out/b', params['down_1']['attn_0']['proj_out']['bias']),
+    ('model/mid/block_1/norm1/beta', params['mid']['block_1']['norm1']['bias']),
+    ('model/up_3/block_2/nin_shortcut/W', params['up_3']['block_2']['nin_shortcut']['kernel']),
+    ('model/up_2/upsample/conv/W', params['up_2']['upsample']['conv']['kernel']),
+    ('model/norm_out/gamma', params['norm_out']['scale']),
+  ]:
+    np.testing.assert_array_equal(reader.get_tensor(name + '/ExponentialMovingAverage'), ours)
+
+
+def test_tf_checkpoint_raw_weights(small, small_params, tf_checkpoint):
+  # use_ema=False takes the raw copies, written as EMA + 1.
+  _, _, model_config = small
+  raw = pretrained.params_from_tf_checkpoint(tf_checkpoint, model_config, use_ema=False)
+  assert_trees_equal(raw, jax.tree.map(lambda p: p + 1, small_params))
+
+
+def test_tf_checkpoint_missing_ema_tensor(small, small_params, tmp_path):
+  _, _, model_config = small
+  tensors = {name + '/ExponentialMovingAverage': v for name, v in tf_names(small_params).items()}
+  del tensors['model/mid/attn_1/proj_out/W/ExponentialMovingAverage']
+  write_tf_checkpoint(str(tmp_path / 'model.ckpt-5'), tensors)
+  with pytest.raises(ValueError, match='model/mid/attn_1/proj_out/W'):
+    pretrained.params_from_tf_checkpoint(str(tmp_path / 'model.ckpt-5'), model_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Converter
+# ---------------------------------------------------------------------------------------------
+
+
+def small_project_config():
+  config = get_config()
+  config.model.ch = 32
+  return config
+
+
+@pytest.fixture
+def saved(monkeypatch):
+  """Captures checkpoints.save_imported calls instead of writing."""
+  calls = []
+  monkeypatch.setattr(checkpoints, 'save_imported', lambda workdir, **kw: calls.append(kw))
+  return calls
+
+
+def test_convert_tf_defaults_to_checkpoint_step(small_params, tf_checkpoint, saved, tmp_path):
+  # model.ckpt-1234 -> step 1234 (the released CIFAR10 model.ckpt-790000 -> 790000).
+  config = small_project_config()
+  pretrained.convert(config, source=tf_checkpoint, source_format='tf', workdir=str(tmp_path))
+  pretrained.convert(
+    config, source=tf_checkpoint, source_format='tf', workdir=str(tmp_path), step=7
+  )
+  assert [call['step'] for call in saved] == [1234, 7]
+  assert_trees_equal(saved[0]['params'], small_params)
+
+
+def test_convert_rejects_mismatched_config(small, tmp_path, saved):
+  model, _, _ = small
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  config = small_project_config()
+  config.data.image_size = 64
+  config.model.ch = 128
+  config.model.attn_resolutions = (8,)
+  config.diffusion.model_var_type = 'learned'
+  config.model.dropout = 0.3  # Not compared: it does not change sampling.
+  with pytest.raises(ValueError) as error:
+    pretrained.convert(config, source=str(tmp_path), source_format='diffusers', workdir='unused')
+  message = str(error.value)
+  for field in ('data.image_size', 'model.ch:', 'model.attn_resolutions', 'out_ch'):
+    assert field in message
+  assert 'dropout' not in message and 'model.ch_mult' not in message
+  assert not saved
+
+
+def test_command_line_converter_round_trip(small, small_params, tmp_path):
+  # The real program, flags and checkpoint writer: the EMA params restored from workdir equal
+  # the diffusers import.
+  model, _, _ = small
+  model.save_pretrained(tmp_path / 'diffusers', safe_serialization=True)
+  workdir = tmp_path / 'workdir'
+  subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'ddpm_jax.pretrained',
+      '--config=configs/default.py',
+      '--config.model.ch=32',
+      f'--source={tmp_path / "diffusers"}',
+      '--format=diffusers',
+      f'--workdir={workdir}',
+    ],
+    check=True,
+    cwd=pathlib.Path(__file__).parents[1],
+  )
+  abstract = checkpoints.abstract_like(small_params)
+  step, params = checkpoints.restore_ema_params(str(workdir), abstract)
+  assert step == 0
+  assert_trees_equal(params, small_params)
