@@ -1,0 +1,339 @@
+"""Tests of ddpm_jax.input_pipeline on the embedded digits and on TFDS's mocked data sources.
+
+Expected values come from scikit-learn's `load_digits` (1,797 examples, values 0..16), the split
+sizes the module documents (1,497 train / 300 test), and the order the lead specified: global
+batch s is positions [s * B, (s + 1) * B) of the concatenated per-epoch permutations, each
+process reading a contiguous share. TFDS datasets are replaced by `tfds.testing.mock_data`, which
+also mocks `tfds.data_source` (deterministic random examples, any split name accepted), except in
+one test that writes a tiny real cifar10 in ArrayRecord format with TFDS's own writer.
+"""
+
+import threading
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
+
+from configs import default
+from ddpm_jax import input_pipeline as ip
+
+
+def make_config(dataset='digits', image_size=8, num_channels=1, data_dir=None):
+  config = default.get_config()
+  config.data.dataset = dataset
+  config.data.image_size = image_size
+  config.data.num_channels = num_channels
+  config.data.data_dir = data_dir
+  return config
+
+
+def take(iterator, num):
+  with iterator:
+    return [next(iterator) for _ in range(num)]
+
+
+def prefetch_threads():
+  return [t for t in threading.enumerate() if t.name == 'input_pipeline_prefetch']
+
+
+# ------------------------------------------------------------------------------------------------
+# Digits.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_digits_shapes_dtype_and_values():
+  train, test = ip.create_source(make_config(), 'train'), ip.create_source(make_config(), 'test')
+  # Split sizes: the module docstring (1,497 + 300 = 1,797, the size of load_digits).
+  assert (len(train), len(test)) == (1497, 300)
+  assert train.images.shape == (1497, 8, 8, 1) and test.images.shape == (300, 8, 8, 1)
+  assert train.images.dtype == np.uint8 and test.images.dtype == np.uint8
+  # Values 0..16 map to round(v * 255 / 16): both ends occur in the data, nothing else.
+  allowed = np.round(np.arange(17) * 255 / 16).astype(np.uint8)
+  values = np.unique(np.concatenate([train.images.ravel(), test.images.ravel()]))
+  assert values.min() == 0 and values.max() == 255
+  assert np.isin(values, allowed).all()
+  assert train.labels.shape == (1497,) and test.labels.shape == (300,)
+  assert set(np.unique(train.labels)) == set(range(10))
+  # Indexing with an index array returns those rows.
+  np.testing.assert_array_equal(train[np.array([5, 0])], train.images[[5, 0]])
+
+
+def test_digits_splits_are_disjoint_cover_all_and_fixed():
+  train, test = ip.create_source(make_config(), 'train'), ip.create_source(make_config(), 'test')
+  # Rows (image bytes + label) of train + test, as a multiset, equal scikit-learn's 1,797 rows.
+  digits = load_digits()
+  expected = np.round(digits.images * 255 / 16).astype(np.uint8).reshape(1797, 64)
+
+  def rows(images, labels):
+    return sorted(
+      bytes(i.reshape(64)) + bytes([int(label)]) for i, label in zip(images, labels, strict=True)
+    )
+
+  ours = rows(
+    np.concatenate([train.images, test.images]), np.concatenate([train.labels, test.labels])
+  )
+  assert ours == rows(expected, digits.target)
+  # The split is fixed: a second call gives the same test set.
+  np.testing.assert_array_equal(ip.create_source(make_config(), 'test').images, test.images)
+
+
+# ------------------------------------------------------------------------------------------------
+# Order.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_resumed_run_sees_the_same_batches():
+  # B = 200 over 1,497 examples: step 7 (positions 1400..1599) straddles the first epoch boundary.
+  kwargs = dict(global_batch_size=200, seed=3, process_index=0, process_count=1)
+  uninterrupted = take(ip.train_batches(make_config(), start_step=0, **kwargs), 10)
+  resumed = take(ip.train_batches(make_config(), start_step=7, **kwargs), 3)
+  assert [step for step, _ in uninterrupted] == list(range(10))
+  assert [step for step, _ in resumed] == [7, 8, 9]
+  for (_, expected), (_, actual) in zip(uninterrupted[7:], resumed, strict=True):
+    assert actual.shape == (200, 8, 8, 1) and actual.dtype == np.uint8
+    np.testing.assert_array_equal(actual, expected)
+  # A different seed gives a different order.
+  other = take(ip.train_batches(make_config(), start_step=7, **{**kwargs, 'seed': 4}), 1)
+  assert not np.array_equal(other[0][1], resumed[0][1])
+
+
+def test_global_batch_does_not_depend_on_process_count():
+  config = make_config()
+  kwargs = dict(global_batch_size=200, start_step=5, seed=0)
+  single = take(ip.train_batches(config, process_index=0, process_count=1, **kwargs), 4)
+  shares = [
+    take(ip.train_batches(config, process_index=p, process_count=4, **kwargs), 4) for p in range(4)
+  ]
+  for step in range(4):
+    assert all(share[step][1].shape == (50, 8, 8, 1) for share in shares)
+    joined = np.concatenate([share[step][1] for share in shares])
+    np.testing.assert_array_equal(joined, single[step][1])
+
+
+@pytest.mark.parametrize(
+  'num_examples, global_batch_size, process_count',
+  [(1497, 499, 1), (10, 4, 2), (7, 16, 4)],
+)
+def test_every_example_once_per_epoch(num_examples, global_batch_size, process_count):
+  num_epochs = 3
+  num_steps = -(-num_epochs * num_examples // global_batch_size)
+  stream = np.concatenate(
+    [
+      ip.train_indices(
+        step=step,
+        num_examples=num_examples,
+        global_batch_size=global_batch_size,
+        seed=11,
+        process_index=p,
+        process_count=process_count,
+      )
+      for step in range(num_steps)
+      for p in range(process_count)
+    ]
+  )
+  epochs = stream[: num_epochs * num_examples].reshape(num_epochs, num_examples)
+  for epoch in epochs:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(num_examples))
+  # Each epoch has its own permutation (equal ones would have probability 1 / N!).
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_batch_not_divisible_by_process_count_raises():
+  with pytest.raises(ValueError, match=r'global batch size \(130\).*processes \(4\)'):
+    ip.train_batches(
+      make_config(), global_batch_size=130, start_step=0, seed=0, process_index=0, process_count=4
+    )
+  with pytest.raises(ValueError, match='multiple of the number of processes'):
+    ip.eval_batches(
+      make_config(), split='test', global_batch_size=6, process_index=0, process_count=4
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Config validation.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_dataset_lists_the_known_ones():
+  with pytest.raises(ValueError, match="Unknown dataset 'mnist'") as error:
+    ip.get_dataset_info(make_config(dataset='mnist'))
+  for name in ('digits', 'cifar10', 'celeb_a_hq/256', 'lsun/church_outdoor', 'lsun/cat'):
+    assert name in str(error.value)
+
+
+@pytest.mark.parametrize(
+  'dataset, image_size, num_channels, message',
+  [
+    ('cifar10', 64, 3, r"image_size = 64, but 'cifar10' images are 32x32"),
+    ('digits', 8, 3, r"num_channels = 3, but 'digits' images have 1 channel"),
+    ('lsun/bedroom', 0, 3, 'positive int'),
+  ],
+)
+def test_inconsistent_image_shape_raises(dataset, image_size, num_channels, message):
+  with pytest.raises(ValueError, match=message):
+    ip.get_dataset_info(make_config(dataset, image_size, num_channels))
+
+
+def test_dataset_info_and_missing_split():
+  info = ip.get_dataset_info(make_config('lsun/church_outdoor', 256, 3))
+  assert (info.image_size, info.eval_split) == (None, 'validation')
+  with pytest.raises(
+    ValueError, match="'celeb_a_hq/256' has no split 'test'; its splits are: train"
+  ):
+    ip.create_source(make_config('celeb_a_hq/256', 256, 3), 'test')
+
+
+def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
+  with pytest.raises(FileNotFoundError, match="'file_format': 'array_record'"):
+    ip.create_source(make_config('cifar10', 32, 3, data_dir=str(tmp_path)), 'test')
+
+
+# ------------------------------------------------------------------------------------------------
+# TFDS datasets (mocked).
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cifar10_through_mocked_data_source():
+  config = make_config('cifar10', 32, 3)
+  with tfds.testing.mock_data(num_examples=12):
+    source = ip.create_source(config, 'train')
+    reference = tfds.data_source('cifar10', split='train')
+    assert len(source) == 12
+    images = source[np.array([5, 2])]
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, np.stack([reference[5]['image'], reference[2]['image']]))
+    # Process 1 of 2 reads rows 4..7 of global batch 3 (B = 8).
+    [(step, batch)] = take(
+      ip.train_batches(
+        config, global_batch_size=8, start_step=3, seed=0, process_index=1, process_count=2
+      ),
+      1,
+    )
+    expected = ip.train_indices(
+      step=3, num_examples=12, global_batch_size=8, seed=0, process_index=1, process_count=2
+    )
+    assert step == 3 and batch.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(batch, source[expected])
+
+
+def test_cifar10_from_real_array_record_files(tmp_path):
+  # Not mocked: TFDS's own writer prepares a 6 + 3 example cifar10 (PNG-encoded, ArrayRecord)
+  # with the command `_prepare_instructions` prints, and the source decodes it back.
+  pytest.importorskip('importlib_resources')  # TFDS 4.9.10's download_and_prepare imports it.
+  rng = np.random.default_rng(0)
+  images = {
+    'train': rng.integers(0, 256, (6, 32, 32, 3), np.uint8),
+    'test': rng.integers(0, 256, (3, 32, 32, 3), np.uint8),
+  }
+
+  def split_generators(self, dl_manager):
+    return {
+      split: ((i, {'id': f'{split}_{i}', 'image': image, 'label': 0}) for i, image in enumerate(x))
+      for split, x in images.items()
+    }
+
+  with mock.patch.object(tfds.builder_cls('cifar10'), '_split_generators', split_generators):
+    tfds.data_source(
+      'cifar10', data_dir=str(tmp_path), builder_kwargs={'file_format': 'array_record'}
+    )
+  source = ip.create_source(make_config('cifar10', 32, 3, data_dir=str(tmp_path)), 'test')
+  read = source[np.arange(3)]
+  assert len(source) == 3 and read.dtype == np.uint8
+  # TFDS shuffles examples when it writes them: compare as sets of images.
+  assert sorted(x.tobytes() for x in read) == sorted(x.tobytes() for x in images['test'])
+
+
+def test_lsun_images_are_center_cropped_and_resized():
+  config = make_config('lsun/church_outdoor', 16, 3)
+  with tfds.testing.mock_data(num_examples=4):
+    source = ip.create_source(config, 'validation')
+    raw = [
+      tfds.data_source('lsun/church_outdoor', split='validation')[i]['image'] for i in range(4)
+    ]
+    images = source[np.arange(4)]
+  # The mocked JPEGs have random sizes 5..49 per side, so this exercises the crop and resize.
+  assert any(r.shape[0] != r.shape[1] for r in raw)
+  assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
+  for image, r in zip(images, raw, strict=True):
+    np.testing.assert_array_equal(image, ip.center_crop_and_resize(r, 16))
+
+
+@pytest.mark.parametrize('shape', [(40, 61, 3), (61, 40, 3)])
+def test_center_crop_and_resize_keeps_the_central_square(shape):
+  # The central 40x40 square (offset (61 - 40) // 2 = 10, as ProGAN's create_lsun crops) is a
+  # constant 100, the rest 255; a normalized resampling filter maps a constant to itself.
+  image = np.full(shape, 255, np.uint8)
+  if shape[0] > shape[1]:
+    image[10:50] = 100
+  else:
+    image[:, 10:50] = 100
+  np.testing.assert_array_equal(ip.center_crop_and_resize(image, 8), np.full((8, 8, 3), 100))
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation batches and prefetching.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_eval_batches_pad_the_last_batch_and_mask_it():
+  config = make_config()
+  test = ip.create_source(config, 'test')
+  # 150 examples in batches of 64: 64 + 64 + 22 real rows, the last batch padded by 42 zero rows.
+  batches = list(
+    ip.eval_batches(
+      config, split='test', global_batch_size=64, num_examples=150, process_index=0, process_count=1
+    )
+  )
+  assert [int(mask.sum()) for _, mask in batches] == [64, 64, 22]
+  assert all(images.shape == (64, 8, 8, 1) and images.dtype == np.uint8 for images, _ in batches)
+  images = np.concatenate([images for images, _ in batches])
+  masks = np.concatenate([mask for _, mask in batches])
+  np.testing.assert_array_equal(masks, np.arange(192) < 150)
+  np.testing.assert_array_equal(images[:150], test.images[:150])
+  assert not images[150:].any()
+  # Four processes: the same number of batches each, and their shares make up the same batches.
+  shares = [
+    list(
+      ip.eval_batches(
+        config,
+        split='test',
+        global_batch_size=64,
+        num_examples=150,
+        process_index=p,
+        process_count=4,
+      )
+    )
+    for p in range(4)
+  ]
+  assert [len(share) for share in shares] == [3, 3, 3, 3]
+  for k, (expected_images, expected_mask) in enumerate(batches):
+    np.testing.assert_array_equal(np.concatenate([s[k][0] for s in shares]), expected_images)
+    np.testing.assert_array_equal(np.concatenate([s[k][1] for s in shares]), expected_mask)
+
+
+def test_eval_num_examples_out_of_range_raises():
+  with pytest.raises(ValueError, match=r'num_examples must be in \[1, 300\]'):
+    ip.eval_batches(make_config(), split='test', global_batch_size=8, num_examples=301)
+
+
+def test_prefetch_reraises_errors_and_shuts_down():
+  def failing():
+    yield 1
+    yield 2
+    raise RuntimeError('bad record')
+
+  with ip.PrefetchIterator(failing()) as iterator:
+    assert [next(iterator), next(iterator)] == [1, 2]
+    with pytest.raises(RuntimeError, match='bad record'):
+      next(iterator)
+  # An endless iterator, closed while its thread is blocked on a full buffer.
+  before = set(prefetch_threads())
+  iterator = ip.train_batches(make_config(), global_batch_size=8, start_step=0, seed=0)
+  next(iterator)
+  assert len(set(prefetch_threads()) - before) == 1
+  iterator.close()
+  assert set(prefetch_threads()) <= before
+  with pytest.raises(StopIteration):
+    next(iterator)
