@@ -1,0 +1,357 @@
+"""Training: `train_and_evaluate(config, workdir)`, the loop that `main.py --mode=train` runs.
+
+Params, EMA params and optimizer state are replicated, and each batch is sharded, over a
+`jax.sharding.Mesh` of all devices of all processes; one `jax.jit`-compiled pure step does the
+loss, Adam with the original warmup and clipping, and the EMA update. Every random draw is a
+function of (seed, step) and the data order too, so a run resumed from a checkpoint continues
+exactly as an uninterrupted one would, whatever the number of devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from jax.experimental import multihost_utils
+
+from ddpm_jax import checkpoints, input_pipeline, models, sampling, validation
+from ddpm_jax import diffusion as diffusion_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: the number of updates done.
+  params: Any
+  ema_params: Any
+  opt_state: optax.OptState
+
+
+def create_optimizer(
+  config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam after global-norm clipping, lr * min(step / warmup, 1) (the original's schedule;
+  the first update, at step 0, has learning rate 0 as there)."""
+  training = config.training
+
+  def schedule(step):
+    warmup = jnp.minimum(step / max(training.warmup_steps, 1), 1.0)
+    return training.learning_rate * warmup
+
+  tx = optax.chain(
+    optax.clip_by_global_norm(training.grad_clip),
+    optax.adam(schedule, b1=training.adam_b1, b2=training.adam_b2, eps=training.adam_eps),
+  )
+  return tx, schedule
+
+
+def step_rngs(seed: int, step: jax.Array) -> jax.Array:
+  """The key of one training step: a function of the seed and the global step only."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def preprocess(images: jax.Array, rng: jax.Array, random_flip: bool) -> jax.Array:
+  """uint8 images [B, H, W, C] -> float32 in [-1, 1], randomly mirrored left-right."""
+  x = images.astype(jnp.float32) / 127.5 - 1.0
+  if random_flip:
+    flip = jax.random.bernoulli(rng, 0.5, (x.shape[0], 1, 1, 1))
+    x = jnp.where(flip, x[:, :, ::-1, :], x)
+  return x
+
+
+def create_train_step(config, model, diffusion: diffusion_lib.GaussianDiffusion, tx, schedule):
+  """The pure update `(state, images) -> (state, metrics)` (to be compiled by the caller)."""
+  ema_decay = config.training.ema_decay
+
+  def train_step(state: TrainState, images: jax.Array):
+    rng = step_rngs(config.seed, state.step)
+    flip_rng, t_rng, noise_rng, dropout_rng = jax.random.split(rng, 4)
+    x_start = preprocess(images, flip_rng, config.data.random_flip)
+    t = jax.random.randint(t_rng, (x_start.shape[0],), 0, diffusion.num_timesteps)
+    noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+
+    def loss_fn(params):
+      def model_fn(x, t):
+        return model.apply({'params': params}, x, t, train=True, rngs={'dropout': dropout_rng})
+
+      return jnp.mean(diffusion.training_losses(model_fn, x_start, t, noise))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # The original starts the EMA as a copy: decay 1e-10 at the first step.
+    decay = jnp.where(state.step == 0, 1e-10, ema_decay)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    new_state = TrainState(
+      step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+    )
+    metrics = {
+      'loss': loss,
+      'grad_norm': optax.global_norm(grads),
+      'learning_rate': schedule(state.step),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
+  """Fresh parameters (the original initializers), EMA = params, Adam state zero."""
+  size, channels = config.data.image_size, config.data.num_channels
+  x = jnp.zeros((1, size, size, channels), jnp.float32)
+  params = model.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)['params']
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+  )
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class _PreemptionWatch:
+  """Tells, at the same step on every process, that the job was asked to stop (SIGTERM).
+
+  Several processes use JAX's preemption sync point (the distributed runtime catches the
+  signal); one process installs its own SIGTERM handler.
+  """
+
+  def __init__(self):
+    self._signalled = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._signalled
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (or resumes training) until `config.training.num_train_steps`; returns the state."""
+  training = config.training
+  # ---------------------------------------------------------------------------------------------
+  # Check everything that can be checked before compiling.
+  # ---------------------------------------------------------------------------------------------
+  diffusion = validation.validate_config(config)
+  validation.validate_batch_size(training.batch_size, 'config.training.batch_size')
+  validation.validate_batch_size(training.num_sample_images, 'config.training.num_sample_images')
+  workdir_path = validation.ensure_writable(workdir)
+
+  # ---------------------------------------------------------------------------------------------
+  # Set up mesh, model, optimizer.
+  # ---------------------------------------------------------------------------------------------
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  model = models.create_model(config)
+  tx, schedule = create_optimizer(config)
+
+  init_fn = functools.partial(create_train_state, config, model, tx)
+  init_rng = jax.random.fold_in(jax.random.key(config.seed), -1 % 2**31)
+  abstract_state = jax.eval_shape(init_fn, init_rng)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  logging.info(
+    'Model: %s parameters; %d devices over %d processes.',
+    f'{num_params:,}',
+    jax.device_count(),
+    jax.process_count(),
+  )
+
+  # ---------------------------------------------------------------------------------------------
+  # Restore the latest checkpoint, or start afresh.
+  # ---------------------------------------------------------------------------------------------
+  manager = checkpoints.create_manager(workdir, max_to_keep=training.keep_checkpoints)
+  abstract_items = {
+    name: checkpoints.abstract_like(getattr(abstract_state, name), replicated)
+    for name in ('params', 'ema_params', 'opt_state')
+  }
+  restored = checkpoints.restore(manager, abstract_items)
+  if restored is None:
+    state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
+    logging.info('No checkpoint in %s: starting from step 0.', checkpoints.checkpoint_dir(workdir))
+  else:
+    step, items = restored
+    meta = items['meta']
+    if meta.get('seed') != config.seed or meta.get('batch_size') != training.batch_size:
+      logging.warning(
+        'Checkpoint at step %d was written with seed %s and batch size %s; this run has %s and '
+        '%s, so its data order and random draws differ from the uninterrupted run.',
+        step,
+        meta.get('seed'),
+        meta.get('batch_size'),
+        config.seed,
+        training.batch_size,
+      )
+    state = TrainState(
+      step=jax.device_put(jnp.asarray(step, jnp.int32), replicated),
+      params=items['params'],
+      ema_params=items['ema_params'],
+      opt_state=items['opt_state'],
+    )
+    logging.info('Resumed from the checkpoint at step %d.', step)
+  start_step = int(state.step)
+
+  # ---------------------------------------------------------------------------------------------
+  # Compile the update step and the sampler.
+  # ---------------------------------------------------------------------------------------------
+  train_step = jax.jit(
+    create_train_step(config, model, diffusion, tx, schedule),
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=0,
+  )
+  all_finite = jax.jit(_all_finite)
+  size, channels = config.data.image_size, config.data.num_channels
+  sample_fn = sampling.create_sample_fn(
+    diffusion,
+    model,
+    shape=(training.num_sample_images, size, size, channels),
+    sharding=batch_sharding,
+  )
+
+  writer = metric_writers.create_default_writer(
+    str(workdir_path), just_logging=jax.process_index() > 0
+  )
+  if start_step == 0:
+    writer.write_hparams(_flatten(config.to_dict()))
+
+  def save_checkpoint(state: TrainState):
+    step = int(state.step)
+    if not bool(all_finite(state.params)):
+      raise FloatingPointError(
+        f'Parameters are not finite at step {step}; the last good checkpoint is kept.'
+      )
+    checkpoints.save(
+      manager,
+      step,
+      params=state.params,
+      ema_params=state.ema_params,
+      opt_state=state.opt_state,
+      meta={
+        'seed': config.seed,
+        'batch_size': training.batch_size,
+        'examples_seen': step * training.batch_size,
+      },
+    )
+
+  def write_samples(state: TrainState):
+    step = int(state.step)
+    rng = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 2)
+    images = sampling.to_uint8(
+      multihost_utils.process_allgather(sample_fn(state.ema_params, rng), tiled=True)
+    )
+    grid = sampling.image_grid(images)
+    if jax.process_index() == 0:
+      path = workdir_path / 'samples' / f'step_{step:08d}.png'
+      sampling.save_png(path, grid, upscale=sampling.upscale_factor(size))
+      logging.info('Wrote samples of the EMA model to %s', path)
+    writer.write_images(step, {'samples': grid[None]})
+
+  # ---------------------------------------------------------------------------------------------
+  # Train.
+  # ---------------------------------------------------------------------------------------------
+  preemption = _PreemptionWatch()
+  batches = input_pipeline.train_batches(
+    config, global_batch_size=training.batch_size, start_step=start_step, seed=config.seed
+  )
+  pending_metrics: list[tuple[int, dict[str, jax.Array]]] = []
+  last_log_time, last_log_step = time.time(), start_step
+
+  def flush_metrics(step: int):
+    """Checks that every loss since the last flush is finite, and logs their mean."""
+    nonlocal last_log_time, last_log_step
+    if not pending_metrics:
+      return
+    host_metrics = jax.device_get(pending_metrics)
+    pending_metrics.clear()
+    for metric_step, metrics in host_metrics:
+      if not np.isfinite(metrics['loss']):
+        raise FloatingPointError(
+          f'Non-finite loss {metrics["loss"]} at step {metric_step}; stopping. The last good '
+          f'checkpoint in {checkpoints.checkpoint_dir(workdir)} is kept.'
+        )
+    summary = {k: float(np.mean([m[k] for _, m in host_metrics])) for k in host_metrics[0][1]}
+    now = time.time()
+    steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
+    summary['steps_per_sec'] = steps_per_sec
+    writer.write_scalars(step, summary)
+    eta = (training.num_train_steps - step) / max(steps_per_sec, 1e-9)
+    logging.info(
+      'step %d/%d  loss %.5f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %s',
+      step,
+      training.num_train_steps,
+      summary['loss'],
+      summary['grad_norm'],
+      summary['learning_rate'],
+      steps_per_sec,
+      _format_seconds(eta),
+    )
+    last_log_time, last_log_step = now, step
+
+  try:
+    step = start_step
+    while step < training.num_train_steps:
+      batch_step, local_images = next(batches)
+      assert batch_step == step, (batch_step, step)
+      images = jax.make_array_from_process_local_data(batch_sharding, local_images)
+      state, metrics = train_step(state, images)
+      step += 1
+      pending_metrics.append((step, metrics))
+      done = step == training.num_train_steps
+      preempted = preemption.reached(step)
+      if step % training.log_every_steps == 0 or done or preempted:
+        flush_metrics(step)
+      if step % training.checkpoint_every_steps == 0 or done or preempted:
+        flush_metrics(step)
+        save_checkpoint(state)
+      if preempted:
+        logging.warning('Asked to stop (SIGTERM): saved the checkpoint at step %d.', step)
+        break
+      if training.sample_every_steps and (step % training.sample_every_steps == 0 or done):
+        write_samples(state)
+  finally:
+    batches.close()
+    preemption.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+  return state
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  hours, rest = divmod(seconds, 3600)
+  return f'{hours}h{rest // 60:02d}m' if hours else f'{rest // 60}m{rest % 60:02d}s'
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}, with sequences as strings (for TensorBoard hparams)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = (
+        str(value) if isinstance(value, (list, tuple)) or value is None else value
+      )
+  return flat
