@@ -56,4 +56,20 @@ def get_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 50_000
   training.num_sample_images = 64
 
+  # --mode=sample (ddpm_jax/sampling.py).
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = 'ancestral'  # 'ancestral' (the paper's, all T steps) or 'ddim'.
+  sampling.ddim_steps = 50
+  sampling.ddim_eta = 0.0
+  sampling.num_samples = 64
+  sampling.batch_size = 64  # Global images per compiled sampling call.
+  sampling.checkpoint_step = ml_collections.config_dict.placeholder(int)  # None: the latest.
+
+  # --mode=eval (ddpm_jax/evaluation.py): the paper's protocol.
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.num_bpd_images = 10_000  # The whole CIFAR10 test split.
+  evaluation.bpd_batch_size = 64
+  evaluation.num_samples = 50_000
+  evaluation.inception_weights = ml_collections.config_dict.placeholder(str)
+
   return config

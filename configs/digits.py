@@ -27,12 +27,12 @@ def get_config():
 
   training = config.training
   training.batch_size = 64
-  training.num_train_steps = 1200
+  training.num_train_steps = 1000
   training.learning_rate = 2e-3
   training.warmup_steps = 100
   training.ema_decay = 0.995
   training.log_every_steps = 50
   training.checkpoint_every_steps = 400
-  training.sample_every_steps = 1200
+  training.sample_every_steps = 1000
   training.num_sample_images = 64
   return config
