@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import PIL.Image
@@ -114,6 +115,11 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   if not isinstance(image_size, int) or image_size < 1:
     raise ValueError(f'config.data.image_size must be a positive int, got {image_size!r}.')
   return info
+
+
+def to_model_range(images):
+  """uint8 images in 0..255 -> float32 in [-1, 1] (x / 127.5 - 1, as the original); jittable."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
 
 
 # --------------------------------------------------------------------------------------------

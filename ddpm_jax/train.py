@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpoints, input_pipeline, models, sampling, validation
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import mesh as mesh_lib
 
 
 @flax.struct.dataclass
@@ -54,14 +55,20 @@ def create_optimizer(
   return tx, schedule
 
 
+def root_rngs(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The run's three independent key streams: (init, train steps, sample grids)."""
+  init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(seed), 3)
+  return init_rng, train_rng, sample_rng
+
+
 def step_rngs(seed: int, step: jax.Array) -> jax.Array:
   """The key of one training step: a function of the seed and the global step only."""
-  return jax.random.fold_in(jax.random.key(seed), step)
+  return jax.random.fold_in(root_rngs(seed)[1], step)
 
 
 def preprocess(images: jax.Array, rng: jax.Array, random_flip: bool) -> jax.Array:
   """uint8 images [B, H, W, C] -> float32 in [-1, 1], randomly mirrored left-right."""
-  x = images.astype(jnp.float32) / 127.5 - 1.0
+  x = input_pipeline.to_model_range(images)
   if random_flip:
     flip = jax.random.bernoulli(rng, 0.5, (x.shape[0], 1, 1, 1))
     x = jnp.where(flip, x[:, :, ::-1, :], x)
@@ -159,14 +166,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # ---------------------------------------------------------------------------------------------
   # Set up mesh, model, optimizer.
   # ---------------------------------------------------------------------------------------------
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  mesh = mesh_lib.create_mesh()
+  replicated = mesh_lib.replicated(mesh)
+  batch_sharding = mesh_lib.batch_sharded(mesh)
   model = models.create_model(config)
   tx, schedule = create_optimizer(config)
 
   init_fn = functools.partial(create_train_state, config, model, tx)
-  init_rng = jax.random.fold_in(jax.random.key(config.seed), -1 % 2**31)
+  init_rng, _, sample_rng = root_rngs(config.seed)
   abstract_state = jax.eval_shape(init_fn, init_rng)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
@@ -256,9 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   def write_samples(state: TrainState):
     step = int(state.step)
-    rng = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 2)
     images = sampling.to_uint8(
-      multihost_utils.process_allgather(sample_fn(state.ema_params, rng), tiled=True)
+      multihost_utils.process_allgather(sample_fn(state.ema_params, sample_rng), tiled=True)
     )
     grid = sampling.image_grid(images)
     if jax.process_index() == 0:
