@@ -56,14 +56,26 @@ def get_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 50_000
   training.num_sample_images = 64
 
-  # --mode=sample (ddpm_jax/sampling.py).
+  # --mode=sample (ddpm_jax/sampling.py): files in <workdir>/samples/, their paths printed.
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = 'ancestral'  # 'ancestral' (the paper's, all T steps) or 'ddim'.
+  # Comma-separated, any of: 'samples' (num_samples images as .npz and a .png grid),
+  # 'progressive' (paper Fig. 6), 'denoising_chain' (Fig. 7), 'interpolation' (Fig. 8).
+  sampling.kinds = 'samples'
+  sampling.sampler = 'ancestral'  # For 'samples': 'ancestral' (the paper's, all T steps) or 'ddim'.
   sampling.ddim_steps = 50
-  sampling.ddim_eta = 0.0
+  sampling.ddim_eta = 0.0  # 0: deterministic DDIM; 1: the variance of the ancestral sampler.
   sampling.num_samples = 64
-  sampling.batch_size = 64  # Global images per compiled sampling call.
+  sampling.batch_size = 64  # Global images per batch, a multiple of the device count.
   sampling.checkpoint_step = ml_collections.config_dict.placeholder(int)  # None: the latest.
+  # The figures, with the ancestral sampler. t is 0-based: t = 999 is the paper's x_1000.
+  sampling.progressive_every = 100  # Fig. 6: the predicted x_0 every this many steps,
+  sampling.progressive_images = 8  # for this many samples (one row each).
+  sampling.chain_t = (999, 749, 499, 249)  # Fig. 7: a row per shared x_t,
+  sampling.chain_samples = 7  # with this many samples of p(x_0 | x_t).
+  sampling.interpolation_t = 499  # Fig. 8: x_t of 500 diffusion steps,
+  sampling.interpolation_steps = 11  # lambda = 0, 0.1, ..., 1,
+  # between consecutive pairs of these images of the eval split (train if there is none).
+  sampling.interpolation_images = (0, 1, 2, 3)
 
   # --mode=eval (ddpm_jax/evaluation.py): the paper's protocol.
   config.eval = evaluation = ml_collections.ConfigDict()

@@ -3,6 +3,8 @@
 Needs no download. On a 2-core CPU it trains to recognizable digits in about 4 minutes,
 compilation and the final 64-sample grid included (README.md gives the measured time):
   python main.py --config=configs/digits.py --mode=train --workdir=/tmp/ddpm_digits
+Then 64 samples and the progressive figure of paper Fig. 6 take about 85 seconds:
+  python main.py --config=configs/digits.py --mode=sample --workdir=/tmp/ddpm_digits
 The diffusion is the paper's (linear betas 1e-4..0.02, T = 1000, eps prediction, fixedlarge);
 the network (1.0M parameters) and the optimizer are sized for 1,497 tiny grey images and
 a CPU: a larger learning rate, a short warmup and a fast EMA.
@@ -35,4 +37,7 @@ def get_config():
   training.checkpoint_every_steps = 400
   training.sample_every_steps = 1000
   training.num_sample_images = 64
+
+  # 64 samples and the progressive figure (paper Fig. 6) of 8 digits, in one command.
+  config.sampling.kinds = 'samples,progressive'
   return config

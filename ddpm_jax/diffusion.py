@@ -356,21 +356,26 @@ class GaussianDiffusion:
     sample = out['mean'] + nonzero_mask * jnp.exp(0.5 * out['log_variance']) * noise
     return {'sample': sample, 'pred_xstart': out['pred_xstart']}
 
-  def _step_fn(self, model_fn: ModelFn, shape, rng):
-    """Returns x_T and `step(i, x) -> p_sample output` where i counts steps from t = T-1.
+  def sample_loop_init(self, shape, rng) -> tuple[jax.Array, jax.Array]:
+    """How every sampler here starts: x_T ~ N(0, I) float32 `shape` and the per-step key.
 
-    The noise of step t is drawn from `fold_in(loop_rng, t)`, so the samplers below that share a
-    seed share their trajectory whatever the way the loop is split.
+    `(init_rng, loop_rng) = split(rng)` and x_T = normal(init_rng, shape); step t then draws its
+    noise from `fold_in(loop_rng, t)`, so samplers that share a seed share their trajectory
+    whatever the way their loop is split.
     """
     init_rng, loop_rng = jax.random.split(rng)
-    x_init = jax.random.normal(init_rng, shape, jnp.float32)
+    return jax.random.normal(init_rng, shape, jnp.float32), loop_rng
 
-    def step(i, x):
-      t_scalar = self.num_timesteps - 1 - i
-      t = jnp.full((shape[0],), t_scalar, dtype=jnp.int32)
-      return self.p_sample(model_fn, x, t, jax.random.fold_in(loop_rng, t_scalar))
+  def _p_sample_step(self, model_fn: ModelFn, i, x, loop_rng):
+    """Step i of the ancestral loop (i counts from t = T-1): `p_sample` at t = T-1-i."""
+    t_scalar = self.num_timesteps - 1 - i
+    t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
+    return self.p_sample(model_fn, x, t, jax.random.fold_in(loop_rng, t_scalar))
 
-    return x_init, step
+  def _step_fn(self, model_fn: ModelFn, shape, rng):
+    """Returns x_T and `step(i, x) -> p_sample output` where i counts steps from t = T-1."""
+    x_init, loop_rng = self.sample_loop_init(shape, rng)
+    return x_init, lambda i, x: self._p_sample_step(model_fn, i, x, loop_rng)
 
   def p_sample_loop(self, model_fn: ModelFn, shape, rng):
     """Draws samples `shape` = [B, H, W, C] with all T ancestral steps (Algorithm 2)."""
@@ -405,6 +410,23 @@ class GaussianDiffusion:
     samples, snapshots = jax.lax.scan(chunk, x_init, jnp.arange(self.num_timesteps // every))
     return samples, snapshots
 
+  def p_sample_steps(self, model_fn: ModelFn, x, loop_rng, start, stop):
+    """Steps [start, stop) of `p_sample_loop` applied to x, in one `lax.fori_loop`.
+
+    Step i goes from x_t to x_{t-1} at t = T-1-i with the noise of `fold_in(loop_rng, t)`, so
+    running [0, T) on `sample_loop_init(shape, rng)` gives `p_sample_loop(model_fn, shape, rng)`,
+    however the range is split. `start` and `stop` may be traced (0 <= start <= stop <= T).
+    Returns a dict of `sample` (x after the steps) and `pred_xstart` (that of step stop-1; zeros
+    when the range is empty), both shaped like x.
+    """
+
+    def body(i, carry):
+      out = self._p_sample_step(model_fn, i, carry[0], loop_rng)
+      return out['sample'], out['pred_xstart']
+
+    sample, pred_xstart = jax.lax.fori_loop(start, stop, body, (x, jnp.zeros_like(x)))
+    return {'sample': sample, 'pred_xstart': pred_xstart}
+
   def ddim_sample_loop(
     self,
     model_fn: ModelFn,
@@ -421,35 +443,70 @@ class GaussianDiffusion:
     variance of the ancestral sampler. The predicted x_0 is clipped when `clip_denoised` and the
     noise is recomputed from it.
     """
-    if not 1 <= num_steps <= self.num_timesteps:
-      raise ValueError(f'num_steps must be in [1, {self.num_timesteps}], got {num_steps}.')
-    timesteps = np.arange(num_steps) * (self.num_timesteps // num_steps)
-    init_rng, loop_rng = jax.random.split(rng)
-    x_init = jax.random.normal(init_rng, shape, jnp.float32)
-    ndim = len(shape)
+    self._check_ddim_steps(num_steps)
+    x_init, loop_rng = self.sample_loop_init(shape, rng)
 
     def body(i, x):
-      t_scalar = jnp.asarray(timesteps)[num_steps - 1 - i]
-      t_prev = jnp.asarray(timesteps)[jnp.maximum(num_steps - 2 - i, 0)]
-      t = jnp.full((shape[0],), t_scalar, dtype=jnp.int32)
-      pred_xstart = self.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised)['pred_xstart']
-      eps = self.predict_eps_from_xstart(x, t, pred_xstart)
-      alpha_bar = _extract(self.alphas_cumprod, t, ndim)
-      is_last = i == num_steps - 1
-      alpha_bar_prev = jnp.where(is_last, 1.0, self.alphas_cumprod[t_prev])
-      sigma = (
-        eta
-        * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
-        * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev)
-      )
-      noise = jax.random.normal(jax.random.fold_in(loop_rng, t_scalar), shape, jnp.float32)
-      return (
-        jnp.sqrt(alpha_bar_prev) * pred_xstart
-        + jnp.sqrt(1.0 - alpha_bar_prev - sigma**2) * eps
-        + sigma * noise
-      )
+      return self._ddim_step(model_fn, i, x, loop_rng, num_steps, eta, clip_denoised)['sample']
 
     return jax.lax.fori_loop(0, num_steps, body, x_init)
+
+  def ddim_sample_steps(
+    self,
+    model_fn: ModelFn,
+    x,
+    loop_rng,
+    start,
+    stop,
+    *,
+    num_steps: int,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+  ):
+    """Steps [start, stop) of `ddim_sample_loop` with `num_steps` applied to x, in one loop.
+
+    Step i goes to the next of the strided timesteps, t_{num_steps-1-i} -> t_{num_steps-2-i},
+    with the noise of `fold_in(loop_rng, t)`; running [0, num_steps) on
+    `sample_loop_init(shape, rng)` gives `ddim_sample_loop`, however the range is split. `start`
+    and `stop` may be traced. Returns a dict of `sample` and `pred_xstart` (that of step
+    stop-1; zeros when the range is empty), both shaped like x.
+    """
+    self._check_ddim_steps(num_steps)
+
+    def body(i, carry):
+      out = self._ddim_step(model_fn, i, carry[0], loop_rng, num_steps, eta, clip_denoised)
+      return out['sample'], out['pred_xstart']
+
+    sample, pred_xstart = jax.lax.fori_loop(start, stop, body, (x, jnp.zeros_like(x)))
+    return {'sample': sample, 'pred_xstart': pred_xstart}
+
+  def _check_ddim_steps(self, num_steps: int) -> None:
+    if not 1 <= num_steps <= self.num_timesteps:
+      raise ValueError(f'num_steps must be in [1, {self.num_timesteps}], got {num_steps}.')
+
+  def _ddim_step(self, model_fn: ModelFn, i, x, loop_rng, num_steps, eta, clip_denoised):
+    """Step i of DDIM (eq. 12) on `num_steps` strided timesteps; dict of sample, pred_xstart."""
+    timesteps = jnp.asarray(np.arange(num_steps) * (self.num_timesteps // num_steps))
+    t_scalar = timesteps[num_steps - 1 - i]
+    t_prev = timesteps[jnp.maximum(num_steps - 2 - i, 0)]
+    t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
+    pred_xstart = self.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised)['pred_xstart']
+    eps = self.predict_eps_from_xstart(x, t, pred_xstart)
+    alpha_bar = _extract(self.alphas_cumprod, t, x.ndim)
+    is_last = i == num_steps - 1
+    alpha_bar_prev = jnp.where(is_last, 1.0, self.alphas_cumprod[t_prev])
+    sigma = (
+      eta
+      * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
+      * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev)
+    )
+    noise = jax.random.normal(jax.random.fold_in(loop_rng, t_scalar), x.shape, jnp.float32)
+    sample = (
+      jnp.sqrt(alpha_bar_prev) * pred_xstart
+      + jnp.sqrt(1.0 - alpha_bar_prev - sigma**2) * eps
+      + sigma * noise
+    )
+    return {'sample': sample, 'pred_xstart': pred_xstart}
 
   # --- Losses and the variational bound. -----------------------------------------------------
 

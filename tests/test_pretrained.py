@@ -20,36 +20,10 @@ import tensorflow as tf
 import torch
 from diffusers import UNet2DModel
 from flax import traverse_util
+from helpers import DOWN_TYPES, cifar10_diffusers_config
 
 from configs.default import get_config
 from ddpm_jax import checkpoints, pretrained
-
-# The diffusers config of google/ddpm-cifar10-32 (REFERENCE.md), at width `ch`.
-DOWN_TYPES = ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D']
-UP_TYPES = ['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D']
-
-
-def cifar10_diffusers_config(ch=128):
-  return dict(
-    _class_name='UNet2DModel',
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=[ch, 2 * ch, 2 * ch, 2 * ch],
-    layers_per_block=2,
-    down_block_types=DOWN_TYPES,
-    up_block_types=UP_TYPES,
-    downsample_padding=0,
-    norm_eps=1e-6,
-    norm_num_groups=32,
-    attention_head_dim=None,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    act_fn='silu',
-    center_input_sample=False,
-    mid_block_scale_factor=1,
-    time_embedding_type='positional',
-  )
 
 
 def torch_unet(ch, seed=0):

@@ -8,90 +8,17 @@ fixed when JAX starts); their losses are read back from the TensorBoard events t
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from helpers import free_port, main_command, run_main, subprocess_env, tiny_digits_config
 
-from configs import digits
 from ddpm_jax import checkpoints, train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_digits_overrides(num_steps: int, **extra) -> dict:
-  """A shrunken digits config: a 2-level U-Net of width 32 with attention at 4x4."""
-  overrides = {
-    'model.ch': 32,
-    'model.ch_mult': (1, 2),
-    'model.num_res_blocks': 1,
-    'model.attn_resolutions': (4,),
-    'model.dropout': 0.1,  # Dropout and flips on, so that their random draws are tested too.
-    'data.random_flip': True,
-    'diffusion.num_diffusion_timesteps': 100,
-    'training.batch_size': 8,
-    'training.num_train_steps': num_steps,
-    'training.log_every_steps': 1,
-    'training.checkpoint_every_steps': 5,
-    'training.sample_every_steps': 0,
-    'training.num_sample_images': 8,
-    'training.warmup_steps': 2,
-  }
-  overrides.update(extra)
-  return overrides
-
-
-def tiny_digits_config(num_steps: int, **extra) -> ml_collections.ConfigDict:
-  config = digits.get_config()
-  for key, value in tiny_digits_overrides(num_steps, **extra).items():
-    section, field = key.split('.')
-    config[section][field] = value
-  return config
-
-
-def main_command(workdir, num_steps: int, **extra) -> list[str]:
-  flags = [
-    f'--config.{k}={_flag_value(v)}' for k, v in tiny_digits_overrides(num_steps, **extra).items()
-  ]
-  return [
-    sys.executable,
-    os.path.join(REPO, 'main.py'),
-    f'--config={os.path.join(REPO, "configs", "digits.py")}',
-    '--mode=train',
-    f'--workdir={workdir}',
-    *flags,
-  ]
-
-
-def _flag_value(value) -> str:
-  return ','.join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def subprocess_env(num_devices: int = 1, **extra) -> dict:
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices}'
-  env['PYTHONPATH'] = REPO
-  env.update(extra)
-  return env
-
-
-def run_main(workdir, num_steps: int, num_devices: int = 1, **extra):
-  result = subprocess.run(
-    main_command(workdir, num_steps, **extra),
-    env=subprocess_env(num_devices),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-5000:]
-  return result
 
 
 def logged_scalars(workdir, tag: str = 'loss') -> dict[int, float]:
@@ -259,16 +186,10 @@ def test_same_losses_on_1_and_8_devices(tmp_path):
   np.testing.assert_allclose([eight[s] for s in one], list(one.values()), rtol=1e-5)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path):
   # Two processes with 2 CPU devices each, CPU collectives over gloo, against 1 x 4 devices.
   run_main(tmp_path / 'single', 10, num_devices=4)
-  port = _free_port()
+  port = free_port()
   env = subprocess_env(2, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
   procs = [
     subprocess.Popen(

@@ -1,0 +1,114 @@
+"""Helpers shared by the test modules: shrunken configs and `main.py` subprocesses."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import ml_collections
+
+from configs import digits
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_digits_overrides(num_steps: int, **extra) -> dict:
+  """A shrunken digits config: a 2-level U-Net of width 32 with attention at 4x4."""
+  overrides = {
+    'model.ch': 32,
+    'model.ch_mult': (1, 2),
+    'model.num_res_blocks': 1,
+    'model.attn_resolutions': (4,),
+    'model.dropout': 0.1,  # Dropout and flips on, so that their random draws are tested too.
+    'data.random_flip': True,
+    'diffusion.num_diffusion_timesteps': 100,
+    'training.batch_size': 8,
+    'training.num_train_steps': num_steps,
+    'training.log_every_steps': 1,
+    'training.checkpoint_every_steps': 5,
+    'training.sample_every_steps': 0,
+    'training.num_sample_images': 8,
+    'training.warmup_steps': 2,
+  }
+  overrides.update(extra)
+  return overrides
+
+
+def tiny_digits_config(num_steps: int, **extra) -> ml_collections.ConfigDict:
+  config = digits.get_config()
+  for key, value in tiny_digits_overrides(num_steps, **extra).items():
+    section, field = key.split('.')
+    config[section][field] = value
+  return config
+
+
+def main_command(workdir, num_steps: int, **extra) -> list[str]:
+  flags = [
+    f'--config.{k}={_flag_value(v)}' for k, v in tiny_digits_overrides(num_steps, **extra).items()
+  ]
+  return [
+    sys.executable,
+    os.path.join(REPO, 'main.py'),
+    f'--config={os.path.join(REPO, "configs", "digits.py")}',
+    '--mode=train',
+    f'--workdir={workdir}',
+    *flags,
+  ]
+
+
+def _flag_value(value) -> str:
+  return ','.join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def subprocess_env(num_devices: int = 1, **extra) -> dict:
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices}'
+  env['PYTHONPATH'] = REPO
+  env.update(extra)
+  return env
+
+
+def run_main(workdir, num_steps: int, num_devices: int = 1, **extra):
+  result = subprocess.run(
+    main_command(workdir, num_steps, **extra),
+    env=subprocess_env(num_devices),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-5000:]
+  return result
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+# The diffusers config of google/ddpm-cifar10-32 (REFERENCE.md), at width `ch`.
+DOWN_TYPES = ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D']
+UP_TYPES = ['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D']
+
+
+def cifar10_diffusers_config(ch=128):
+  return dict(
+    _class_name='UNet2DModel',
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=[ch, 2 * ch, 2 * ch, 2 * ch],
+    layers_per_block=2,
+    down_block_types=DOWN_TYPES,
+    up_block_types=UP_TYPES,
+    downsample_padding=0,
+    norm_eps=1e-6,
+    norm_num_groups=32,
+    attention_head_dim=None,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    act_fn='silu',
+    center_input_sample=False,
+    mid_block_scale_factor=1,
+    time_embedding_type='positional',
+  )
