@@ -7,6 +7,7 @@ runtime when there are several processes, and dispatches on --mode:
   python main.py --config=configs/cifar10.py --mode=train --workdir=gs://bucket/ddpm_cifar10 \
       --config.training.batch_size=256
   python main.py --config=configs/digits.py --mode=sample --workdir=/tmp/ddpm_digits
+  python main.py --config=configs/digits.py --mode=eval --workdir=/tmp/ddpm_digits
 """
 
 import logging as pylogging
@@ -16,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import sampling, train
+from ddpm_jax import evaluation, sampling, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for all outputs.')
@@ -81,7 +82,7 @@ def main(argv):
   elif _MODE.value == 'sample':
     sampling.sample(config, _WORKDIR.value)
   else:
-    raise app.UsageError(f'--mode={_MODE.value} is not available yet.')
+    evaluation.evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

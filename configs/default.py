@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.num_bpd_images = 10_000  # The whole CIFAR10 test split.
   evaluation.bpd_batch_size = 64
   evaluation.num_samples = 50_000
+  # The FID Inception weights (.npz; README.md, "Evaluate" says how to make them).
   evaluation.inception_weights = ml_collections.config_dict.placeholder(str)
+  evaluation.inception_batch_size = 100  # Global images per Inception call.
 
   return config

@@ -40,4 +40,10 @@ def get_config():
 
   # 64 samples and the progressive figure (paper Fig. 6) of 8 digits, in one command.
   config.sampling.kinds = 'samples,progressive'
+
+  # --mode=eval: bits/dim on the whole test split, and the digits measure on 256 samples.
+  config.eval.num_bpd_images = 300
+  config.eval.bpd_batch_size = 100
+  config.eval.num_samples = 256
+  config.sampling.batch_size = 128
   return config

@@ -1,0 +1,230 @@
+"""Tests of --mode=eval: bits/dim against calc_bpd_loop itself, resumption after interruption,
+the Inception path on mock CIFAR10 with random Inception weights, and the errors."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from flax import traverse_util
+from helpers import tiny_digits_config
+
+from ddpm_jax import (
+  checkpoints,
+  diffusion,
+  evaluation,
+  input_pipeline,
+  metrics,
+  models,
+  sampling,
+  train,
+)
+from ddpm_jax.models import inception
+
+NUM_STEPS = 20  # Diffusion timesteps of the tiny models: the bound has 20 terms.
+
+
+def eval_config(**extra):
+  config = tiny_digits_config(
+    2,
+    **{
+      'diffusion.num_diffusion_timesteps': NUM_STEPS,
+      'training.checkpoint_every_steps': 2,
+      **extra,
+    },
+  )
+  config.eval.num_bpd_images = 10
+  config.eval.bpd_batch_size = 4  # 3 batches, the last one padded.
+  config.eval.num_samples = 12
+  config.sampling.batch_size = 8  # 2 batches, the last one trimmed.
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  """A digits workdir trained for 2 steps with the tiny config."""
+  workdir = tmp_path_factory.mktemp('trained')
+  train.train_and_evaluate(eval_config(), str(workdir))
+  return workdir
+
+
+def copy_workdir(src, tmp_path):
+  dst = tmp_path / 'workdir'
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_bpd_equals_calc_bpd_loop_and_its_terms(trained_workdir, tmp_path):
+  workdir = copy_workdir(trained_workdir, tmp_path)
+  config = eval_config()
+  config.eval.num_samples = 0
+  results = evaluation.evaluate(config, str(workdir))
+  with (workdir / 'eval' / 'step_2' / 'results.json').open() as f:
+    assert json.load(f) == results
+
+  # Expected: calc_bpd_loop run here on the same 10 test images with batch k's key
+  # fold_in(key(seed), k), averaged over the images.
+  diff = diffusion.GaussianDiffusion.from_config(config.diffusion)
+  model = models.create_model(config)
+  step, params = checkpoints.restore_ema_params(
+    str(workdir), sampling.abstract_params(config, model)
+  )
+  images = input_pipeline.create_source(config, 'test')[np.arange(10)]
+  totals, terms = [], []
+  for k, start in enumerate(range(0, 10, 4)):
+    out = diff.calc_bpd_loop(
+      sampling.make_model_fn(model, params),
+      input_pipeline.to_model_range(jnp.asarray(images[start : start + 4])),
+      jax.random.fold_in(jax.random.key(config.seed), k),
+    )
+    totals.append(np.asarray(out['total_bpd']))
+    terms.append(np.asarray(out['terms_bpd']))
+  totals, terms = np.concatenate(totals), np.concatenate(terms)
+  assert step == results['step'] == 2
+  np.testing.assert_allclose(results['bpd'], totals.mean(), rtol=1e-5)
+  np.testing.assert_allclose(results['bpd_decoder'], terms[:, 0].mean(), rtol=1e-5)
+  # The total is the prior plus the sum of the terms (eq. 5).
+  np.testing.assert_allclose(
+    results['bpd'],
+    results['bpd_prior'] + results['bpd_decoder'] + results['bpd_kl_terms'],
+    rtol=1e-6,
+  )
+  with np.load(workdir / 'eval' / 'step_2' / 'bpd_terms.npz') as saved:
+    np.testing.assert_allclose(saved['terms_bpd'], terms.mean(axis=0), rtol=1e-5)
+  assert (workdir / 'eval' / 'step_2' / 'bpd_terms.png').stat().st_size > 0
+
+
+class Interrupt(Exception):
+  pass
+
+
+def test_interrupted_eval_resumes_to_the_same_result(trained_workdir, tmp_path, monkeypatch):
+  straight = evaluation.evaluate(eval_config(), str(copy_workdir(trained_workdir, tmp_path / 'a')))
+
+  workdir = copy_workdir(trained_workdir, tmp_path / 'b')
+  # First run: stopped in the second bits/dim batch.
+  make_bpd_fn = evaluation.create_bpd_fn
+
+  def failing_bpd_fn(*args):
+    bpd_fn, calls = make_bpd_fn(*args), []
+
+    def fn(*inputs):
+      calls.append(1)
+      if len(calls) == 2:
+        raise Interrupt
+      return bpd_fn(*inputs)
+
+    return fn
+
+  monkeypatch.setattr(evaluation, 'create_bpd_fn', failing_bpd_fn)
+  with pytest.raises(Interrupt):
+    evaluation.evaluate(eval_config(), str(workdir))
+  monkeypatch.undo()
+  with np.load(workdir / 'eval' / 'step_2' / evaluation.BPD_STATE_FILE) as state:
+    assert int(state['next_batch']) == 1
+
+  # Second run: stopped in the second batch of samples, after the first was saved.
+  run = sampling.ChunkedLoop.run
+  calls = []
+
+  def failing_run(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise Interrupt
+    return run(self, *args, **kwargs)
+
+  monkeypatch.setattr(sampling.ChunkedLoop, 'run', failing_run)
+  with pytest.raises(Interrupt):
+    evaluation.evaluate(eval_config(), str(workdir))
+  monkeypatch.undo()
+  saved = sorted(p.name for p in (workdir / 'eval' / 'step_2' / 'samples').iterdir())
+  assert saved == ['batch_00000.npz']
+
+  resumed = evaluation.evaluate(eval_config(), str(workdir))
+  assert resumed == straight
+
+
+def random_inception_weights(path):
+  """The FID Inception variables at their Flax initialization, with non-trivial BN stats."""
+  variables = inception.InceptionV3().init(
+    jax.random.key(0), jnp.zeros((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3))
+  )
+  flat = traverse_util.flatten_dict(jax.device_get(variables), sep='/')
+  rng = np.random.default_rng(0)
+  for name, value in flat.items():
+    if name.endswith('/mean'):
+      flat[name] = rng.normal(size=value.shape).astype(np.float32) * 0.1
+    elif name.endswith('/var'):
+      flat[name] = rng.uniform(0.5, 1.5, size=value.shape).astype(np.float32)
+  np.savez(path, **flat)
+
+
+def test_fid_and_inception_score_on_mock_cifar10(tmp_path):
+  # Expected: the Frechet distance and IS recomputed here from the Inception features of the
+  # saved samples and of all mock training images (metrics.py is tested against SciPy).
+  weights = tmp_path / 'inception.npz'
+  random_inception_weights(weights)
+  config = eval_config()
+  config.data.dataset = 'cifar10'
+  config.data.image_size = 32
+  config.data.num_channels = 3
+  config.model.attn_resolutions = (16,)
+  config.eval.num_bpd_images = 0
+  config.eval.num_samples = 10
+  config.eval.inception_weights = str(weights)
+  config.eval.inception_batch_size = 12  # One compiled shape for every set of images here.
+  workdir = tmp_path / 'workdir'
+  with tfds.testing.mock_data(num_examples=12):
+    train.train_and_evaluate(config, str(workdir))
+    results = evaluation.evaluate(config, str(workdir))
+    train_images = input_pipeline.create_source(config, 'train')[np.arange(12)]
+  assert (workdir / 'eval' / 'inception_stats_cifar10_train.npz').exists()
+  assert (workdir / 'eval' / 'inception_stats_cifar10_test.npz').exists()
+
+  samples = np.concatenate(
+    [np.load(p)['samples'] for p in sorted((workdir / 'eval' / 'step_2' / 'samples').iterdir())]
+  )
+  assert samples.shape == (10, 32, 32, 3) and samples.dtype == np.uint8
+  variables = inception.load_params(str(weights))
+  ours = inception.compute_features(variables, samples, batch_size=12)
+  ref = inception.compute_features(variables, train_images, batch_size=12)
+  expected_fid = metrics.frechet_distance(
+    *metrics.feature_statistics(ours['pool']), *metrics.feature_statistics(ref['pool'])
+  )
+  np.testing.assert_allclose(results['fid_train'], expected_fid, rtol=1e-4)
+  expected_is = metrics.inception_score(ours['logits'], 10)
+  np.testing.assert_allclose(
+    [results['inception_score'], results['inception_score_std']], expected_is, rtol=1e-4
+  )
+  assert 'fid_test' in results and results['num_samples'] == 10
+
+
+def test_missing_inception_weights_say_what_to_do(tmp_path):
+  config = eval_config()
+  config.data.dataset = 'cifar10'
+  config.data.image_size = 32
+  config.data.num_channels = 3
+  config.model.attn_resolutions = (16,)
+  with pytest.raises(
+    ValueError, match='(?s)inception_weights is not set.*python -m ddpm_jax.models'
+  ):
+    evaluation.evaluate(config, str(tmp_path))
+  config.eval.inception_weights = str(tmp_path / 'nowhere.npz')
+  with pytest.raises(FileNotFoundError, match='(?s)nowhere.npz.*not found.*convert'):
+    evaluation.evaluate(config, str(tmp_path))
+
+
+def test_config_without_eval_section(tmp_path):
+  config = eval_config()
+  del config['eval']
+  with pytest.raises(ValueError, match='no `eval` section'):
+    evaluation.evaluate(config, str(tmp_path))
+
+
+def test_workdir_without_checkpoint(tmp_path):
+  with pytest.raises(FileNotFoundError, match='No checkpoint in .*train first'):
+    evaluation.evaluate(eval_config(), str(tmp_path))
+  assert not (tmp_path / 'eval').exists()
