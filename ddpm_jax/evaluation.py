@@ -56,13 +56,9 @@ INCEPTION_SCORE_SPLITS = 10
 
 
 def _save_npz(path: epath.Path, **arrays) -> None:
-  """Writes an npz atomically (a reader never sees half a file); process 0 only."""
-  if jax.process_index() != 0:
-    return
-  tmp = path.parent / f'{path.name}.tmp'
-  with tmp.open('wb') as f:
-    np.savez(f, **arrays)
-  tmp.replace(path)
+  """`sampling.save_npz` on process 0 (every process holds the same arrays)."""
+  if jax.process_index() == 0:
+    sampling.save_npz(path, **arrays)
 
 
 def create_bpd_fn(diffusion: diffusion_lib.GaussianDiffusion, model, mesh):
@@ -136,7 +132,7 @@ def evaluate_bpd(
         continue
       images = jax.make_array_from_process_local_data(mesh_lib.batch_sharded(mesh), local_images)
       out = bpd_fn(params, images, jax.random.fold_in(jax.random.key(config.seed), k))
-      out = multihost_utils.process_allgather(out, tiled=True)
+      out = sampling.gather(out)
       real = np.arange(k * batch_size, (k + 1) * batch_size) < num_images
       for name in sums:
         sums[name] = sums[name] + np.sum(np.asarray(out[name], np.float64)[real], axis=0)
@@ -199,7 +195,6 @@ def draw_eval_samples(
   settings = config.sampling
   num_samples = config.eval.num_samples
   batch_size = settings.batch_size
-  validation.validate_batch_size(batch_size, 'config.sampling.batch_size')
   size, channels = config.data.image_size, config.data.num_channels
   num_steps = settings.ddim_steps if settings.sampler == 'ddim' else diffusion.num_timesteps
   sample_dir = eval_dir / 'samples'
@@ -229,7 +224,7 @@ def draw_eval_samples(
         (batch_size, size, size, channels), jax.random.fold_in(jax.random.key(config.seed), b)
       )
       x, _ = loop.run(x, loop_rng, 0, num_steps)
-      images = sampling.to_uint8(multihost_utils.process_allgather(x, tiled=True))
+      images = sampling.to_uint8(sampling.gather(x))
       _save_npz(path, samples=images[: num_samples - b * batch_size])
       multihost_utils.sync_global_devices(f'eval_samples_{b}')
   batches = []
@@ -258,7 +253,7 @@ def inception_features(
     global_batch = jax.make_array_from_callback(
       padded.shape, batch_sharding, lambda index, padded=padded: padded[index]
     )
-    result = multihost_utils.process_allgather(apply(variables, global_batch), tiled=True)
+    result = sampling.gather(apply(variables, global_batch))
     for key in outputs:
       outputs[key].append(np.asarray(result[key][: len(batch)]))
   return {key: np.concatenate(value) for key, value in outputs.items()}
@@ -345,6 +340,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       'eval.num_bpd_images, eval.bpd_batch_size, eval.num_samples and eval.inception_weights.'
     )
   diffusion = validation.validate_config(config)
+  if config.eval.num_samples:
+    sampling.validate_sampler(config, diffusion)  # The samples are drawn as it says.
   is_digits = config.data.dataset == 'digits'
   if not is_digits and config.eval.num_samples:
     weights = config.eval.inception_weights

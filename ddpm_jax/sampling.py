@@ -106,25 +106,6 @@ def abstract_params(config: ml_collections.ConfigDict, model: nn.Module) -> Any:
   )['params']
 
 
-def create_sample_fn(
-  diffusion: diffusion_lib.GaussianDiffusion,
-  model: nn.Module,
-  *,
-  shape: tuple[int, ...],
-  sharding: jax.sharding.Sharding,
-) -> Callable[[object, jax.Array], jax.Array]:
-  """A compiled `sample(params, rng) -> images` with the paper's ancestral sampler (all T steps).
-
-  The batch `shape` [N, H, W, C] is sharded with `sharding` (N over all devices); the images
-  are float32 in [-1, 1] and do not depend on the device count.
-  """
-
-  def sample(params, rng):
-    return diffusion.p_sample_loop(make_model_fn(model, params, sharding), shape, rng)
-
-  return jax.jit(sample, out_shardings=sharding)
-
-
 # ----------------------------------------------------------------------------------------------
 # Compiled loops, and their driver.
 # ----------------------------------------------------------------------------------------------
@@ -232,9 +213,10 @@ def progress(total: int, desc: str, *, initial: int = 0, unit: str = 'it') -> tq
   )
 
 
-def _gather(x: jax.Array) -> np.ndarray:
-  """A batch sharded over all processes' devices, whole on every process as NumPy."""
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+def gather(tree: Any) -> Any:
+  """Arrays sharded over all processes' devices (a pytree of them), whole on every process as
+  NumPy."""
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -271,7 +253,7 @@ def draw_samples(
   for b in range(math.ceil(num_samples / batch_size)):
     x, loop_rng = init((batch_size, *image_shape), jax.random.fold_in(jax.random.key(seed), b))
     x, _ = loop.run(x, loop_rng, 0, num_steps)
-    batches.append(_gather(x))
+    batches.append(gather(x))
     bar.set_postfix_str(f'{min((b + 1) * batch_size, num_samples)}/{num_samples} images')
   return np.concatenate(batches)[:num_samples]
 
@@ -295,7 +277,7 @@ def progressive(
   # The pred_xstart of step k * every is that of the range ending after it.
   boundaries = list(range(1, num_timesteps + 1, every))
   x, kept = loop.run(x, loop_rng, 0, num_timesteps, keep=boundaries)
-  columns = [_gather(kept[s][1]) for s in boundaries] + [_gather(x)]
+  columns = [gather(kept[s][1]) for s in boundaries] + [gather(x)]
   return np.stack(columns, axis=1)[:num_images]
 
 
@@ -326,7 +308,7 @@ def denoising_chain(
   for t, start in zip(ts, starts, strict=True):
     x_t = broadcast_first(kept[start][0])
     samples, _ = loop.run(x_t, jax.random.fold_in(branch_rng, t), start, num_timesteps)
-    rows.append(np.concatenate([_gather(x_t)[:1], _gather(samples)[:num_samples]]))
+    rows.append(np.concatenate([gather(x_t)[:1], gather(samples)[:num_samples]]))
   return np.stack(rows)
 
 
@@ -376,7 +358,7 @@ def interpolation(
     make_latents(images, noise_rng), loop_rng, num_timesteps - 1 - t, num_timesteps
   )
   num_pairs = len(images) // 2
-  decoded = _gather(decoded)[: num_pairs * num_steps].reshape(
+  decoded = gather(decoded)[: num_pairs * num_steps].reshape(
     num_pairs, num_steps, *images.shape[1:]
   )
   x_start = np.asarray(input_pipeline.to_model_range(images)).reshape(
@@ -411,25 +393,17 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_sampling_config(
+def validate_sampler(
   config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
-) -> tuple[str, ...]:
-  """Raises ValueError for a `config.sampling` that cannot be sampled; returns the kinds.
-
-  Every setting is checked, whichever kinds are asked for, except that the figures' settings are
-  checked only for the figures asked for.
-  """
+) -> None:
+  """Raises ValueError unless `config.sampling`'s sampler, its settings and the batch size can
+  draw samples (checked by --mode=sample and, for its samples, by --mode=eval)."""
   sampling = config.sampling
   num_timesteps = diffusion.num_timesteps
-  kinds = parse_kinds(sampling.kinds)
   _require(
     sampling.sampler in SAMPLERS,
     f'Unknown sampler {sampling.sampler!r} (config.sampling.sampler); expected one of '
     f'{", ".join(SAMPLERS)}.',
-  )
-  _require(
-    _is_int(sampling.num_samples) and sampling.num_samples >= 1,
-    f'config.sampling.num_samples must be a positive integer, got {sampling.num_samples!r}.',
   )
   validation.validate_batch_size(sampling.batch_size, 'config.sampling.batch_size')
   if sampling.sampler == 'ddim':
@@ -442,6 +416,24 @@ def validate_sampling_config(
       sampling.ddim_eta >= 0,
       f'config.sampling.ddim_eta must be non-negative, got {sampling.ddim_eta}.',
     )
+
+
+def validate_sampling_config(
+  config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
+) -> tuple[str, ...]:
+  """Raises ValueError for a `config.sampling` that cannot be sampled; returns the kinds.
+
+  Every setting is checked, whichever kinds are asked for, except that the figures' settings are
+  checked only for the figures asked for.
+  """
+  sampling = config.sampling
+  num_timesteps = diffusion.num_timesteps
+  kinds = parse_kinds(sampling.kinds)
+  validate_sampler(config, diffusion)
+  _require(
+    _is_int(sampling.num_samples) and sampling.num_samples >= 1,
+    f'config.sampling.num_samples must be a positive integer, got {sampling.num_samples!r}.',
+  )
   if 'progressive' in kinds:
     _require(
       _is_int(sampling.progressive_every) and 1 <= sampling.progressive_every <= num_timesteps,
@@ -603,11 +595,14 @@ def save_png(path: epath.PathLike, image: np.ndarray, upscale: int = 1) -> None:
 
 
 def save_npz(path: epath.PathLike, **arrays: np.ndarray) -> None:
-  """Writes arrays by name as an uncompressed .npz (local or gs:// paths)."""
+  """Writes arrays by name as an uncompressed .npz (local or gs:// paths), atomically: a reader,
+  or a run resumed after an interruption, never sees half a file."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open('wb') as f:
+  tmp = path.parent / f'{path.name}.tmp'
+  with tmp.open('wb') as f:
     np.savez(f, **arrays)
+  tmp.replace(path)
 
 
 def upscale_factor(image_size: int) -> int:

@@ -219,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(state.step)
 
   # ---------------------------------------------------------------------------------------------
-  # Compile the update step and the sampler.
+  # Compile the update step and the sampler of the sample grids.
   # ---------------------------------------------------------------------------------------------
   train_step = jax.jit(
     create_train_step(config, model, diffusion, tx, schedule),
@@ -229,12 +229,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   )
   all_finite = jax.jit(_all_finite)
   size, channels = config.data.image_size, config.data.num_channels
-  sample_fn = sampling.create_sample_fn(
-    diffusion,
-    model,
-    shape=(training.num_sample_images, size, size, channels),
-    sharding=batch_sharding,
-  )
+  sample_init = sampling.create_init_fn(diffusion, mesh)
+  sample_chunk = sampling.create_chunk_fn(diffusion, model, mesh)
 
   writer = metric_writers.create_default_writer(
     str(workdir_path), just_logging=jax.process_index() > 0
@@ -263,9 +259,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   def write_samples(state: TrainState):
     step = int(state.step)
-    images = sampling.to_uint8(
-      multihost_utils.process_allgather(sample_fn(state.ema_params, sample_rng), tiled=True)
-    )
+    num_steps = diffusion.num_timesteps
+    x, loop_rng = sample_init((training.num_sample_images, size, size, channels), sample_rng)
+    with sampling.progress(num_steps, 'samples', unit='step') as bar:
+      x, _ = sampling.ChunkedLoop(sample_chunk, state.ema_params, bar).run(
+        x, loop_rng, 0, num_steps
+      )
+    images = sampling.to_uint8(sampling.gather(x))
     grid = sampling.image_grid(images)
     if jax.process_index() == 0:
       path = workdir_path / 'samples' / f'step_{step:08d}.png'

@@ -228,3 +228,11 @@ def test_workdir_without_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint in .*train first'):
     evaluation.evaluate(eval_config(), str(tmp_path))
   assert not (tmp_path / 'eval').exists()
+
+
+def test_unknown_sampler_is_rejected_before_anything_runs(tmp_path):
+  config = eval_config()
+  config.sampling.sampler = 'euler'
+  with pytest.raises(ValueError, match="Unknown sampler 'euler'"):
+    evaluation.evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'eval').exists()
