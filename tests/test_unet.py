@@ -10,6 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from configs.default import get_config
@@ -212,12 +213,12 @@ def test_bfloat16_keeps_params_norms_and_softmax_in_float32():
   assert set(layers('norm')) == {jnp.dtype(jnp.float32)}
   assert set(layers('conv')) == {jnp.dtype(jnp.bfloat16)}
 
-  # The softmax exps are the only ones on 3-d arrays (logits [B, H*W, H*W]).
+  # The softmax exps are the only ones on the attention logits, [..., H*W, H*W] = [..., 64, 64].
   jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(params, x, t)
   exp_dtypes = [
     eqn.invars[0].aval.dtype
     for eqn in _all_eqns(jaxpr.jaxpr)
-    if eqn.primitive.name == 'exp' and eqn.invars[0].aval.ndim == 3
+    if eqn.primitive.name == 'exp' and eqn.invars[0].aval.shape[-2:] == (64, 64)
   ]
   assert len(exp_dtypes) == 4  # down_1/attn_0, mid/attn_1, up_1/attn_{0,1}: all at 8x8.
   assert set(exp_dtypes) == {jnp.dtype(jnp.float32)}
@@ -253,3 +254,94 @@ def test_resamplers():
   for di in (0, 1):
     for dj in (0, 1):
       np.testing.assert_array_equal(repeated[:, di::2, dj::2], x)
+
+
+def test_remat_keeps_params_outputs_and_gradients():
+  # jax.checkpoint around each block changes what the backward pass stores, not the function:
+  # the same parameter tree, and the same outputs and gradients (dropout on, same rng) as without.
+  model = UNet(dropout=0.1, **TINY)
+  remat_model = model.clone(remat=True)
+  assert param_shapes(remat_model, 16) == param_shapes(model, 16)
+  params = random_params(model, 16)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  t = jnp.array([3, 900], jnp.int32)
+
+  def loss_and_grads(m):
+    def loss(p):
+      out = m.apply({'params': p}, x, t, train=True, rngs={'dropout': jax.random.key(2)})
+      return jnp.mean(out**2), out
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (loss, out), grads = loss_and_grads(model)
+  (remat_loss, remat_out), remat_grads = loss_and_grads(remat_model)
+  np.testing.assert_allclose(remat_out, out, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  # Leaves behind the near-zero init of conv2 / proj_out have gradients ~1e-9: the tolerance is
+  # relative to the largest gradient of the model, not of each leaf.
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+  for path, g in traverse_util.flatten_dict(grads, sep='/').items():
+    expected = traverse_util.flatten_dict(remat_grads, sep='/')[path]
+    np.testing.assert_allclose(expected, g, rtol=1e-5, atol=1e-6 * scale, err_msg=path)
+
+
+def test_attention_is_the_single_head_softmax_formula():
+  # AttnBlock = x + proj_out(softmax(q k^T / sqrt(C)) v) over the H * W positions, with q, k, v
+  # 1x1 maps of GroupNorm(x) (REFERENCE.md, "The U-Net"); written out here in float64 NumPy.
+  from ddpm_jax.models.unet import AttnBlock
+
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 4, 4, 32)), np.float64)
+  block = AttnBlock()
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+    lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(np.float32),
+    block.init(jax.random.key(1), jnp.asarray(x, jnp.float32))['params'],
+  )
+  out = block.apply({'params': params}, jnp.asarray(x, jnp.float32))
+
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  groups = x.reshape(2, 16, 32, 1)  # [B, H * W, 32 groups, 1 channel each].
+  mean = groups.mean(axis=(1, 3), keepdims=True)
+  var = ((groups - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+  h = ((groups - mean) / np.sqrt(var + 1e-6)).reshape(2, 16, 32)
+  h = h * p['norm']['scale'] + p['norm']['bias']
+  q, k, v = (h @ p[n]['kernel'] + p[n]['bias'] for n in 'qkv')
+  logits = q @ k.transpose(0, 2, 1) / np.sqrt(32)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = x + (weights @ v @ p['proj_out']['kernel'] + p['proj_out']['bias']).reshape(x.shape)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  'strides, size, padding',
+  [(1, 8, 'SAME'), (2, 8, 'SAME'), (2, 7, 'SAME'), (1, 5, 'SAME'), (2, 8, 'VALID')],
+)
+def test_conv_gradients_are_jaxs_bit_for_bit(strides, size, padding):
+  # The U-Net's convolution writes its gradients as standard-layout convolutions on CPU (fast
+  # inside loop bodies); they must be the values of JAX's own transpose rules, exactly.
+  from ddpm_jax.models.unet import conv_general_dilated
+
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 24))
+  dimension_numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+  # As nn.Conv calls it.
+  kwargs = dict(
+    lhs_dilation=(1, 1),
+    rhs_dilation=(1, 1),
+    dimension_numbers=dimension_numbers,
+    feature_group_count=1,
+    precision=None,
+  )
+
+  def loss(conv, x, w):
+    y = conv(x, w, (strides, strides), padding, **kwargs)
+    return jnp.sum(y * jnp.cos(y)), y
+
+  expected = jax.jit(jax.grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1), True))
+  actual = jax.jit(jax.grad(functools.partial(loss, conv_general_dilated), (0, 1), True))
+  (dx, dw), y = actual(x, w)
+  (expected_dx, expected_dw), expected_y = expected(x, w)
+  np.testing.assert_array_equal(y, expected_y)
+  np.testing.assert_array_equal(dx, expected_dx)
+  np.testing.assert_array_equal(dw, expected_dw)

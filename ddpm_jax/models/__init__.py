@@ -22,6 +22,8 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
     dropout=config.model.dropout,
     resamp_with_conv=config.model.resamp_with_conv,
     dtype=jnp.dtype(config.model.dtype),
+    remat=config.model.remat,
+    attention_impl=config.model.attention_impl,
   )
 
 
