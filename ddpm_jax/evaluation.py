@@ -33,7 +33,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -44,6 +43,7 @@ from ddpm_jax import (
   metrics,
   models,
   sampling,
+  tf_support,
   validation,
 )
 from ddpm_jax import diffusion as diffusion_lib
@@ -381,7 +381,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     with (eval_dir / 'results.json').open('w') as f:
       json.dump(results, f, indent=2)
-  writer = metric_writers.create_default_writer(
+  writer = tf_support.create_metric_writer(
     str(epath.Path(workdir) / 'eval'), just_logging=jax.process_index() > 0
   )
   writer.write_scalars(step, {k: v for k, v in results.items() if isinstance(v, float)})

@@ -27,6 +27,8 @@ prepare the data beforehand, e.g. for CIFAR10:
   python -c "import tensorflow_datasets as tfds; tfds.data_source('cifar10',
     builder_kwargs={'file_format': 'array_record'})"
 (add `data_dir='...'` to both that call and the config to use another directory).
+TFDS, and TensorFlow with the accelerators hidden from it (`tf_support`), are imported only when
+a TFDS split is opened; the digits need neither.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import PIL.Image
-import tensorflow_datasets as tfds
 from sklearn import datasets as sklearn_datasets
+
+from ddpm_jax import tf_support
 
 T = TypeVar('T')
 
@@ -204,6 +207,9 @@ class TfdsSource:
     """
     self.info = info
     self.image_size = image_size
+    tf_support.import_tensorflow()  # Before TFDS, which may import TF to read the data.
+    import tensorflow_datasets as tfds  # Only TFDS datasets need it; slow to import.
+
     try:
       # No `file_format` here: TFDS then opens whichever random-access format the prepared data
       # has, and naming one fails for data prepared in several formats.

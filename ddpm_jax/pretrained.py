@@ -43,7 +43,7 @@ from flax import traverse_util
 from ml_collections import config_flags
 from safetensors import numpy as safetensors_numpy
 
-from ddpm_jax import checkpoints
+from ddpm_jax import checkpoints, tf_support
 from ddpm_jax.models import create_model
 from ddpm_jax.models.unet import UNet
 
@@ -394,7 +394,9 @@ _TF_WEIGHT = re.compile(r'model/.*/(W|b|gamma|beta)')
 
 def _load_tf_checkpoint(path: str):
   """(prefix, tf.train.CheckpointReader) for a checkpoint prefix or a directory with checkpoints."""
-  import tensorflow as tf  # Only TF checkpoints need TensorFlow, which is slow to import.
+  tf = tf_support.import_tensorflow()  # Only TF checkpoints need TensorFlow, slow to import.
+  if tf is None:
+    raise ImportError('Reading an original TensorFlow checkpoint needs TensorFlow installed.')
 
   prefix = path
   if os.path.isdir(path):

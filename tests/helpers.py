@@ -52,6 +52,9 @@ def main_command(workdir, num_steps: int, **extra) -> list[str]:
     f'--config={os.path.join(REPO, "configs", "digits.py")}',
     '--mode=train',
     f'--workdir={workdir}',
+    # No persistent compilation cache: each test compiles what it runs, and nothing is written
+    # to the user's ~/.cache.
+    '--compilation_cache_dir=',
     *flags,
   ]
 
