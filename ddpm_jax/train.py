@@ -1,10 +1,12 @@
 """Training: `train_and_evaluate(config, workdir)`, the loop that `main.py --mode=train` runs.
 
 Params, EMA params and optimizer state are replicated, and each batch is sharded, over a
-`jax.sharding.Mesh` of all devices of all processes; one `jax.jit`-compiled pure step does the
-loss, Adam with the original warmup and clipping, and the EMA update. Every random draw is a
-function of (seed, step) and the data order too, so a run resumed from a checkpoint continues
-exactly as an uninterrupted one would, whatever the number of devices.
+`jax.sharding.Mesh` of all devices of all processes; one pure step does the loss, Adam with the
+original warmup and clipping, and the EMA update, and one `jax.jit`-compiled call runs up to
+`config.training.steps_per_call` of them in a loop, so the host dispatches once per call.
+Every random draw is a function of (seed, step) and the data order too, so a run resumed from a
+checkpoint continues exactly as an uninterrupted one would, whatever the number of devices and
+of steps per call.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpoints, input_pipeline, models, sampling, validation
+from ddpm_jax import checkpoints, input_pipeline, models, sampling, tf_support, validation
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import mesh as mesh_lib
 
@@ -111,6 +112,41 @@ def create_train_step(config, model, diffusion: diffusion_lib.GaussianDiffusion,
   return train_step
 
 
+def create_train_steps(train_step):
+  """`(state, images uint8 [k, B, H, W, C], n) -> (state, metrics, each [k])`: n <= k updates.
+
+  A `fori_loop` of `train_step` over images[0], ..., images[n - 1] (the batches of n consecutive
+  steps), so the host dispatches once per n steps; metrics[i] is that of the update of
+  images[i], zero for i >= n. The trip count n is an argument, not a shape, so one compiled
+  program runs every call of a run, the short ones that end at a boundary too. It also keeps the
+  updates bitwise the same for any k and n: XLA compiles the step differently at the top level,
+  and inside a loop of known trip count differently for each count (on CPU the params differ
+  after a few steps), but the body of a loop of traced trip count the same way for every k.
+  """
+
+  def train_steps(state: TrainState, images: jax.Array, num_steps: jax.Array):
+    def body(i, carry):
+      state, metrics = carry
+      state, step_metrics = train_step(state, images[i])
+      return state, jax.tree.map(lambda m, v: m.at[i].set(v), metrics, step_metrics)
+
+    step_metrics = jax.eval_shape(train_step, state, images[0])[1]
+    metrics = jax.tree.map(lambda m: jnp.zeros((images.shape[0], *m.shape), m.dtype), step_metrics)
+    return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
+
+  return train_steps
+
+
+def call_length(step: int, training: ml_collections.ConfigDict) -> int:
+  """How many steps the call that starts after `step` updates runs: `training.steps_per_call`,
+  or fewer so as to end at the next step at which the loop must act (log, checkpoint, sample
+  grid, or the last step)."""
+  intervals = (training.log_every_steps, training.checkpoint_every_steps)
+  intervals += (training.sample_every_steps,) if training.sample_every_steps else ()
+  next_boundary = min(training.num_train_steps, *((step // n + 1) * n for n in intervals))
+  return min(training.steps_per_call, next_boundary - step)
+
+
 def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
   """Fresh parameters (the original initializers), EMA = params, Adam state zero."""
   size, channels = config.data.image_size, config.data.num_channels
@@ -126,10 +162,12 @@ def _all_finite(tree) -> jax.Array:
 
 
 class _PreemptionWatch:
-  """Tells, at the same step on every process, that the job was asked to stop (SIGTERM).
+  """Tells, after the same call on every process, that the job was asked to stop (SIGTERM).
 
   Several processes use JAX's preemption sync point (the distributed runtime catches the
-  signal); one process installs its own SIGTERM handler.
+  signal), which needs an id that grows by 1 from one check to the next: the number of calls
+  made, not the step, which grows by up to `steps_per_call`. One process installs its own
+  SIGTERM handler.
   """
 
   def __init__(self):
@@ -142,9 +180,9 @@ class _PreemptionWatch:
     del signum, frame
     self._signalled = True
 
-  def reached(self, step: int) -> bool:
+  def reached(self, num_calls: int) -> bool:
     if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(num_calls)
     return self._signalled
 
   def close(self):
@@ -161,6 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   diffusion = validation.validate_config(config)
   validation.validate_batch_size(training.batch_size, 'config.training.batch_size')
   validation.validate_batch_size(training.num_sample_images, 'config.training.num_sample_images')
+  validation.validate_steps_per_call(training.steps_per_call)
   workdir_path = validation.ensure_writable(workdir)
 
   # ---------------------------------------------------------------------------------------------
@@ -168,7 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # ---------------------------------------------------------------------------------------------
   mesh = mesh_lib.create_mesh()
   replicated = mesh_lib.replicated(mesh)
-  batch_sharding = mesh_lib.batch_sharded(mesh)
+  # The batches of one call, uint8 [k, B, H, W, C]: the batch axis B split over all devices.
+  batches_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
   model = models.create_model(config)
   tx, schedule = create_optimizer(config)
 
@@ -219,11 +259,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(state.step)
 
   # ---------------------------------------------------------------------------------------------
-  # Compile the update step and the sampler of the sample grids.
+  # Compile the update steps and the sampler of the sample grids.
   # ---------------------------------------------------------------------------------------------
-  train_step = jax.jit(
-    create_train_step(config, model, diffusion, tx, schedule),
-    in_shardings=(state_sharding, batch_sharding),
+  # Compiled once: every call, the shorter ones that end where the loop must act (`call_length`)
+  # too, has its batches padded to steps_per_call and the number of steps as an argument.
+  train_steps = jax.jit(
+    create_train_steps(create_train_step(config, model, diffusion, tx, schedule)),
+    in_shardings=(state_sharding, batches_sharding, replicated),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
   )
@@ -232,9 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   sample_init = sampling.create_init_fn(diffusion, mesh)
   sample_chunk = sampling.create_chunk_fn(diffusion, model, mesh)
 
-  writer = metric_writers.create_default_writer(
-    str(workdir_path), just_logging=jax.process_index() > 0
-  )
+  writer = tf_support.create_metric_writer(str(workdir_path), just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))
 
@@ -277,26 +317,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # Train.
   # ---------------------------------------------------------------------------------------------
   preemption = _PreemptionWatch()
+  # Two calls' worth of batches read ahead on the host.
   batches = input_pipeline.train_batches(
-    config, global_batch_size=training.batch_size, start_step=start_step, seed=config.seed
+    config,
+    global_batch_size=training.batch_size,
+    start_step=start_step,
+    seed=config.seed,
+    buffer_size=2 * training.steps_per_call,
   )
+  # (n, metrics [k]) of each call since the last flush: its first n values are of its n steps.
   pending_metrics: list[tuple[int, dict[str, jax.Array]]] = []
   last_log_time, last_log_step = time.time(), start_step
 
+  def call_batches(step: int) -> tuple[jax.Array, int]:
+    """The batches of the call that starts after `step` updates, on the devices, and their number.
+
+    Returns (images, n): n = `call_length(step)`, and images uint8 [k, B, H, W, C] sharded over
+    B, the batches of steps step, ..., step + n - 1, then k - n of zeros (k = steps_per_call:
+    one shape for every call). The transfer does not wait for the call that is running: sent
+    right after that call is dispatched, it overlaps that call's compute.
+    """
+    num_steps = call_length(step, training)
+    local_images = []
+    for expected_step in range(step, step + num_steps):
+      batch_step, images = next(batches)
+      assert batch_step == expected_step, (batch_step, expected_step)
+      local_images.append(images)
+    local_images += [np.zeros_like(local_images[0])] * (training.steps_per_call - num_steps)
+    images = jax.make_array_from_process_local_data(batches_sharding, np.stack(local_images))
+    return images, num_steps
+
   def flush_metrics(step: int):
-    """Checks that every loss since the last flush is finite, and logs their mean."""
+    """Checks that the loss of every step since the last flush is finite, and logs their mean."""
     nonlocal last_log_time, last_log_step
     if not pending_metrics:
       return
     host_metrics = jax.device_get(pending_metrics)
     pending_metrics.clear()
-    for metric_step, metrics in host_metrics:
-      if not np.isfinite(metrics['loss']):
-        raise FloatingPointError(
-          f'Non-finite loss {metrics["loss"]} at step {metric_step}; stopping. The last good '
-          f'checkpoint in {checkpoints.checkpoint_dir(workdir)} is kept.'
-        )
-    summary = {k: float(np.mean([m[k] for _, m in host_metrics])) for k in host_metrics[0][1]}
+    # {name: [step - last_log_step]}: the values of steps last_log_step + 1, ..., step.
+    metrics = {k: np.concatenate([m[k][:n] for n, m in host_metrics]) for k in host_metrics[0][1]}
+    non_finite = np.flatnonzero(~np.isfinite(metrics['loss']))
+    if non_finite.size:
+      raise FloatingPointError(
+        f'Non-finite loss {metrics["loss"][non_finite[0]]} at step '
+        f'{last_log_step + 1 + non_finite[0]}; stopping. The last good checkpoint in '
+        f'{checkpoints.checkpoint_dir(workdir)} is kept.'
+      )
+    summary = {k: float(np.mean(values)) for k, values in metrics.items()}
     now = time.time()
     steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
     summary['steps_per_sec'] = steps_per_sec
@@ -315,16 +382,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     last_log_time, last_log_step = now, step
 
   try:
-    step = start_step
+    step, num_calls = start_step, 0
+    if step < training.num_train_steps:
+      images, num_steps = call_batches(step)
     while step < training.num_train_steps:
-      batch_step, local_images = next(batches)
-      assert batch_step == step, (batch_step, step)
-      images = jax.make_array_from_process_local_data(batch_sharding, local_images)
-      state, metrics = train_step(state, images)
-      step += 1
-      pending_metrics.append((step, metrics))
+      # Dispatched: it runs while the host goes on.
+      state, metrics = train_steps(state, images, num_steps)
+      pending_metrics.append((num_steps, metrics))
+      step += num_steps
+      num_calls += 1
       done = step == training.num_train_steps
-      preempted = preemption.reached(step)
+      if not done:
+        # The next call's input, sent before waiting on this call.
+        images, num_steps = call_batches(step)
+      preempted = preemption.reached(num_calls)
       if step % training.log_every_steps == 0 or done or preempted:
         flush_metrics(step)
       if step % training.checkpoint_every_steps == 0 or done or preempted:

@@ -35,6 +35,12 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"config.model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}."
     )
+  if config.model.attention_impl not in (None, 'xla', 'cudnn'):
+    raise ValueError(
+      "config.model.attention_impl must be None, 'xla' or 'cudnn' (the implementation of "
+      'jax.nn.dot_product_attention), '
+      f'got {config.model.attention_impl!r}.'
+    )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> diffusion.GaussianDiffusion:
@@ -65,3 +71,12 @@ def ensure_writable(workdir: str) -> epath.Path:
   except OSError as e:
     raise PermissionError(f'Cannot write to workdir {workdir!r}: {e}') from e
   return path
+
+
+def validate_steps_per_call(steps_per_call) -> None:
+  """Raises ValueError unless `config.training.steps_per_call` is a positive int."""
+  if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
+    raise ValueError(
+      f'config.training.steps_per_call must be a positive integer (the train steps of one '
+      f'compiled call), got {steps_per_call!r}.'
+    )
