@@ -1,24 +1,15 @@
 """Test setup shared by all test modules."""
 
+import os
 import sys
-import types
 
+# The torchvision workaround (for pytorch-fid and diffusers) lives with the benchmarks, which
+# need it outside pytest too.
+_BENCHMARKS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'
+)
+sys.path.insert(0, _BENCHMARKS)
 
-def _import_torchvision_without_its_cpp_ops():
-  """PyPI's torchvision wheels are CUDA builds; next to the CPU torch their C++ operators (nms,
-  roi_align, ...) cannot load and `import torchvision` fails registering fake kernels for them.
-  Replace the two modules that register them by empty ones, so that torchvision's pure-Python
-  parts (models, transforms) import, for pytorch-fid and for diffusers."""
-  try:
-    import torchvision  # noqa: F401
-  except ImportError:
-    return
-  except RuntimeError:
-    for name in [name for name in sys.modules if name.split('.')[0] == 'torchvision']:
-      del sys.modules[name]
-    for name in ('torchvision._meta_registrations', 'torchvision._autograd_registrations'):
-      sys.modules[name] = types.ModuleType(name)
-    import torchvision  # noqa: F401
+import torch_compat  # noqa: E402
 
-
-_import_torchvision_without_its_cpp_ops()
+torch_compat.import_torchvision_without_its_cpp_ops()
