@@ -49,7 +49,7 @@ def main(argv):
   ax.bar(range(len(records)), medians, yerr=[low, high], color=colors, capsize=4)
   for i, median in enumerate(medians):
     ax.annotate(
-      f'{median:.1f}',
+      f'{median:.3g}',
       (i, median),
       ha='center',
       va='bottom',
