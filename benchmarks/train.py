@@ -10,8 +10,8 @@ for the named config (configs/<name>.py: cifar10, celebahq256, digits), compiles
 at once, times them round by round (window w of each before window w + 1 of any), and prints
 one line per figure:
 
-  compile     seconds to lower and compile the call (with --compilation_cache_dir a second
-              launch reads the executable from the cache);
+  compile     seconds to lower and compile the call (with JAX_COMPILATION_CACHE_DIR set, JAX's
+              persistent cache, a second launch reads the executable from it);
   speed       steps/s and images/s: the median of --windows timed windows of --calls_per_window
               calls after warm-up, with the spread;
   flops       FLOPs of one step from XLA's cost analysis, hence the achieved TFLOP/s and, given
@@ -29,6 +29,7 @@ does, to show whether the input is ever the bottleneck.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import importlib
 import os
 import sys
@@ -92,13 +93,9 @@ def train_runner(
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, schedule = train.create_optimizer(config)
   init_rng = train.root_rngs(config.seed)[0]
-  abstract_state = jax.eval_shape(
-    lambda rng: train.create_train_state(config, model, tx, rng), init_rng
-  )
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  state = jax.jit(
-    lambda rng: train.create_train_state(config, model, tx, rng), out_shardings=state_sharding
-  )(init_rng)
+  init_fn = functools.partial(train.create_train_state, config, model, tx)
+  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn, init_rng))
+  state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
 
   train_step = train.create_train_step(config, model, diffusion, tx, schedule)
   train_steps = jax.jit(
@@ -168,9 +165,6 @@ def peak_device_bytes() -> int | None:
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
-  if FLAGS.compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   variants = [
     {'dtype': dtype, 'steps_per_call': int(steps_per_call)}
     for dtype in FLAGS.dtype
@@ -256,5 +250,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('calls_per_window', 3, 'Compiled calls per timed window.')
   flags.DEFINE_float('peak_tflops', None, 'Dense peak TFLOP/s of the device in this dtype.')
   flags.DEFINE_string('json_out', None, 'Append the figures as JSON lines to this file.')
-  flags.DEFINE_string('compilation_cache_dir', None, 'JAX persistent compilation cache.')
   app.run(main)
