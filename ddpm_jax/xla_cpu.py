@@ -1,0 +1,34 @@
+"""XLA options for the CPU backend, set when `ddpm_jax` is imported, before JAX starts a backend.
+
+XLA:CPU hands each convolution to one of two libraries: YNNPACK (jaxlib 0.10's default) or Eigen.
+On the U-Net's shapes Eigen is the faster one, most of all for the kernel gradient (a convolution
+whose window is the whole image): the CIFAR10 train step at batch 8 runs 1.2x faster and one
+sampling step 1.14x faster, the digits sampler 1.3x (BENCHMARKS.md, "XLA's convolution
+library"). Dots, reductions and elementwise fusions stay with YNNPACK, which is faster for them.
+
+XLA reads `XLA_FLAGS` once, when JAX starts its first backend, so the option takes effect when
+`ddpm_jax` is imported before JAX computes anything (main.py, the benchmarks, the notebook). A
+user's own setting of the option in `XLA_FLAGS` wins; set `DDPM_JAX_KEEP_XLA_FLAGS=1` to leave
+`XLA_FLAGS` untouched altogether.
+"""
+
+import os
+
+# Removes convolutions from the operations XLA:CPU gives YNNPACK, which leaves them to Eigen.
+_OPTION = '--xla_cpu_experimental_ynn_fusion_type'
+CONVOLUTIONS_ON_EIGEN = f'{_OPTION}=-individual_convolution'
+
+
+def with_convolutions_on_eigen(xla_flags: str) -> str:
+  """`xla_flags` (the value of XLA_FLAGS) with CONVOLUTIONS_ON_EIGEN appended, unless the flags
+  already set the YNNPACK option, in which case they are returned as they are."""
+  if any(flag.split('=')[0] == _OPTION for flag in xla_flags.split()):
+    return xla_flags
+  return f'{xla_flags} {CONVOLUTIONS_ON_EIGEN}'.strip()
+
+
+def configure() -> None:
+  """Sets XLA_FLAGS for this process as the module docstring says."""
+  if os.environ.get('DDPM_JAX_KEEP_XLA_FLAGS', '') not in ('', '0'):
+    return
+  os.environ['XLA_FLAGS'] = with_convolutions_on_eigen(os.environ.get('XLA_FLAGS', ''))
