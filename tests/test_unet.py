@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from configs.default import get_config
 from ddpm_jax.models import create_model
-from ddpm_jax.models.unet import Downsample, UNet, Upsample, get_timestep_embedding
+from ddpm_jax.models.unet import Downsample, GroupNorm, UNet, Upsample, get_timestep_embedding
 
 # The CIFAR10 topology (32x32 images) at a quarter of the width.
 SMALL = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
@@ -254,6 +254,64 @@ def test_resamplers():
   for di in (0, 1):
     for dj in (0, 1):
       np.testing.assert_array_equal(repeated[:, di::2, dj::2], x)
+
+
+def test_upsample_conv_is_nearest_upsampling_then_a_3x3_conv():
+  # The four 2x2 phase convolutions of the low-resolution input (unet._UpsampleConv) against the
+  # original's form written out in float64 NumPy: repeat each pixel 2x2, then a 3x3 conv with
+  # zero padding 1 (TF 'SAME' at stride 1) and the bias; the gradients against those of JAX's
+  # direct form (repeat, then lax.conv_general_dilated) with the same parameters.
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 8))
+  up = Upsample(with_conv=True)
+  params = up.init(jax.random.key(1), x)['params']
+  params['conv']['bias'] = jax.random.normal(jax.random.key(2), (8,))
+  kernel = np.asarray(params['conv']['kernel'], np.float64)
+
+  repeated = np.asarray(x, np.float64).repeat(2, axis=1).repeat(2, axis=2)
+  padded = np.pad(repeated, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  expected = sum(
+    padded[:, a : a + 10, b : b + 12] @ kernel[a, b] for a in range(3) for b in range(3)
+  ) + np.asarray(params['conv']['bias'], np.float64)
+  out = up.apply({'params': params}, x)
+  assert out.shape == (2, 10, 12, 8)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+  def direct(params, x):
+    repeated = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    conv = jax.lax.conv_general_dilated(
+      repeated, params['conv']['kernel'], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+    return conv + params['conv']['bias']
+
+  cotangent = jax.random.normal(jax.random.key(3), out.shape)
+  grads = jax.vjp(lambda p, x: up.apply({'params': p}, x), params, x)[1](cotangent)
+  expected_grads = jax.vjp(direct, params, x)[1](cotangent)
+  for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(np.abs(e).max()))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_group_norm_is_the_formula_in_float32(dtype):
+  # 32 groups of C / 32 channels, mean and E[(x - mean)^2] over the group's channels and all
+  # pixels, eps 1e-6, then scale and bias per channel (REFERENCE.md); float64 NumPy, an input
+  # with an offset (where E[x^2] - mean^2 would lose digits) and non-trivial scale and bias.
+  x = (3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 4, 6, 64))).astype(dtype)
+  norm = GroupNorm()
+  params = norm.init(jax.random.key(1), x)['params']
+  assert jax.tree.map(jnp.shape, params) == {'bias': (64,), 'scale': (64,)}
+  params = {
+    'scale': 1 + jax.random.normal(jax.random.key(2), (64,)),
+    'bias': jax.random.normal(jax.random.key(3), (64,)),
+  }
+  out = norm.apply({'params': params}, x)
+  assert out.dtype == jnp.float32
+
+  groups = np.asarray(x, np.float64).reshape(2, 24, 32, 2)
+  mean = groups.mean(axis=(1, 3), keepdims=True)
+  var = ((groups - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+  normed = ((groups - mean) / np.sqrt(var + 1e-6)).reshape(2, 4, 6, 64)
+  expected = normed * np.asarray(params['scale']) + np.asarray(params['bias'])
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_remat_keeps_params_outputs_and_gradients():
