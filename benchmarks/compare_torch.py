@@ -28,6 +28,9 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 8, 'Images per step, both sides.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype, both sides.')
+flags.DEFINE_integer(
+  'steps_per_call', 1, "ddpm-jax's training.steps_per_call (train steps per compiled call)."
+)
 flags.DEFINE_integer('threads', os.cpu_count(), 'PyTorch threads; XLA uses one per core.')
 flags.DEFINE_integer('rounds', 6, 'Timed rounds; each runs one window of every runner.')
 flags.DEFINE_integer('steps', 3, 'Steps per window.')
@@ -35,7 +38,9 @@ flags.DEFINE_integer('steps', 3, 'Steps per window.')
 WORKS = ('train', 'sample step')
 
 
-def _worker(side: str, batch_size: int, dtype: str, threads: int, connection) -> None:
+def _worker(
+  side: str, batch_size: int, dtype: str, threads: int, steps_per_call: int, connection
+) -> None:
   """Builds one side's runners, sends their names, then runs the windows it is asked for."""
   from timing import window
 
@@ -44,7 +49,9 @@ def _worker(side: str, batch_size: int, dtype: str, threads: int, connection) ->
     import train
 
     runners = {
-      'train': train.train_runner('cifar10', batch_size=batch_size, dtype=dtype)[0],
+      'train': train.train_runner(
+        'cifar10', batch_size=batch_size, dtype=dtype, steps_per_call=steps_per_call
+      )[0],
       'sample step': sample.sample_runner(
         'cifar10', num_images=batch_size, dtype=dtype, one_step=True
       )[0],
@@ -69,7 +76,8 @@ def main(argv):
   for side in ('jax', 'torch'):
     ours, theirs = context.Pipe()
     process = context.Process(
-      target=_worker, args=(side, FLAGS.batch_size, FLAGS.dtype, FLAGS.threads, theirs)
+      target=_worker,
+      args=(side, FLAGS.batch_size, FLAGS.dtype, FLAGS.threads, FLAGS.steps_per_call, theirs),
     )
     process.start()
     sides[side] = (process, ours)
@@ -88,7 +96,8 @@ def main(argv):
 
   print(
     f'CIFAR10 model, batch {FLAGS.batch_size}, {FLAGS.dtype}, {FLAGS.threads} threads, '
-    f'{FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps:'
+    f'{FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps (calls on our side, each of '
+    f'{FLAGS.steps_per_call} train steps):'
   )
   for work in WORKS:
     medians = {}
