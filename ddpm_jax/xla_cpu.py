@@ -12,7 +12,12 @@ user's own setting of the option in `XLA_FLAGS` wins; set `DDPM_JAX_KEEP_XLA_FLA
 `XLA_FLAGS` untouched altogether.
 """
 
+import importlib.metadata
 import os
+
+# The oldest jaxlib known to have the option (the floor of requirements.txt); an XLA that does not
+# know a flag in XLA_FLAGS stops the process, so older ones are left alone.
+_FIRST_JAXLIB = (0, 10)
 
 # Removes convolutions from the operations XLA:CPU gives YNNPACK, which leaves them to Eigen.
 _OPTION = '--xla_cpu_experimental_ynn_fusion_type'
@@ -27,8 +32,18 @@ def with_convolutions_on_eigen(xla_flags: str) -> str:
   return f'{xla_flags} {CONVOLUTIONS_ON_EIGEN}'.strip()
 
 
+def _jaxlib_version() -> tuple[int, ...]:
+  try:
+    release = importlib.metadata.version('jaxlib').split('.')[:2]
+    return tuple(int(part) for part in release)
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return ()
+
+
 def configure() -> None:
   """Sets XLA_FLAGS for this process as the module docstring says."""
   if os.environ.get('DDPM_JAX_KEEP_XLA_FLAGS', '') not in ('', '0'):
+    return
+  if _jaxlib_version() < _FIRST_JAXLIB:
     return
   os.environ['XLA_FLAGS'] = with_convolutions_on_eigen(os.environ.get('XLA_FLAGS', ''))

@@ -33,6 +33,21 @@ def test_flags_are_appended_and_a_users_own_setting_wins():
   assert xla_cpu.with_convolutions_on_eigen(own) == own
 
 
+def test_an_older_jaxlib_or_the_opt_out_leaves_xla_flags_alone(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_foo=1')
+  monkeypatch.delenv('DDPM_JAX_KEEP_XLA_FLAGS', raising=False)
+  xla_cpu.configure()
+  assert os.environ['XLA_FLAGS'] == f'--xla_foo=1 {xla_cpu.CONVOLUTIONS_ON_EIGEN}'
+
+  for older, opt_out in (((0, 9), None), ((), None), ((0, 10), '1')):
+    monkeypatch.setenv('XLA_FLAGS', '--xla_foo=1')
+    monkeypatch.setattr(xla_cpu, '_jaxlib_version', lambda older=older: older)
+    if opt_out:
+      monkeypatch.setenv('DDPM_JAX_KEEP_XLA_FLAGS', opt_out)
+    xla_cpu.configure()
+    assert os.environ['XLA_FLAGS'] == '--xla_foo=1'
+
+
 def test_importing_ddpm_jax_takes_convolutions_off_ynnpack():
   """jaxlib 0.10's own default gives convolutions to YNNPACK (seen with DDPM_JAX_KEEP_XLA_FLAGS);
   after `import ddpm_jax` they go to Eigen."""
