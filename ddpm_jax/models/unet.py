@@ -329,12 +329,18 @@ class _UpsampleConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', default_init(), (3, 3, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    # The 2x2 kernel of each output phase (p, q), folded in float32, then cast like nn.Conv's.
+    x, bias, *kernels = nn.dtypes.promote_dtype(
+      x,
+      bias,
+      *(_fold_taps(_fold_taps(kernel, 0, p), 1, q) for p in (0, 1) for q in (0, 1)),
+      dtype=self.dtype,
+    )
     rows = []
     for p in (0, 1):
       phases = []
       for q in (0, 1):
-        phase_kernel = _fold_taps(_fold_taps(kernel, 0, p), 1, q)  # [2, 2, C, O]
+        phase_kernel = kernels[2 * p + q]  # [2, 2, C, O]
         phases.append(
           conv_general_dilated(
             x,
