@@ -29,7 +29,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 8, 'Images per step, both sides.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype, both sides.')
 flags.DEFINE_integer(
-  'steps_per_call', 1, "ddpm-jax's training.steps_per_call (train steps per compiled call)."
+  'steps_per_call',
+  None,
+  "ddpm-jax's training.steps_per_call (train steps per compiled call); default: the config's.",
 )
 flags.DEFINE_integer('threads', os.cpu_count(), 'PyTorch threads; XLA uses one per core.')
 flags.DEFINE_integer('rounds', 6, 'Timed rounds; each runs one window of every runner.')
@@ -39,7 +41,7 @@ WORKS = ('train', 'sample step')
 
 
 def _worker(
-  side: str, batch_size: int, dtype: str, threads: int, steps_per_call: int, connection
+  side: str, batch_size: int, dtype: str, threads: int, steps_per_call: int | None, connection
 ) -> None:
   """Builds one side's runners, sends their names, then runs the windows it is asked for."""
   from timing import window
@@ -96,8 +98,7 @@ def main(argv):
 
   print(
     f'CIFAR10 model, batch {FLAGS.batch_size}, {FLAGS.dtype}, {FLAGS.threads} threads, '
-    f'{FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps (calls on our side, each of '
-    f'{FLAGS.steps_per_call} train steps):'
+    f'{FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps (train: calls on our side):'
   )
   for work in WORKS:
     medians = {}

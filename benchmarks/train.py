@@ -66,26 +66,29 @@ def train_runner(
   *,
   batch_size: int,
   dtype: str = 'float32',
-  steps_per_call: int = 1,
+  steps_per_call: int | None = None,
   remat: bool = False,
   attention_impl: str | None = None,
   data: str = 'synthetic',
 ) -> tuple[Runner, dict]:
-  """A Runner of one compiled call (`steps_per_call` train steps), and the static figures.
+  """A Runner of one compiled call (`steps_per_call` train steps, by default the config's), and
+  the static figures.
 
   Returns the runner, compiled and warmed up, and a dict of `compile_s`, `flops` (of
   one step) and `temp_bytes` (XLA's estimate of the call's temporary buffers).
   """
+  overrides = {} if steps_per_call is None else {'training.steps_per_call': steps_per_call}
   config = load_config(
     config_name,
+    **overrides,
     **{
       'training.batch_size': batch_size,
-      'training.steps_per_call': steps_per_call,
       'model.dtype': dtype,
       'model.remat': remat,
       'model.attention_impl': attention_impl,
     },
   )
+  steps_per_call = config.training.steps_per_call
   mesh = mesh_lib.create_mesh()
   replicated = mesh_lib.replicated(mesh)
   batches_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
@@ -143,7 +146,7 @@ def train_runner(
     jax.block_until_ready(metrics)
 
   runner = Runner(
-    f'jax train {config_name}',
+    f'jax train {config_name}, {steps_per_call} steps per call',
     images_per_run=steps_per_call * batch_size,
     steps_per_run=steps_per_call,
     work=work,

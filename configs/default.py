@@ -52,9 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.batch_size = 128  # Global batch, over all devices of all processes.
   training.num_train_steps = 800_000
   # Train steps per compiled call (a loop over that many batches): the host dispatches once per
-  # call. The updates are the same for any value; a call ends early at each step where
-  # something is logged, saved or sampled.
-  training.steps_per_call = 1
+  # call. The updates are the same for any value (bitwise on CPU); a call ends early at each step
+  # where something is logged, saved or sampled. 4 rather than 1: on CPU the CIFAR10 step runs
+  # 5-20% faster (BENCHMARKS.md); a SIGTERM is answered at the end of the running call.
+  training.steps_per_call = 4
   training.learning_rate = 2e-4
   training.warmup_steps = 5000
   training.grad_clip = 1.0
