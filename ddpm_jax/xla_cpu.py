@@ -7,7 +7,7 @@ sampling step 1.14x faster, the digits sampler 1.3x (BENCHMARKS.md, "XLA's convo
 library"). Dots, reductions and elementwise fusions stay with YNNPACK, which is faster for them.
 
 XLA reads `XLA_FLAGS` once, when JAX starts its first backend, so the option takes effect when
-`ddpm_jax` is imported before JAX computes anything (main.py, the benchmarks, the notebook). A
+`ddpm_jax` is imported before JAX computes anything (main.py and the benchmarks do). A
 user's own setting of the option in `XLA_FLAGS` wins; set `DDPM_JAX_KEEP_XLA_FLAGS=1` to leave
 `XLA_FLAGS` untouched altogether.
 """
