@@ -14,7 +14,6 @@ instead: the unit of the comparison with PyTorch (compare_torch.py).
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ if REPO not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from timing import Runner, append_json  # noqa: E402
+from timing import Runner, append_json, build_at_once  # noqa: E402
 from train import CONFIGS, load_config  # noqa: E402
 
 from ddpm_jax import diffusion as diffusion_lib  # noqa: E402
@@ -100,9 +99,7 @@ def main(argv):
       **variant,
     )
 
-  # Every variant compiles at once, then they are timed round by round.
-  with concurrent.futures.ThreadPoolExecutor(len(variants)) as pool:
-    built = list(pool.map(build, variants))
+  built = build_at_once(build, variants)  # Then timed round by round.
   seconds = [[] for _ in variants]
   for _ in range(FLAGS.windows):
     for (runner, _), variant_seconds in zip(built, seconds, strict=True):

@@ -8,11 +8,15 @@ Figures are medians over several timed windows after warm-up, printed with their
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+_Built = TypeVar('_Built')
 
 
 @dataclasses.dataclass
@@ -69,3 +73,10 @@ def append_json(path: str | None, record: dict) -> None:
   if path:
     with open(path, 'a') as f:
       f.write(json.dumps(record) + '\n')
+
+
+def build_at_once(build: Callable[[Any], _Built], variants: Sequence[Any]) -> list[_Built]:
+  """[build(v) for v in variants], all at once on threads: XLA's compiler releases the GIL, so
+  the variants compile side by side, ready to be timed round by round."""
+  with concurrent.futures.ThreadPoolExecutor(len(variants)) as pool:
+    return list(pool.map(build, variants))

@@ -5,7 +5,7 @@ real input pipeline.
       --steps_per_call=1,8 --peak_tflops=989
 
 builds, for each dtype and steps_per_call listed, the step exactly as `train_and_evaluate` does
-(`create_train_step` inside `create_train_steps`, state donated, batch sharded over all devices)
+(`train.jit_train_steps`: the steps in a loop, state donated, batch sharded over all devices)
 for the named config (configs/<name>.py: cifar10, celebahq256, digits), compiles the variants
 at once, times them round by round (window w of each before window w + 1 of any), and prints
 one line per figure:
@@ -28,7 +28,6 @@ does, to show whether the input is ever the bottleneck.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import importlib
 import os
@@ -43,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from timing import Rates, Runner, append_json, window  # noqa: E402
+from timing import Rates, Runner, append_json, build_at_once, window  # noqa: E402
 
 from ddpm_jax import diffusion as diffusion_lib  # noqa: E402
 from ddpm_jax import mesh as mesh_lib  # noqa: E402
@@ -91,7 +90,7 @@ def train_runner(
   steps_per_call = config.training.steps_per_call
   mesh = mesh_lib.create_mesh()
   replicated = mesh_lib.replicated(mesh)
-  batches_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
+  batches_sharding = mesh_lib.batches_sharded(mesh)
   model = models.create_model(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, schedule = train.create_optimizer(config)
@@ -100,13 +99,7 @@ def train_runner(
   state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn, init_rng))
   state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
 
-  train_step = train.create_train_step(config, model, diffusion, tx, schedule)
-  train_steps = jax.jit(
-    train.create_train_steps(train_step),
-    in_shardings=(state_sharding, batches_sharding, replicated),
-    out_shardings=(state_sharding, replicated),
-    donate_argnums=0,
-  )
+  train_steps = train.jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding)
   size, channels = config.data.image_size, config.data.num_channels
   shape = (steps_per_call, batch_size, size, size, channels)
 
@@ -184,10 +177,8 @@ def main(argv):
       **variant,
     )
 
-  # Every variant compiles at once (XLA's compiler releases the GIL), then they are timed
-  # round by round: window w of every variant, then window w + 1, and so on.
-  with concurrent.futures.ThreadPoolExecutor(len(variants)) as pool:
-    built = list(pool.map(build, variants))
+  # Timed round by round: window w of every variant, then window w + 1, and so on.
+  built = build_at_once(build, variants)
   rates = [Rates([], []) for _ in variants]
   for _ in range(FLAGS.windows):
     for (runner, _), variant_rates in zip(built, rates, strict=True):

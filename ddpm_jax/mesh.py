@@ -19,3 +19,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over all devices."""
   return NamedSharding(mesh, PartitionSpec('data'))
+
+
+def batches_sharded(mesh: Mesh) -> NamedSharding:
+  """A stack of batches [k, B, ...] (the batches of one train call): B split over all devices."""
+  return NamedSharding(mesh, PartitionSpec(None, 'data'))

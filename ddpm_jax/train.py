@@ -137,6 +137,18 @@ def create_train_steps(train_step):
   return train_steps
 
 
+def jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding):
+  """`create_train_steps` of `create_train_step`, jitted as the training loop runs it: state
+  replicated and donated, the batches of a call sharded over their batch axis."""
+  replicated = mesh_lib.replicated(mesh)
+  return jax.jit(
+    create_train_steps(create_train_step(config, model, diffusion, tx, schedule)),
+    in_shardings=(state_sharding, mesh_lib.batches_sharded(mesh), replicated),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=0,
+  )
+
+
 def call_length(step: int, training: ml_collections.ConfigDict) -> int:
   """How many steps the call that starts after `step` updates runs: `training.steps_per_call`,
   or fewer so as to end at the next step at which the loop must act (log, checkpoint, sample
@@ -208,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = mesh_lib.create_mesh()
   replicated = mesh_lib.replicated(mesh)
   # The batches of one call, uint8 [k, B, H, W, C]: the batch axis B split over all devices.
-  batches_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
+  batches_sharding = mesh_lib.batches_sharded(mesh)
   model = models.create_model(config)
   tx, schedule = create_optimizer(config)
 
@@ -263,12 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # ---------------------------------------------------------------------------------------------
   # Compiled once: every call, the shorter ones that end where the loop must act (`call_length`)
   # too, has its batches padded to steps_per_call and the number of steps as an argument.
-  train_steps = jax.jit(
-    create_train_steps(create_train_step(config, model, diffusion, tx, schedule)),
-    in_shardings=(state_sharding, batches_sharding, replicated),
-    out_shardings=(state_sharding, replicated),
-    donate_argnums=0,
-  )
+  train_steps = jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding)
   all_finite = jax.jit(_all_finite)
   size, channels = config.data.image_size, config.data.num_channels
   sample_init = sampling.create_init_fn(diffusion, mesh)
