@@ -9,6 +9,8 @@ covariances, NumPy's mean and covariance, and the Inception Score's definition c
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
+import scipy.stats
 
 from ddpm_jax import metrics
 
@@ -178,3 +180,51 @@ def test_inception_score_extremes():
   # From probabilities, through their logarithm.
   probs = np.full((20, 4), 0.25)
   assert metrics.inception_score(np.log(probs), num_splits=2)[0] == pytest.approx(1.0)
+
+
+def _scipy_inception_score(logits):
+  """One part, from Salimans et al. 2016: exp(mean_x KL(p(y|x) || p(y))), p(y) = mean_x p(y|x),
+  the KL by scipy.stats.entropy."""
+  p = scipy.special.softmax(logits, axis=1)
+  marginal = p.mean(axis=0)
+  return np.exp(np.mean([scipy.stats.entropy(row, marginal) for row in p]))
+
+
+def test_inception_score_splits_are_consecutive_with_their_own_marginal():
+  """N = 1000 rows, K = 24 classes, in 10 consecutive parts of 100 rows that differ: part i
+  predicts, confidently, one of the first 2 + 2i classes, so its score rises with i (1.95 for
+  part 0 to 16.4 for part 9). Expected: the mean and the std (ddof 0, as the improved-GAN code)
+  of the 10 parts' scores, each by scipy.stats.entropy in float64 (9.475 +- 4.518), and the
+  score of all rows as one part (12.47)."""
+  rng = np.random.default_rng(8)
+  num_classes = 24
+  parts = []
+  for i in range(10):
+    labels = rng.integers(0, 2 + 2 * i, 100)
+    parts.append(8.0 * np.eye(num_classes)[labels] + rng.normal(size=(100, num_classes)))
+  logits = np.concatenate(parts)
+  scores = [_scipy_inception_score(part) for part in parts]
+  expected_mean, expected_std = np.mean(scores), np.std(scores)
+  expected_single = _scipy_inception_score(logits)
+
+  mean, std = metrics.inception_score(logits, num_splits=10)
+  assert mean == pytest.approx(expected_mean, rel=1e-10)
+  assert std == pytest.approx(expected_std, rel=1e-10)
+  assert metrics.inception_score(logits, num_splits=1) == pytest.approx(
+    (expected_single, 0.0), rel=1e-10, abs=1e-12
+  )
+
+  # The data tell the splits apart: interleaved parts (rows i, i + 10, ...; mean 11.66), one p(y)
+  # of all rows in every part (13.51), or std with ddof 1 (4.763) would each miss the expected
+  # values by far more than the tolerance.
+  interleaved = [_scipy_inception_score(logits[i::10]) for i in range(10)]
+  p = scipy.special.softmax(logits, axis=1)
+  marginal = p.mean(axis=0)
+  global_marginal = [
+    np.exp(np.mean([scipy.stats.entropy(row, marginal) for row in p[100 * i : 100 * (i + 1)]]))
+    for i in range(10)
+  ]
+  assert abs(np.mean(interleaved) - expected_mean) > 0.1 * expected_mean
+  assert abs(np.mean(global_marginal) - expected_mean) > 0.1 * expected_mean
+  assert abs(np.std(scores, ddof=1) - expected_std) > 0.01 * expected_std
+  assert abs(expected_single - expected_mean) > 0.1 * expected_mean

@@ -4,7 +4,8 @@ The reference is diffusers' `UNet2DModel` (PyTorch, CPU), configured as the publ
 (REFERENCE.md, "Official weights"), with random weights. Our network with the imported weights
 must compute the same function: relative error (|ours - theirs| / |theirs|) at most 1e-5 in
 float32. The TF-checkpoint importer must give exactly the params of the diffusers importer for
-the same weights.
+the same weights, written under the original's variable names as listed by hand from
+REFERENCE.md.
 """
 
 import functools
@@ -241,19 +242,91 @@ def test_import_errors_name_the_tensor(small, edit, named):
 # Original TF checkpoints
 # ---------------------------------------------------------------------------------------------
 
-TF_LEAVES = {'kernel': 'W', 'bias': 'b'}
-TF_NORM_LEAVES = {'scale': 'gamma', 'bias': 'beta'}
+# The original's layer names (REFERENCE.md, "Original TF variable names") next to the diffusers
+# names of the same layers (REFERENCE.md, "Keys"), written by hand: the test checkpoint takes its
+# names from here and its values from the diffusers weights, never from our parameter tree, so
+# a name that our tree or the TF importer gets wrong fails the comparison with the diffusers
+# import.
+TF_RESNET_LAYERS = {
+  'norm1': 'norm1',
+  'conv1': 'conv1',
+  'temb_proj': 'time_emb_proj',
+  'norm2': 'norm2',
+  'conv2': 'conv2',
+}
+TF_ATTN_LAYERS = {
+  'norm': 'group_norm',
+  'q': 'to_q',
+  'k': 'to_k',
+  'v': 'to_v',
+  'proj_out': 'to_out.0',
+}
 
 
-def tf_names(params):
-  """{original TF variable name: array} for our params (REFERENCE.md's names: model/<our path>
-  with W, b for conv/dense and gamma, beta for GroupNorm)."""
-  names = {}
-  for path, value in traverse_util.flatten_dict(params).items():
-    is_norm = path[-2].startswith('norm')
-    leaf = (TF_NORM_LEAVES if is_norm else TF_LEAVES)[path[-1]]
-    names['model/' + '/'.join(path[:-1]) + '/' + leaf] = value
-  return names
+def small_model_tf_layers():
+  """{original TF layer name: diffusers layer name} of the `small` model.
+
+  The CIFAR10 topology at width 32 (REFERENCE.md, "The U-Net"): 4 levels of widths 32, 64, 64, 64;
+  2 res blocks per down level and 3 per up level; attention at 16x16, which is level 1;
+  downsampling after levels 0-2, upsampling after up levels 3-1. A block has a nin_shortcut
+  where its channels change: down_1/block_0 (32 -> 64) and every up block (input concatenated
+  with a skip). up_blocks.{k} is the original's up level 3 - k.
+  """
+  layers = {
+    'model/temb/dense0': 'time_embedding.linear_1',
+    'model/temb/dense1': 'time_embedding.linear_2',
+    'model/conv_in': 'conv_in',
+    'model/norm_out': 'conv_norm_out',
+    'model/conv_out': 'conv_out',
+  }
+
+  def block(tf_name, diffusers_name, shortcut):
+    layers.update({f'{tf_name}/{a}': f'{diffusers_name}.{b}' for a, b in TF_RESNET_LAYERS.items()})
+    if shortcut:
+      layers[f'{tf_name}/nin_shortcut'] = f'{diffusers_name}.conv_shortcut'
+
+  def attn(tf_name, diffusers_name):
+    layers.update({f'{tf_name}/{a}': f'{diffusers_name}.{b}' for a, b in TF_ATTN_LAYERS.items()})
+
+  for i in range(4):
+    for j in range(2):
+      block(f'model/down_{i}/block_{j}', f'down_blocks.{i}.resnets.{j}', (i, j) == (1, 0))
+      if i == 1:
+        attn(f'model/down_{i}/attn_{j}', f'down_blocks.{i}.attentions.{j}')
+    if i < 3:
+      layers[f'model/down_{i}/downsample/conv'] = f'down_blocks.{i}.downsamplers.0.conv'
+  block('model/mid/block_1', 'mid_block.resnets.0', False)
+  attn('model/mid/attn_1', 'mid_block.attentions.0')
+  block('model/mid/block_2', 'mid_block.resnets.1', False)
+  for i in range(4):
+    k = 3 - i
+    for j in range(3):
+      block(f'model/up_{i}/block_{j}', f'up_blocks.{k}.resnets.{j}', True)
+      if i == 1:
+        attn(f'model/up_{i}/attn_{j}', f'up_blocks.{k}.attentions.{j}')
+    if i > 0:
+      layers[f'model/up_{i}/upsample/conv'] = f'up_blocks.{k}.upsamplers.0.conv'
+  return layers
+
+
+def tf_weights(state_dict):
+  """{original TF variable name: array in TF layout} of the diffusers weights of `small`.
+
+  GroupNorm weight, bias -> gamma, beta; otherwise W, b, with torch conv [out, in, 3, 3] ->
+  [3, 3, in, out] and linear [out, in] or 1x1 conv [out, in, 1, 1] -> [in, out] (REFERENCE.md).
+  """
+  tensors = {}
+  for tf_name, diffusers_name in small_model_tf_layers().items():
+    weight, bias = state_dict[f'{diffusers_name}.weight'], state_dict[f'{diffusers_name}.bias']
+    if tf_name.rsplit('/', 1)[1].startswith('norm'):
+      tensors[f'{tf_name}/gamma'], tensors[f'{tf_name}/beta'] = weight, bias
+      continue
+    if weight.shape[2:] == (3, 3):
+      tensors[f'{tf_name}/W'] = weight.transpose(2, 3, 1, 0)
+    else:
+      tensors[f'{tf_name}/W'] = weight.reshape(weight.shape[:2]).T
+    tensors[f'{tf_name}/b'] = bias
+  return tensors
 
 
 def write_tf_checkpoint(prefix, tensors):
@@ -265,11 +338,12 @@ def write_tf_checkpoint(prefix, tensors):
 
 
 @pytest.fixture(scope='module')
-def tf_checkpoint(small_params, tmp_path_factory):
-  """A checkpoint like the original's: raw weights (EMA + 1), EMA copies, Adam slots and
-  global_step, at model.ckpt-1234."""
+def tf_checkpoint(small, tmp_path_factory):
+  """A checkpoint like the original's, of the `small` weights under the hand-written names: raw
+  weights (EMA + 1), EMA copies, Adam slots and global_step, at model.ckpt-1234."""
+  _, state_dict, _ = small
   tensors = {}
-  for name, ema in tf_names(small_params).items():
+  for name, ema in tf_weights(state_dict).items():
     tensors[name] = ema + 1
     tensors[name + '/ExponentialMovingAverage'] = ema
     tensors[name + '/Adam'] = np.zeros_like(ema)
@@ -280,8 +354,18 @@ def tf_checkpoint(small_params, tmp_path_factory):
   return prefix
 
 
+def test_hand_written_tf_names_cover_the_diffusers_weights(small):
+  # One TF variable per diffusers tensor, each used once: the hand-written list is complete.
+  _, state_dict, _ = small
+  layers = small_model_tf_layers()
+  used = [f'{name}.{leaf}' for name in layers.values() for leaf in ('weight', 'bias')]
+  assert sorted(used) == sorted(state_dict)
+  assert len(tf_weights(state_dict)) == len(state_dict)
+
+
 def test_tf_checkpoint_matches_diffusers_import(small, small_params, tf_checkpoint):
-  # The original names and the diffusers port of the same weights give identical params.
+  # The original names (hand-written above) and the diffusers port of the same weights give
+  # identical params.
   _, _, model_config = small
   inferred = pretrained.model_config_from_tf_checkpoint(tf_checkpoint, image_size=32)
   assert inferred.to_dict() == model_config.to_dict()
@@ -308,9 +392,9 @@ def test_tf_checkpoint_raw_weights(small, small_params, tf_checkpoint):
   assert_trees_equal(raw, jax.tree.map(lambda p: p + 1, small_params))
 
 
-def test_tf_checkpoint_missing_ema_tensor(small, small_params, tmp_path):
-  _, _, model_config = small
-  tensors = {name + '/ExponentialMovingAverage': v for name, v in tf_names(small_params).items()}
+def test_tf_checkpoint_missing_ema_tensor(small, tmp_path):
+  _, state_dict, model_config = small
+  tensors = {name + '/ExponentialMovingAverage': v for name, v in tf_weights(state_dict).items()}
   del tensors['model/mid/attn_1/proj_out/W/ExponentialMovingAverage']
   write_tf_checkpoint(str(tmp_path / 'model.ckpt-5'), tensors)
   with pytest.raises(ValueError, match='model/mid/attn_1/proj_out/W'):
