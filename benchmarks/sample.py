@@ -1,12 +1,12 @@
-"""Speed of ddpm-jax's samplers: the compiled chunked loops of `ddpm_jax/sampling.py`.
+"""Speed of ddpm-jax's samplers: the compiled chunked loops of `ddpm_jax/samplers.py`.
 
   python benchmarks/sample.py --config=cifar10 --num_images=256 --sampler=ancestral,ddim \
       --ddim_steps=50 --dtype=float32,bfloat16
 
 draws, for each sampler and dtype listed (compiled at once, then timed round by round),
 `--num_images` images (one global batch, sharded over all devices) with random parameters
-(the speed does not depend on their values) through `sampling.create_init_fn` and
-`sampling.create_chunk_fn`, the functions `--mode=sample` runs, all steps in one call, and prints
+(the speed does not depend on their values) through `samplers.create_init_fn` and
+`samplers.create_chunk_fn`, the functions `--mode=sample` runs, all steps in one call, and prints
 the compile time, then the wall time, images/s and time per step (medians over --windows
 repetitions, with the spread). `--mode=step` times one ancestral step (t = 500) for the batch
 instead: the unit of the comparison with PyTorch (compare_torch.py).
@@ -30,7 +30,7 @@ from train import CONFIGS, load_config  # noqa: E402
 
 from ddpm_jax import diffusion as diffusion_lib  # noqa: E402
 from ddpm_jax import mesh as mesh_lib  # noqa: E402
-from ddpm_jax import models, sampling  # noqa: E402
+from ddpm_jax import models, samplers  # noqa: E402
 
 SAMPLE_T = 500  # The timestep (0-based) of `--mode=step`, as in torch_reference.py.
 
@@ -56,16 +56,15 @@ def sample_runner(
     lambda rng: model.init(rng, x1, t1, train=False)['params'],
     out_shardings=mesh_lib.replicated(mesh),
   )(jax.random.key(0))
-  run_chunk = sampling.create_chunk_fn(
-    diffusion, model, mesh, sampler=sampler, ddim_steps=ddim_steps if sampler == 'ddim' else None
-  )
-  init = sampling.create_init_fn(diffusion, mesh)
+  settings = samplers.Sampler(sampler, ddim_steps) if sampler == 'ddim' else samplers.ANCESTRAL
+  run_chunk = samplers.create_chunk_fn(diffusion, model, mesh, settings)
+  init = samplers.create_init_fn(diffusion, mesh)
   x, loop_rng = init((num_images, size, size, channels), jax.random.key(1))
   if one_step:
     start = diffusion.num_timesteps - 1 - SAMPLE_T
     num_steps = 1
   else:
-    start, num_steps = 0, ddim_steps if sampler == 'ddim' else diffusion.num_timesteps
+    start, num_steps = 0, settings.num_steps(diffusion.num_timesteps)
   bounds = (np.int32(start), np.int32(start + num_steps))
   began = time.perf_counter()
   compiled = run_chunk.lower(params, x, loop_rng, *bounds).compile()
@@ -138,7 +137,7 @@ def main(argv):
 if __name__ == '__main__':
   flags.DEFINE_enum('config', 'cifar10', list(CONFIGS), 'configs/<name>.py to benchmark.')
   flags.DEFINE_integer('num_images', 256, 'Images per sampling call (one global batch).')
-  flags.DEFINE_list('sampler', ['ancestral'], f'Samplers, of {", ".join(sampling.SAMPLERS)}.')
+  flags.DEFINE_list('sampler', ['ancestral'], f'Samplers, of {", ".join(samplers.SAMPLERS)}.')
   flags.DEFINE_integer('ddim_steps', 50, 'DDIM steps (--sampler=ddim).')
   flags.DEFINE_list('dtype', ['float32'], 'config.model.dtype values (float32, bfloat16).')
   flags.DEFINE_enum('mode', 'loop', ['loop', 'step'], 'The whole loop, or one ancestral step.')

@@ -16,6 +16,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from ddpm_jax import tensors
+
 ITEMS = ('params', 'ema_params', 'opt_state', 'meta')
 
 
@@ -118,20 +120,48 @@ def restore(
   )
 
 
+def check_architecture(step_dir: epath.Path, abstract_params: Any) -> None:
+  """Raises ValueError when the EMA params stored in `step_dir` do not fit `abstract_params`.
+
+  Lists the parameters missing, unexpected or shaped differently, e.g. for a workdir trained or
+  converted with another config. Does nothing when the metadata cannot be read: restoring then
+  falls back to an older checkpoint, or says why none can be read.
+  """
+  try:
+    stored = ocp.StandardCheckpointHandler().metadata(step_dir / 'ema_params')
+  except (OSError, ValueError):
+    return
+  tensors.check_tensors(
+    tensors.flat_shapes(abstract_params),
+    tensors.flat_shapes(stored),
+    what=f'The checkpoint {step_dir}',
+    hint='It does not fit the U-Net of this config: use the config it was trained or converted '
+    'with.',
+  )
+
+
 def restore_ema_params(
   workdir: str, abstract_params: Any, *, step: int | None = None
 ) -> tuple[int, Any]:
   """The EMA params of the checkpoint at `step` (default: latest) of a trained or imported
-  workdir, shaped and sharded like `abstract_params`. Raises FileNotFoundError if there is none.
+  workdir, shaped and sharded like `abstract_params`.
+
+  Raises FileNotFoundError, writing nothing, when the workdir has no checkpoint (or none at
+  `step`); ValueError when the checkpoint does not fit `abstract_params` (`check_architecture`).
   """
+  directory = checkpoint_dir(workdir)
+  steps = (
+    [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+  )
+  if not steps:
+    raise FileNotFoundError(
+      f'No checkpoint in {directory}: train first (--mode=train) or convert official weights '
+      'with `python -m ddpm_jax.pretrained` (README.md, "Sample").'
+    )
+  check_architecture(directory / str(max(steps) if step is None else step), abstract_params)
   manager = create_manager(workdir, async_save=False)
   restored = restore(manager, {'ema_params': abstract_params}, step=step)
   manager.close()
-  if restored is None:
-    raise FileNotFoundError(
-      f'No checkpoint in {checkpoint_dir(workdir)}: train first (--mode=train) or convert '
-      'official weights with `python -m ddpm_jax.pretrained`.'
-    )
   step, items = restored
   return step, items['ema_params']
 

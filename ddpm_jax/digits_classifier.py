@@ -24,11 +24,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddpm_jax import metrics
+from ddpm_jax import image_io, metrics
 
 NUM_CLASSES = 10
 CONFIDENCE_THRESHOLD = 0.9
@@ -53,7 +52,7 @@ class DigitsClassifier(nn.Module):
     Returns:
       (features float32 [B, num_features] >= 0, logits float32 [B, 10]).
     """
-    x = images.astype(jnp.float32) / 127.5 - 1
+    x = image_io.to_model_range(images)
     x = nn.relu(nn.Conv(32, (3, 3), name='conv1')(x))
     x = nn.relu(nn.Conv(64, (3, 3), name='conv2')(x))
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))  # [B, 4, 4, 64]

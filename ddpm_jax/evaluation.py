@@ -4,26 +4,43 @@ Parts, each skipped where it does not apply:
   bits/dim   the full T-step bound (`calc_bpd_loop`) on the first `config.eval.num_bpd_images`
              images of the held-out split, not dequantized (paper Table 2: 3.70-3.75 on CIFAR10).
   samples    `config.eval.num_samples` images from the EMA params, drawn as --mode=sample does
-             (`config.sampling.sampler`, `batch_size`), kept as uint8 batches in `samples/`.
+             (`config.sampling.sampler`, `batch_size`), kept as uint8 batches (below).
   FID / IS   RGB datasets: Inception v3 pool features and logits (ddpm_jax/models/inception.py,
              the pytorch-fid / TF-GAN graph, weights from `config.eval.inception_weights`) of the
              samples; FID against the training split (the paper's 3.17) and the test split, whose
-             statistics are computed once and cached in `<workdir>/eval/`; Inception Score over
-             10 splits (the paper's 9.46).
+             statistics are computed once and cached in `<workdir>/eval/`; Inception Score: mean and
+             std over 10 splits (the usual protocol; the paper's 9.46 +- 0.11) and over all
+             samples as one split (as the original TF code computed it).
   digits     the embedded digits, where no Inception network applies: ddpm_jax/digits_classifier
              trained on the training split (cached), with the Frechet distance of samples vs the
              test split in its feature space next to the floor (as many training digits vs the
              test split), and the share of samples classified confidently, per class.
 
 Results go to `<workdir>/eval/step_<N>/` (N: the evaluated checkpoint's step) as
-`results.json`, to TensorBoard in `<workdir>/eval`, and to the console as a short table. Each
-part saves its progress after every batch, so an interrupted evaluation resumes where it
+`results.json`, to TensorBoard in `<workdir>/eval`, and to the console as a short table; each
+records the settings its numbers were made with (`sample_settings`, `bpd_settings`).
+
+Never stale. Every artifact kept for reuse is keyed by everything that determines it, in its
+file or directory name (`settings_key`: a digest of the settings, which are also stored
+beside it), so that evaluations with other settings live side by side and a later run reuses
+only what it would have computed itself:
+  samples      `step_<N>/samples_<sampler>_seed<S>_<key>/batch_<b>.npz`: the sampler and its
+               settings, seed, batch size, number of samples, the U-Net and diffusion configs,
+               the data shape (the checkpoint step is the directory);
+  bits/dim     `step_<N>/bpd_partial_<key>.npz`, the running sums: number of images, batch size,
+               seed, the diffusion (schedule, mean and variance types, T), the U-Net, the
+               dataset, split and image shape;
+  statistics   `inception_stats_<dataset>_<split>_<size>_<key>.npz`: the dataset, split, image
+               size, number of images and the SHA-256 of the Inception weights file;
+  classifier   `digits_classifier_seed<S>.msgpack` (a pure function of the seed).
+Each part saves its progress after every batch, so an interrupted evaluation resumes where it
 stopped; the random draws of batch k are `fold_in(key(seed), k)`, so the resumed result equals
 the uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -39,10 +56,12 @@ from jax.experimental import multihost_utils
 from ddpm_jax import (
   checkpoints,
   digits_classifier,
+  image_io,
+  inception_weights,
   input_pipeline,
   metrics,
   models,
-  sampling,
+  samplers,
   tf_support,
   validation,
 )
@@ -50,15 +69,39 @@ from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import mesh as mesh_lib
 from ddpm_jax.models import inception
 
-BPD_STATE_FILE = 'bpd_partial.npz'
 # Improved-GAN / TF-GAN convention for 50,000 samples.
 INCEPTION_SCORE_SPLITS = 10
 
 
+def settings_key(settings: dict[str, Any]) -> str:
+  """A short digest of JSON-serializable settings: the same settings, the same key."""
+  text = json.dumps(settings, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def network_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What fixes the function the EMA params compute, besides the checkpoint step."""
+  return {
+    'model': config.model.to_dict(),
+    'diffusion': config.diffusion.to_dict(),
+    'data': {
+      'dataset': config.data.dataset,
+      'image_size': config.data.image_size,
+      'num_channels': config.data.num_channels,
+    },
+  }
+
+
 def _save_npz(path: epath.Path, **arrays) -> None:
-  """`sampling.save_npz` on process 0 (every process holds the same arrays)."""
+  """`image_io.save_npz` on process 0 (every process holds the same arrays)."""
   if jax.process_index() == 0:
-    sampling.save_npz(path, **arrays)
+    image_io.save_npz(path, **arrays)
+
+
+def _write_json(path: epath.Path, value: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2))
 
 
 def create_bpd_fn(diffusion: diffusion_lib.GaussianDiffusion, model, mesh):
@@ -66,8 +109,8 @@ def create_bpd_fn(diffusion: diffusion_lib.GaussianDiffusion, model, mesh):
   batch_sharding = mesh_lib.batch_sharded(mesh)
 
   def bpd(params, images, rng):
-    x_start = input_pipeline.to_model_range(images)
-    return diffusion.calc_bpd_loop(sampling.make_model_fn(model, params), x_start, rng)
+    x_start = image_io.to_model_range(images)
+    return diffusion.calc_bpd_loop(samplers.make_model_fn(model, params), x_start, rng)
 
   return jax.jit(
     bpd,
@@ -101,8 +144,14 @@ def evaluate_bpd(
   validation.validate_batch_size(batch_size, 'config.eval.bpd_batch_size')
   num_images = config.eval.num_bpd_images
   num_steps = diffusion.num_timesteps
-  state_path = eval_dir / BPD_STATE_FILE
-  fingerprint = np.array([num_images, batch_size, num_steps, config.seed])
+  settings = {
+    'num_images': num_images,
+    'batch_size': batch_size,
+    'seed': config.seed,
+    'split': info.eval_split,
+    **network_settings(config),
+  }
+  state_path = eval_dir / f'bpd_partial_{settings_key(settings)}.npz'
 
   sums = {
     'total_bpd': np.zeros(()),
@@ -112,31 +161,26 @@ def evaluate_bpd(
   }
   next_batch = 0
   if state_path.exists():
-    with state_path.open('rb') as f:
-      saved = dict(np.load(f))
-    if np.array_equal(saved.pop('fingerprint'), fingerprint):
-      next_batch = int(saved.pop('next_batch'))
-      sums = saved
-      logging.info('Resuming bits/dim at batch %d.', next_batch)
-    else:
-      logging.warning('Ignoring %s: it was computed with other settings.', state_path)
+    sums = image_io.load_npz(state_path)
+    next_batch = int(sums.pop('next_batch'))
+    logging.info('Resuming bits/dim at batch %d from %s.', next_batch, state_path)
 
   bpd_fn = create_bpd_fn(diffusion, model, mesh)
   num_batches = math.ceil(num_images / batch_size)
   batches = input_pipeline.eval_batches(
     config, split=info.eval_split, global_batch_size=batch_size, num_examples=num_images
   )
-  with batches, sampling.progress(num_batches, 'bits/dim batches', initial=next_batch) as bar:
+  with batches, mesh_lib.progress(num_batches, 'bits/dim batches', initial=next_batch) as bar:
     for k, (local_images, _) in enumerate(batches):
       if k < next_batch:
         continue
       images = jax.make_array_from_process_local_data(mesh_lib.batch_sharded(mesh), local_images)
       out = bpd_fn(params, images, jax.random.fold_in(jax.random.key(config.seed), k))
-      out = sampling.gather(out)
+      out = mesh_lib.gather(out)
       real = np.arange(k * batch_size, (k + 1) * batch_size) < num_images
       for name in sums:
         sums[name] = sums[name] + np.sum(np.asarray(out[name], np.float64)[real], axis=0)
-      _save_npz(state_path, fingerprint=fingerprint, next_batch=k + 1, **sums)
+      _save_npz(state_path, next_batch=k + 1, **sums)
       bar.update(1)
 
   means = {name: value / num_images for name, value in sums.items()}
@@ -148,8 +192,7 @@ def evaluate_bpd(
     'bpd_prior': float(means['prior_bpd']),
     'bpd_decoder': float(means['terms_bpd'][0]),
     'bpd_kl_terms': float(np.sum(means['terms_bpd'][1:])),
-    'bpd_num_images': num_images,
-    'bpd_split': info.eval_split,
+    'bpd_settings': {'num_images': num_images, 'batch_size': batch_size, 'split': info.eval_split},
   }
 
 
@@ -186,120 +229,115 @@ def draw_eval_samples(
   *,
   mesh,
   eval_dir: epath.Path,
-) -> np.ndarray:
+) -> tuple[np.ndarray, dict[str, Any]]:
   """`config.eval.num_samples` samples, uint8 [N, H, W, C], resuming from saved batches.
 
-  Batch b (of `config.sampling.batch_size`) starts from `fold_in(key(seed), b)`, as in
-  --mode=sample, and is saved as `samples/batch_<b>.npz` once drawn.
+  Drawn as --mode=sample draws them (`config.sampling`'s sampler, batch size and seed: batch b
+  starts from `fold_in(key(seed), b)`); each batch is saved in the samples directory of these
+  settings (module docstring) once drawn. Returns the samples and the settings.
   """
-  settings = config.sampling
+  sampler = samplers.Sampler.from_config(config)
   num_samples = config.eval.num_samples
-  batch_size = settings.batch_size
-  size, channels = config.data.image_size, config.data.num_channels
-  num_steps = settings.ddim_steps if settings.sampler == 'ddim' else diffusion.num_timesteps
-  sample_dir = eval_dir / 'samples'
-  if jax.process_index() == 0:
-    sample_dir.mkdir(exist_ok=True)
-  init = sampling.create_init_fn(diffusion, mesh)
-  chunk_fn = sampling.create_chunk_fn(
-    diffusion,
-    model,
-    mesh,
-    sampler=settings.sampler,
-    ddim_steps=settings.ddim_steps,
-    ddim_eta=settings.ddim_eta,
+  batch_size = min(config.sampling.batch_size, mesh_lib.round_up(num_samples, jax.device_count()))
+  settings = {
+    **sampler.settings(),
+    'seed': config.seed,
+    'batch_size': batch_size,
+    'num_samples': num_samples,
+  }
+  key = settings_key({**settings, **network_settings(config)})
+  sample_dir = eval_dir / f'samples_{sampler.tag}_seed{config.seed}_{key}'
+  _write_json(sample_dir / 'settings.json', {**settings, **network_settings(config)})
+
+  def load(b: int) -> np.ndarray | None:
+    path = sample_dir / f'batch_{b:05d}.npz'
+    return image_io.load_npz(path)['samples'] if path.exists() else None
+
+  def save(b: int, images: np.ndarray) -> None:
+    _save_npz(sample_dir / f'batch_{b:05d}.npz', samples=images)
+    multihost_utils.sync_global_devices(f'eval_samples_{b}')
+
+  size = config.data.image_size
+  samples = samplers.draw_samples(
+    samplers.create_chunk_fn(diffusion, model, mesh, sampler),
+    samplers.create_init_fn(diffusion, mesh),
+    params,
+    batch_rng=samplers.seed_batch_rng(config.seed),
+    num_samples=num_samples,
+    batch_size=batch_size,
+    image_shape=(size, size, config.data.num_channels),
+    num_steps=sampler.num_steps(diffusion.num_timesteps),
+    load=load,
+    save=save,
   )
-  num_batches = math.ceil(num_samples / batch_size)
-  paths = [sample_dir / f'batch_{b:05d}.npz' for b in range(num_batches)]
-  done = sum(path.exists() for path in paths)
-  if done:
-    logging.info('Resuming the samples at batch %d of %d.', done, num_batches)
-  with sampling.progress(num_batches * num_steps, 'samples', unit='step') as bar:
-    bar.update(done * num_steps)
-    loop = sampling.ChunkedLoop(chunk_fn, params, bar)
-    for b, path in enumerate(paths):
-      if path.exists():
-        continue
-      x, loop_rng = init(
-        (batch_size, size, size, channels), jax.random.fold_in(jax.random.key(config.seed), b)
-      )
-      x, _ = loop.run(x, loop_rng, 0, num_steps)
-      images = sampling.to_uint8(sampling.gather(x))
-      _save_npz(path, samples=images[: num_samples - b * batch_size])
-      multihost_utils.sync_global_devices(f'eval_samples_{b}')
-  batches = []
-  for path in paths:
-    with path.open('rb') as f:
-      batches.append(np.load(f)['samples'])
-  return np.concatenate(batches)
+  return samples, settings
 
 
-def inception_features(
-  variables, images: np.ndarray, *, batch_size: int, mesh
-) -> dict[str, np.ndarray]:
-  """Inception pool features [N, 2048] and logits [N, 1008] of images [N, H, W, 3] uint8 that
-  every process holds, in padded batches of `batch_size` sharded over all devices."""
-  batch_sharding = mesh_lib.batch_sharded(mesh)
-  apply = jax.jit(
-    inception.apply,
-    in_shardings=(mesh_lib.replicated(mesh), batch_sharding),
-    out_shardings=batch_sharding,
-  )
-  outputs = {'pool': [], 'logits': []}
-  for start in range(0, len(images), batch_size):
-    batch = images[start : start + batch_size]
-    padded = np.zeros((batch_size, *batch.shape[1:]), batch.dtype)
-    padded[: len(batch)] = batch
-    global_batch = jax.make_array_from_callback(
-      padded.shape, batch_sharding, lambda index, padded=padded: padded[index]
-    )
-    result = sampling.gather(apply(variables, global_batch))
-    for key in outputs:
-      outputs[key].append(np.asarray(result[key][: len(batch)]))
-  return {key: np.concatenate(value) for key, value in outputs.items()}
+def _concatenate(batches) -> dict[str, np.ndarray]:
+  batches = list(batches)
+  return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
 
 
-def reference_statistics(config, variables, split: str, *, mesh, cache_dir: epath.Path):
-  """(mu, sigma) of the Inception pool features of a whole split, cached in `cache_dir`."""
-  path = cache_dir / f'inception_stats_{config.data.dataset.replace("/", "_")}_{split}.npz'
-  if path.exists():
-    with path.open('rb') as f:
-      cached = np.load(f)
-      if int(cached['image_size']) == config.data.image_size:
-        return cached['mu'], cached['sigma']
+def reference_statistics(
+  config, variables, split: str, *, weights_sha256: str, mesh, cache_dir: epath.Path
+) -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) of the Inception pool features of a whole split, cached in `cache_dir`, keyed
+  by the dataset, split, image size, number of images and the Inception weights' digest."""
   source = input_pipeline.create_source(config, split)
+  settings = {
+    'dataset': config.data.dataset,
+    'split': split,
+    'image_size': config.data.image_size,
+    'num_images': len(source),
+    'inception_weights_sha256': weights_sha256,
+  }
+  name = f'{config.data.dataset.replace("/", "_")}_{split}_{config.data.image_size}'
+  path = cache_dir / f'inception_stats_{name}_{settings_key(settings)}.npz'
+  if path.exists():
+    cached = image_io.load_npz(path)
+    return cached['mu'], cached['sigma']
   moments = metrics.FeatureMoments.zeros(inception.NUM_POOL_FEATURES)
-  batch_size = config.eval.inception_batch_size
-  num_batches = math.ceil(len(source) / batch_size)
-  with sampling.progress(num_batches, f'Inception features of {split}') as bar:
-    for start in range(0, len(source), batch_size):
-      images = source[np.arange(start, min(start + batch_size, len(source)))]
-      features = inception_features(variables, images, batch_size=batch_size, mesh=mesh)
-      moments = moments.update(features['pool'])
-      bar.update(1)
+  for features in inception.compute_features(
+    variables,
+    source,
+    batch_size=config.eval.inception_batch_size,
+    mesh=mesh,
+    desc=f'Inception features of {split}',
+  ):
+    moments = moments.update(features['pool'])
   mu, sigma = moments.mean_and_covariance()
-  _save_npz(path, mu=mu, sigma=sigma, image_size=np.asarray(config.data.image_size))
+  _save_npz(path, mu=mu, sigma=sigma, settings=np.asarray(json.dumps(settings)))
   return mu, sigma
 
 
 def inception_quality(config, samples: np.ndarray, *, mesh, cache_dir) -> dict[str, Any]:
   """FID against the training (and test) split and the Inception Score of the samples."""
-  variables = inception.load_params(config.eval.inception_weights)
-  features = inception_features(
-    variables, samples, batch_size=config.eval.inception_batch_size, mesh=mesh
+  weights = config.eval.inception_weights
+  variables = inception_weights.load_params(weights)
+  weights_sha256 = inception_weights.sha256(weights)
+  features = _concatenate(
+    inception.compute_features(
+      variables, samples, batch_size=config.eval.inception_batch_size, mesh=mesh
+    )
   )
   mu, sigma = metrics.feature_statistics(features['pool'])
   results = {}
   info = input_pipeline.get_dataset_info(config)
   for split in ('train', info.eval_split):
     if split is not None:
-      ref = reference_statistics(config, variables, split, mesh=mesh, cache_dir=cache_dir)
+      ref = reference_statistics(
+        config, variables, split, weights_sha256=weights_sha256, mesh=mesh, cache_dir=cache_dir
+      )
       results[f'fid_{split}'] = metrics.frechet_distance(mu, sigma, *ref)
   num_splits = min(INCEPTION_SCORE_SPLITS, len(samples))
+  # The usual protocol: the mean and standard deviation over 10 splits; and the score of all
+  # samples as one split, as the original TF code computed it.
   results['inception_score'], results['inception_score_std'] = metrics.inception_score(
     features['logits'], num_splits
   )
-  results['num_samples'] = len(samples)
+  results['inception_score_single_split'] = metrics.inception_score(features['logits'], 1)[0]
+  results['inception_score_splits'] = num_splits
+  results['inception_weights_sha256'] = weights_sha256
   return results
 
 
@@ -307,7 +345,7 @@ def digits_quality(config, samples: np.ndarray, *, seed: int, cache_dir) -> dict
   """The digits measure (module docstring); the classifier is trained once and cached."""
   train = input_pipeline.create_source(config, 'train')
   test = input_pipeline.create_source(config, 'test')
-  path = cache_dir / 'digits_classifier.msgpack'
+  path = cache_dir / f'digits_classifier_seed{seed}.msgpack'
   if path.exists():
     template = digits_classifier.DigitsClassifier().init(jax.random.key(0), train.images[:1])
     params = flax.serialization.from_bytes(template['params'], path.read_bytes())
@@ -328,7 +366,6 @@ def digits_quality(config, samples: np.ndarray, *, seed: int, cache_dir) -> dict
   )
   per_class = report.pop('confident_share_per_class')
   report.update({f'confident_share_digit_{c}': float(v) for c, v in enumerate(per_class)})
-  report['num_samples'] = len(samples)
   return report
 
 
@@ -339,29 +376,33 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       'The config has no `eval` section; start from configs/default.py, which defines '
       'eval.num_bpd_images, eval.bpd_batch_size, eval.num_samples and eval.inception_weights.'
     )
-  diffusion = validation.validate_config(config)
+  validation.validate_config(config)
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   if config.eval.num_samples:
-    sampling.validate_sampler(config, diffusion)  # The samples are drawn as it says.
+    samplers.validate_sampler(config, diffusion.num_timesteps)  # The samples are drawn as it says.
   is_digits = config.data.dataset == 'digits'
   if not is_digits and config.eval.num_samples:
     weights = config.eval.inception_weights
     if not weights:
       raise ValueError(
         'config.eval.inception_weights is not set: FID and IS need the FID Inception weights. '
-        + inception.conversion_instructions('inception_fid.npz')
+        + inception_weights.conversion_instructions('inception_fid.npz')
         + '\nthen pass --config.eval.inception_weights=inception_fid.npz (or set '
         'config.eval.num_samples=0 to skip FID and IS).'
       )
-    inception.load_params(weights)  # A missing or wrong file fails now, not after sampling.
+    inception_weights.load_params(weights)  # A missing or wrong file fails now, not after sampling.
     validation.validate_batch_size(
       config.eval.inception_batch_size, 'config.eval.inception_batch_size'
     )
   model = models.create_model(config)
   mesh = mesh_lib.create_mesh()
   abstract_params = checkpoints.abstract_like(
-    sampling.abstract_params(config, model), mesh_lib.replicated(mesh)
+    models.param_shapes(model, config.data.image_size, config.data.num_channels),
+    mesh_lib.replicated(mesh),
   )
-  step, params = sampling.restore_ema_params(config, workdir, abstract_params)
+  step, params = checkpoints.restore_ema_params(
+    workdir, abstract_params, step=config.sampling.checkpoint_step
+  )
   cache_dir = epath.Path(workdir) / 'eval'
   eval_dir = cache_dir / f'step_{step}'
   if jax.process_index() == 0:
@@ -372,15 +413,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.eval.num_bpd_images:
     results.update(evaluate_bpd(config, diffusion, model, params, mesh=mesh, eval_dir=eval_dir))
   if config.eval.num_samples:
-    samples = draw_eval_samples(config, diffusion, model, params, mesh=mesh, eval_dir=eval_dir)
+    samples, results['sample_settings'] = draw_eval_samples(
+      config, diffusion, model, params, mesh=mesh, eval_dir=eval_dir
+    )
     if is_digits:
       results.update(digits_quality(config, samples, seed=config.seed, cache_dir=cache_dir))
     else:
       results.update(inception_quality(config, samples, mesh=mesh, cache_dir=cache_dir))
 
-  if jax.process_index() == 0:
-    with (eval_dir / 'results.json').open('w') as f:
-      json.dump(results, f, indent=2)
+  _write_json(eval_dir / 'results.json', results)
   writer = tf_support.create_metric_writer(
     str(epath.Path(workdir) / 'eval'), just_logging=jax.process_index() > 0
   )
@@ -392,10 +433,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def format_table(results: dict[str, Any]) -> str:
-  """A two-column text table of the results."""
-  width = max(len(k) for k in results)
-  lines = [f'{"metric".ljust(width)}  value', f'{"-" * width}  -----']
+  """A two-column text table of the results; settings (dicts) as one `name.field` row each."""
+  rows = []
   for key, value in results.items():
+    if isinstance(value, dict):
+      rows.extend((f'{key}.{field}', v) for field, v in value.items())
+    else:
+      rows.append((key, value))
+  width = max(len(k) for k, _ in rows)
+  lines = [f'{"metric".ljust(width)}  value', f'{"-" * width}  -----']
+  for key, value in rows:
     shown = f'{value:.4f}' if isinstance(value, float) else str(value)
     lines.append(f'{key.ljust(width)}  {shown}')
   return '\n'.join(lines)

@@ -1,10 +1,16 @@
-"""The device mesh: all devices of all processes on one 'data' axis.
+"""Devices and processes: the mesh, its shardings, and the host side of a multi-process job.
 
-Parameters are replicated over it and batches are sharded along it (data parallelism).
+All devices of all processes form one 'data' axis: parameters are replicated over it and batches
+are sharded along it (data parallelism). `gather` brings sharded results to every host, and
+`progress` shows a progress bar on process 0 only.
 """
+
+from typing import Any
 
 import jax
 import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
@@ -24,3 +30,26 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def batches_sharded(mesh: Mesh) -> NamedSharding:
   """A stack of batches [k, B, ...] (the batches of one train call): B split over all devices."""
   return NamedSharding(mesh, PartitionSpec(None, 'data'))
+
+
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n (a batch padded to the device count)."""
+  return -(-n // multiple) * multiple
+
+
+def gather(tree: Any) -> Any:
+  """Arrays sharded over all processes' devices (a pytree of them), whole on every process as
+  NumPy."""
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def progress(total: int, desc: str, *, initial: int = 0, unit: str = 'it') -> tqdm.tqdm:
+  """A console progress bar (a context manager) on process 0; a silent one elsewhere."""
+  return tqdm.tqdm(
+    total=total,
+    desc=desc,
+    initial=initial,
+    unit=unit,
+    dynamic_ncols=True,
+    disable=jax.process_index() > 0,
+  )

@@ -28,7 +28,6 @@ shape, and every model tensor in the source must be used; anything else raises a
 names the tensors.
 """
 
-import functools
 import json
 import os
 import re
@@ -43,8 +42,7 @@ from flax import traverse_util
 from ml_collections import config_flags
 from safetensors import numpy as safetensors_numpy
 
-from ddpm_jax import checkpoints, tf_support
-from ddpm_jax.models import create_model
+from ddpm_jax import checkpoints, models, tensors, tf_support
 from ddpm_jax.models.unet import UNet
 
 # A parameter's path in our tree, e.g. ('down_0', 'block_1', 'conv1', 'kernel').
@@ -52,7 +50,6 @@ ParamPath = tuple[str, ...]
 
 # Architecture fields shared by UNet and an imported model config, in the order errors list them.
 _ARCH_FIELDS = ('ch', 'out_ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'resamp_with_conv')
-_MAX_LISTED = 20  # Tensors listed per kind of import error.
 
 
 def make_model_config(
@@ -91,13 +88,11 @@ def build_unet(model_config: ml_collections.ConfigDict) -> UNet:
 
 
 def param_shapes(model_config: ml_collections.ConfigDict) -> dict[ParamPath, jax.ShapeDtypeStruct]:
-  """Flat {path: ShapeDtypeStruct} of the UNet's parameters, traced with jax.eval_shape."""
-  size = model_config.image_size
-  x = jax.ShapeDtypeStruct((1, size, size, model_config.num_channels), jnp.float32)
-  t = jax.ShapeDtypeStruct((1,), jnp.int32)
-  init = functools.partial(build_unet(model_config).init, train=False)
-  variables = jax.eval_shape(init, jax.random.key(0), x, t)
-  return traverse_util.flatten_dict(variables['params'])
+  """Flat {path: ShapeDtypeStruct} of the UNet's parameters (`models.param_shapes`)."""
+  shapes = models.param_shapes(
+    build_unet(model_config), model_config.image_size, model_config.num_channels
+  )
+  return traverse_util.flatten_dict(shapes)
 
 
 def _module_kinds(shapes: Mapping[ParamPath, jax.ShapeDtypeStruct]) -> dict[ParamPath, str]:
@@ -112,19 +107,12 @@ def _module_kinds(shapes: Mapping[ParamPath, jax.ShapeDtypeStruct]) -> dict[Para
   return kinds
 
 
-def _format_names(names: Sequence[str]) -> str:
-  listed = ', '.join(names[:_MAX_LISTED])
-  more = len(names) - _MAX_LISTED
-  return listed + (f' and {more} more' if more > 0 else '')
-
-
 # One way to fill a parameter: candidate source names (first present wins), the source shape
 # expected, and the map from the source layout to ours.
 _Source = tuple[tuple[str, ...], tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
 
 
 def _assemble(
-  shapes: Mapping[ParamPath, jax.ShapeDtypeStruct],
   sources: Mapping[ParamPath, _Source],
   available: Mapping[str, tuple[int, ...]],
   read: Callable[[str], np.ndarray],
@@ -133,7 +121,6 @@ def _assemble(
   """Fills our parameter tree from named source tensors, strictly.
 
   Args:
-    shapes: our flat parameter shapes.
     sources: for each of our parameters, where it comes from.
     available: shape of every model tensor in the source.
     read: loads a source tensor by name.
@@ -143,32 +130,18 @@ def _assemble(
     The nested params dict of float32 NumPy arrays.
 
   Raises:
-    ValueError: naming every missing, unexpected or wrongly shaped tensor.
+    ValueError: naming every missing, unexpected or misshapen tensor (`tensors.check_tensors`).
   """
-  params, used, missing, wrong_shape = {}, set(), [], []
-  for path, (names, source_shape, convert) in sources.items():
-    name = next((n for n in names if n in available), None)
-    if name is None:
-      missing.append(' or '.join(names))
-      continue
-    used.add(name)
-    if tuple(available[name]) != source_shape:
-      wrong_shape.append(
-        f'{name} has shape {tuple(available[name])}, expected {source_shape} '
-        f'(for {"/".join(path)} of shape {shapes[path].shape})'
-      )
-      continue
-    params[path] = convert(np.asarray(read(name), np.float32))
-  unexpected = sorted(set(available) - used)
-  problems = []
-  if missing:
-    problems.append(f'missing tensors ({len(missing)}): {_format_names(missing)}')
-  if unexpected:
-    problems.append(f'unexpected tensors ({len(unexpected)}): {_format_names(unexpected)}')
-  if wrong_shape:
-    problems.append(f'wrongly shaped tensors ({len(wrong_shape)}): {_format_names(wrong_shape)}')
-  if problems:
-    raise ValueError(f'Cannot import {what}: ' + '; '.join(problems))
+  chosen, expected = {}, {}
+  for path, (names, source_shape, _) in sources.items():
+    # The first candidate present; all of them, as one name, when none is.
+    chosen[path] = next((n for n in names if n in available), ' or '.join(names))
+    expected[chosen[path]] = source_shape
+  tensors.check_tensors(expected, available, what=f'The {what}')
+  params = {
+    path: convert(np.asarray(read(chosen[path]), np.float32))
+    for path, (_, _, convert) in sources.items()
+  }
   return traverse_util.unflatten_dict(params)
 
 
@@ -356,7 +329,7 @@ def params_from_diffusers(
   shapes = param_shapes(model_config)
   sources = _diffusers_sources(shapes, len(model_config.ch_mult))
   available = {name: tuple(np.shape(value)) for name, value in state_dict.items()}
-  return _assemble(shapes, sources, available, state_dict.__getitem__, 'diffusers weights')
+  return _assemble(sources, available, state_dict.__getitem__, 'diffusers weights')
 
 
 def load_diffusers_model(folder: str) -> tuple[ml_collections.ConfigDict, dict]:
@@ -488,7 +461,7 @@ def params_from_tf_checkpoint(
   available = _tf_model_tensors(reader, use_ema)
   read = lambda name: reader.get_tensor(name + suffix)
   copy = 'EMA' if use_ema else 'raw'
-  return _assemble(shapes, sources, available, read, f'{copy} weights of TF checkpoint {prefix}')
+  return _assemble(sources, available, read, f'{copy} weights of TF checkpoint {prefix}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +478,7 @@ def check_architecture(
   builds (ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv). Dropout is
   not compared: it does not change the function used for sampling.
   """
-  model = create_model(config)
+  model = models.create_model(config)
   fields = [
     ('data.image_size', model_config.image_size, config.data.image_size),
     ('data.num_channels', model_config.num_channels, config.data.num_channels),

@@ -25,7 +25,15 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpoints, input_pipeline, models, sampling, tf_support, validation
+from ddpm_jax import (
+  checkpoints,
+  image_io,
+  input_pipeline,
+  models,
+  samplers,
+  tf_support,
+  validation,
+)
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import mesh as mesh_lib
 
@@ -69,7 +77,7 @@ def step_rngs(seed: int, step: jax.Array) -> jax.Array:
 
 def preprocess(images: jax.Array, rng: jax.Array, random_flip: bool) -> jax.Array:
   """uint8 images [B, H, W, C] -> float32 in [-1, 1], randomly mirrored left-right."""
-  x = input_pipeline.to_model_range(images)
+  x = image_io.to_model_range(images)
   if random_flip:
     flip = jax.random.bernoulli(rng, 0.5, (x.shape[0], 1, 1, 1))
     x = jnp.where(flip, x[:, :, ::-1, :], x)
@@ -208,7 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # ---------------------------------------------------------------------------------------------
   # Check everything that can be checked before compiling.
   # ---------------------------------------------------------------------------------------------
-  diffusion = validation.validate_config(config)
+  validation.validate_config(config)
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   validation.validate_batch_size(training.batch_size, 'config.training.batch_size')
   validation.validate_batch_size(training.num_sample_images, 'config.training.num_sample_images')
   validation.validate_steps_per_call(training.steps_per_call)
@@ -278,8 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_steps = jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding)
   all_finite = jax.jit(_all_finite)
   size, channels = config.data.image_size, config.data.num_channels
-  sample_init = sampling.create_init_fn(diffusion, mesh)
-  sample_chunk = sampling.create_chunk_fn(diffusion, model, mesh)
+  sample_init = samplers.create_init_fn(diffusion, mesh)
+  sample_chunk = samplers.create_chunk_fn(diffusion, model, mesh)
 
   writer = tf_support.create_metric_writer(str(workdir_path), just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -306,17 +315,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   def write_samples(state: TrainState):
     step = int(state.step)
-    num_steps = diffusion.num_timesteps
-    x, loop_rng = sample_init((training.num_sample_images, size, size, channels), sample_rng)
-    with sampling.progress(num_steps, 'samples', unit='step') as bar:
-      x, _ = sampling.ChunkedLoop(sample_chunk, state.ema_params, bar).run(
-        x, loop_rng, 0, num_steps
-      )
-    images = sampling.to_uint8(sampling.gather(x))
-    grid = sampling.image_grid(images)
+    images = samplers.draw_samples(
+      sample_chunk,
+      sample_init,
+      state.ema_params,
+      batch_rng=lambda _: sample_rng,
+      num_samples=training.num_sample_images,
+      batch_size=training.num_sample_images,
+      image_shape=(size, size, channels),
+      num_steps=diffusion.num_timesteps,
+    )
+    grid = image_io.image_grid(images)
     if jax.process_index() == 0:
       path = workdir_path / 'samples' / f'step_{step:08d}.png'
-      sampling.save_png(path, grid, upscale=sampling.upscale_factor(size))
+      image_io.save_png(path, grid, upscale=image_io.upscale_factor(size))
       logging.info('Wrote samples of the EMA model to %s', path)
     writer.write_images(step, {'samples': grid[None]})
 

@@ -11,6 +11,17 @@ from etils import epath
 from ddpm_jax import diffusion, input_pipeline
 
 
+def require(condition: bool, message: str) -> None:
+  """Raises ValueError(message) unless `condition`."""
+  if not condition:
+    raise ValueError(message)
+
+
+def is_int(value) -> bool:
+  """Whether `value` is an int (and not a bool): what an integer config field must be."""
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_model_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError when the U-Net of `config.model` cannot process `config.data` images."""
   image_size = config.data.image_size
@@ -43,11 +54,11 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def validate_config(config: ml_collections.ConfigDict) -> diffusion.GaussianDiffusion:
-  """Validates the data, model and diffusion settings; returns the diffusion they describe."""
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for data, model or diffusion settings that cannot work together."""
   input_pipeline.get_dataset_info(config)
   validate_model_config(config)
-  return diffusion.GaussianDiffusion.from_config(config.diffusion)
+  diffusion.GaussianDiffusion.from_config(config.diffusion)
 
 
 def validate_batch_size(global_batch_size: int, what: str) -> None:

@@ -1,6 +1,7 @@
 """Tests of --mode=eval: bits/dim against calc_bpd_loop itself, resumption after interruption,
 the Inception path on mock CIFAR10 with random Inception weights, and the errors."""
 
+import hashlib
 import json
 import shutil
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 from flax import traverse_util
 from helpers import tiny_digits_config
 
@@ -16,10 +18,12 @@ from ddpm_jax import (
   checkpoints,
   diffusion,
   evaluation,
+  image_io,
+  inception_weights,
   input_pipeline,
   metrics,
   models,
-  sampling,
+  samplers,
   train,
 )
 from ddpm_jax.models import inception
@@ -69,15 +73,13 @@ def test_bpd_equals_calc_bpd_loop_and_its_terms(trained_workdir, tmp_path):
   # fold_in(key(seed), k), averaged over the images.
   diff = diffusion.GaussianDiffusion.from_config(config.diffusion)
   model = models.create_model(config)
-  step, params = checkpoints.restore_ema_params(
-    str(workdir), sampling.abstract_params(config, model)
-  )
+  step, params = checkpoints.restore_ema_params(str(workdir), models.param_shapes(model, 8, 1))
   images = input_pipeline.create_source(config, 'test')[np.arange(10)]
   totals, terms = [], []
   for k, start in enumerate(range(0, 10, 4)):
     out = diff.calc_bpd_loop(
-      sampling.make_model_fn(model, params),
-      input_pipeline.to_model_range(jnp.asarray(images[start : start + 4])),
+      samplers.make_model_fn(model, params),
+      image_io.to_model_range(jnp.asarray(images[start : start + 4])),
       jax.random.fold_in(jax.random.key(config.seed), k),
     )
     totals.append(np.asarray(out['total_bpd']))
@@ -123,11 +125,12 @@ def test_interrupted_eval_resumes_to_the_same_result(trained_workdir, tmp_path, 
   with pytest.raises(Interrupt):
     evaluation.evaluate(eval_config(), str(workdir))
   monkeypatch.undo()
-  with np.load(workdir / 'eval' / 'step_2' / evaluation.BPD_STATE_FILE) as state:
+  (state_path,) = (workdir / 'eval' / 'step_2').glob('bpd_partial_*.npz')
+  with np.load(state_path) as state:
     assert int(state['next_batch']) == 1
 
   # Second run: stopped in the second batch of samples, after the first was saved.
-  run = sampling.ChunkedLoop.run
+  run = samplers.ChunkedLoop.run
   calls = []
 
   def failing_run(self, *args, **kwargs):
@@ -136,12 +139,12 @@ def test_interrupted_eval_resumes_to_the_same_result(trained_workdir, tmp_path, 
       raise Interrupt
     return run(self, *args, **kwargs)
 
-  monkeypatch.setattr(sampling.ChunkedLoop, 'run', failing_run)
+  monkeypatch.setattr(samplers.ChunkedLoop, 'run', failing_run)
   with pytest.raises(Interrupt):
     evaluation.evaluate(eval_config(), str(workdir))
   monkeypatch.undo()
-  saved = sorted(p.name for p in (workdir / 'eval' / 'step_2' / 'samples').iterdir())
-  assert saved == ['batch_00000.npz']
+  (sample_dir,) = (workdir / 'eval' / 'step_2').glob('samples_ancestral_seed0_*')
+  assert sorted(p.name for p in sample_dir.glob('*.npz')) == ['batch_00000.npz']
 
   resumed = evaluation.evaluate(eval_config(), str(workdir))
   assert resumed == straight
@@ -181,16 +184,14 @@ def test_fid_and_inception_score_on_mock_cifar10(tmp_path):
     train.train_and_evaluate(config, str(workdir))
     results = evaluation.evaluate(config, str(workdir))
     train_images = input_pipeline.create_source(config, 'train')[np.arange(12)]
-  assert (workdir / 'eval' / 'inception_stats_cifar10_train.npz').exists()
-  assert (workdir / 'eval' / 'inception_stats_cifar10_test.npz').exists()
+  assert len(list((workdir / 'eval').glob('inception_stats_cifar10_train_32_*.npz'))) == 1
+  assert len(list((workdir / 'eval').glob('inception_stats_cifar10_test_32_*.npz'))) == 1
 
-  samples = np.concatenate(
-    [np.load(p)['samples'] for p in sorted((workdir / 'eval' / 'step_2' / 'samples').iterdir())]
-  )
+  samples = saved_samples(workdir)
   assert samples.shape == (10, 32, 32, 3) and samples.dtype == np.uint8
-  variables = inception.load_params(str(weights))
-  ours = inception.compute_features(variables, samples, batch_size=12)
-  ref = inception.compute_features(variables, train_images, batch_size=12)
+  variables = inception_weights.load_params(str(weights))
+  ours = features(variables, samples)
+  ref = features(variables, train_images)
   expected_fid = metrics.frechet_distance(
     *metrics.feature_statistics(ours['pool']), *metrics.feature_statistics(ref['pool'])
   )
@@ -199,7 +200,24 @@ def test_fid_and_inception_score_on_mock_cifar10(tmp_path):
   np.testing.assert_allclose(
     [results['inception_score'], results['inception_score_std']], expected_is, rtol=1e-4
   )
-  assert 'fid_test' in results and results['num_samples'] == 10
+  np.testing.assert_allclose(
+    results['inception_score_single_split'],
+    metrics.inception_score(ours['logits'], 1)[0],
+    rtol=1e-4,
+  )
+  assert 'fid_test' in results and results['sample_settings']['num_samples'] == 10
+  assert results['inception_weights_sha256'] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def saved_samples(workdir, pattern='samples_*'):
+  """The samples an evaluation saved under one samples directory of step 2."""
+  (sample_dir,) = (workdir / 'eval' / 'step_2').glob(pattern)
+  return np.concatenate([np.load(p)['samples'] for p in sorted(sample_dir.glob('*.npz'))])
+
+
+def features(variables, images):
+  batches = list(inception.compute_features(variables, images, batch_size=12))
+  return {key: np.concatenate([b[key] for b in batches]) for key in ('pool', 'logits')}
 
 
 def test_missing_inception_weights_say_what_to_do(tmp_path):
@@ -209,7 +227,7 @@ def test_missing_inception_weights_say_what_to_do(tmp_path):
   config.data.num_channels = 3
   config.model.attn_resolutions = (16,)
   with pytest.raises(
-    ValueError, match='(?s)inception_weights is not set.*python -m ddpm_jax.models'
+    ValueError, match='(?s)inception_weights is not set.*python -m ddpm_jax.inception_weights'
   ):
     evaluation.evaluate(config, str(tmp_path))
   config.eval.inception_weights = str(tmp_path / 'nowhere.npz')
@@ -236,3 +254,93 @@ def test_unknown_sampler_is_rejected_before_anything_runs(tmp_path):
   with pytest.raises(ValueError, match="Unknown sampler 'euler'"):
     evaluation.evaluate(config, str(tmp_path))
   assert not (tmp_path / 'eval').exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Never stale: a cached artifact is reused only by an evaluation with the settings it was made
+# with. Each test fails if the cache key leaves out the setting it changes: the second
+# evaluation would then reuse the first one's artifact.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ddim_then_ancestral_on_one_workdir_equal_fresh_runs(trained_workdir, tmp_path):
+  # Expected: each evaluation's samples and digits measure equal those of an evaluation of the
+  # same settings on a fresh copy of the workdir; the two samplers' samples differ.
+  def config(sampler):
+    config = eval_config(**{'sampling.sampler': sampler, 'sampling.ddim_steps': 5})
+    config.eval.num_bpd_images = 0
+    return config
+
+  workdir = copy_workdir(trained_workdir, tmp_path / 'shared')
+  ddim = evaluation.evaluate(config('ddim'), str(workdir))
+  ancestral = evaluation.evaluate(config('ancestral'), str(workdir))
+  ddim_samples = saved_samples(workdir, 'samples_ddim5_eta0_seed0_*')
+  ancestral_samples = saved_samples(workdir, 'samples_ancestral_seed0_*')
+  assert not np.array_equal(ddim_samples, ancestral_samples)
+  assert ddim['sample_settings'] == {
+    'sampler': 'ddim',
+    'ddim_steps': 5,
+    'ddim_eta': 0.0,
+    'seed': 0,
+    'batch_size': 8,
+    'num_samples': 12,
+  }
+  assert ancestral['sample_settings']['sampler'] == 'ancestral'
+  assert ddim['frechet_distance'] != ancestral['frechet_distance']
+
+  fresh = copy_workdir(trained_workdir, tmp_path / 'fresh')
+  assert evaluation.evaluate(config('ancestral'), str(fresh)) == ancestral
+  np.testing.assert_array_equal(saved_samples(fresh), ancestral_samples)
+  # Reused, not redrawn: the saved ddim batches give the same result again.
+  assert evaluation.evaluate(config('ddim'), str(workdir)) == ddim
+
+
+def test_changing_the_variance_type_recomputes_bits_per_dim(trained_workdir, tmp_path):
+  # Expected: after a bits/dim evaluation with fixedlarge, one with fixedsmall on the same
+  # workdir equals a fresh fixedsmall evaluation (the decoder and KL terms depend on the
+  # reverse variance, so the two differ).
+  def config(var_type):
+    config = eval_config(**{'diffusion.model_var_type': var_type})
+    config.eval.num_samples = 0
+    return config
+
+  workdir = copy_workdir(trained_workdir, tmp_path / 'shared')
+  large = evaluation.evaluate(config('fixedlarge'), str(workdir))
+  small = evaluation.evaluate(config('fixedsmall'), str(workdir))
+  fresh = evaluation.evaluate(config('fixedsmall'), str(copy_workdir(trained_workdir, tmp_path)))
+  assert small == fresh
+  assert small['bpd'] != large['bpd']
+  assert len(list((workdir / 'eval' / 'step_2').glob('bpd_partial_*.npz'))) == 2
+
+
+def test_other_inception_weights_recompute_the_reference_statistics(tmp_path, monkeypatch):
+  # Expected: mu of the stand-in features (each image's mean pixel times the weights' scale,
+  # in all 2048 dimensions) over the 300 test digits, recomputed for other weights and read
+  # back from the cache for the same weights.
+  calls = []
+
+  def fake_features(variables, images, **kwargs):
+    calls.append(variables['scale'])
+    images = images[np.arange(len(images))].astype(np.float64)
+    pool = np.repeat(images.mean(axis=(1, 2, 3))[:, None] * variables['scale'], 2048, axis=1)
+    yield {'pool': pool}
+
+  monkeypatch.setattr(inception, 'compute_features', fake_features)
+  config = eval_config()
+  test_means = input_pipeline.create_source(config, 'test').images.mean(axis=(1, 2, 3))
+
+  def stats(scale, weights_sha256):
+    mu, _ = evaluation.reference_statistics(
+      config,
+      {'scale': scale},
+      'test',
+      weights_sha256=weights_sha256,
+      mesh=None,
+      cache_dir=epath.Path(tmp_path),
+    )
+    return mu
+
+  np.testing.assert_allclose(stats(1.0, 'aaaa'), np.full(2048, test_means.mean()), rtol=1e-12)
+  np.testing.assert_allclose(stats(2.0, 'bbbb'), np.full(2048, 2 * test_means.mean()), rtol=1e-12)
+  np.testing.assert_allclose(stats(3.0, 'aaaa'), np.full(2048, test_means.mean()), rtol=1e-12)
+  assert calls == [1.0, 2.0]  # The third call read the first one's cache.

@@ -16,6 +16,7 @@ from helpers import REPO, subprocess_env
 MODULES = (
   'main',
   'ddpm_jax.train',
+  'ddpm_jax.samplers',
   'ddpm_jax.sampling',
   'ddpm_jax.evaluation',
   'ddpm_jax.models',

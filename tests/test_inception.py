@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_jax import inception_weights
 from ddpm_jax.models import inception
 
 TOLERANCE = 1e-4
@@ -80,14 +81,14 @@ def reference(tmp_path_factory):
     [
       sys.executable,
       '-m',
-      'ddpm_jax.models.inception',
+      'ddpm_jax.inception_weights',
       f'--source={tmp / "pt_inception.pth"}',
       f'--out={tmp / "inception.npz"}',
     ],
     check=True,
     cwd=pathlib.Path(__file__).parents[1],
   )
-  return pool_network, fc, inception.load_params(str(tmp / 'inception.npz'))
+  return pool_network, fc, inception_weights.load_params(str(tmp / 'inception.npz'))
 
 
 def _reference_outputs(pool_network, fc, images):
@@ -131,7 +132,8 @@ def test_compute_features_batches_like_one_call(reference):
   """Padding the last batch changes nothing: 3 images in batches of 2 equal one call of 3."""
   _, _, variables = reference
   images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-  batched = inception.compute_features(variables, images, batch_size=2)
+  batches = list(inception.compute_features(variables, images, batch_size=2))
+  batched = {key: np.concatenate([b[key] for b in batches]) for key in ('pool', 'logits')}
   whole = inception.apply(variables, images)
   for key in ('pool', 'logits'):
     np.testing.assert_allclose(batched[key], np.asarray(whole[key]), rtol=1e-5, atol=1e-6)
@@ -147,15 +149,15 @@ def test_parameter_count():
 
 
 def test_missing_weights_file_says_how_to_make_it(tmp_path):
-  with pytest.raises(FileNotFoundError, match='python -m ddpm_jax.models.inception'):
-    inception.load_params(str(tmp_path / 'inception_fid.npz'))
+  with pytest.raises(FileNotFoundError, match='python -m ddpm_jax.inception_weights'):
+    inception_weights.load_params(str(tmp_path / 'inception_fid.npz'))
 
 
 def test_converter_rejects_other_networks():
   """torchvision's ImageNet Inception3 (1000 classes, auxiliary head) is not the FID network."""
   state = {'AuxLogits.fc.weight': np.zeros((1000, 768), np.float32)}
   with pytest.raises(ValueError, match='AuxLogits'):
-    inception.convert_state_dict(state)
+    inception_weights.convert_state_dict(state)
   state = {'fc.weight': np.zeros((1000, 2048), np.float32)}
   with pytest.raises(ValueError, match='missing'):
-    inception.convert_state_dict(state)
+    inception_weights.convert_state_dict(state)

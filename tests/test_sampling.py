@@ -29,7 +29,7 @@ from helpers import (
 )
 
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import input_pipeline, models, sampling, train
+from ddpm_jax import input_pipeline, models, samplers, sampling, train
 from ddpm_jax import mesh as mesh_lib
 
 # Every kind, at sizes that pad differently on 1 and 8 devices: the figures' batches of 6 (6
@@ -132,12 +132,12 @@ def test_chunked_loops_equal_the_diffusion_loops():
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   model, params = tiny_model_and_params(config)
   mesh = mesh_lib.create_mesh()
-  init = sampling.create_init_fn(diffusion, mesh)
+  init = samplers.create_init_fn(diffusion, mesh)
   shape, rng = (4, 8, 8, 1), jax.random.key(7)
 
   @jax.jit
   def reference_loops(params, rng):
-    model_fn = sampling.make_model_fn(model, params)
+    model_fn = samplers.make_model_fn(model, params)
     return (
       diffusion.p_sample_loop_progressive(model_fn, shape, rng, every=25),
       diffusion.ddim_sample_loop(model_fn, shape, rng, 20, eta=0.5),
@@ -146,23 +146,21 @@ def test_chunked_loops_equal_the_diffusion_loops():
   (samples, snapshots), ddim_samples = reference_loops(params, rng)
   np.testing.assert_array_equal(snapshots['t'], [99, 74, 49, 24])
 
-  run_chunk = sampling.create_chunk_fn(diffusion, model, mesh)
+  run_chunk = samplers.create_chunk_fn(diffusion, model, mesh)
   x, loop_rng = init(shape, rng)
   for start, stop in [(0, 1), (1, 8), (8, 8), (8, 57), (57, 100)]:
     x, _ = run_chunk(params, x, loop_rng, np.int32(start), np.int32(stop))
   np.testing.assert_array_equal(x, samples)
 
   # The driver, keeping the predicted x_0 of steps 0, 25, 50, 75 (the progressive figure).
-  loop = sampling.ChunkedLoop(run_chunk, params, tqdm.tqdm(disable=True))
+  loop = samplers.ChunkedLoop(run_chunk, params, tqdm.tqdm(disable=True))
   boundaries = [1, 26, 51, 76]
   x, kept = loop.run(*init(shape, rng), 0, 100, keep=boundaries)
   np.testing.assert_array_equal(x, samples)
   for k, boundary in enumerate(boundaries):
     np.testing.assert_array_equal(kept[boundary][1], snapshots['pred_xstart'][k])
 
-  ddim_chunk = sampling.create_chunk_fn(
-    diffusion, model, mesh, sampler='ddim', ddim_steps=20, ddim_eta=0.5
-  )
+  ddim_chunk = samplers.create_chunk_fn(diffusion, model, mesh, samplers.Sampler('ddim', 20, 0.5))
   x, loop_rng = init(shape, rng)
   for start, stop in [(0, 3), (3, 4), (4, 20)]:
     x, _ = ddim_chunk(params, x, loop_rng, np.int32(start), np.int32(stop))
@@ -193,11 +191,11 @@ def test_ddim_eta0_all_steps_matches_float64_recursion():
   params = model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros((2,), jnp.int32), train=False)
   params = params['params']
   mesh = mesh_lib.create_mesh()
-  init = sampling.create_init_fn(diffusion, mesh)
-  run_chunk = sampling.create_chunk_fn(
-    diffusion, model, mesh, sampler='ddim', ddim_steps=num_timesteps, ddim_eta=0.0
+  init = samplers.create_init_fn(diffusion, mesh)
+  run_chunk = samplers.create_chunk_fn(
+    diffusion, model, mesh, samplers.Sampler('ddim', num_timesteps, 0.0)
   )
-  loop = sampling.ChunkedLoop(run_chunk, params, tqdm.tqdm(disable=True))
+  loop = samplers.ChunkedLoop(run_chunk, params, tqdm.tqdm(disable=True))
   rng = jax.random.key(3)
   samples, _ = loop.run(*init(shape, rng), 0, num_timesteps)
 
@@ -407,9 +405,9 @@ def test_official_weights_converted_and_sampled(tmp_path):
     (
       {'model.ch': 64},
       ValueError,
-      r'does not fit the U-Net .*\n  conv_in/bias: checkpoint \(32,\), config \(64,\)',
+      r'misshapen tensors \(\d+\): conv_in/bias \(32,\) \(expected \(64,\)\).*does not fit the U-Net',
     ),
-    ({'model.num_res_blocks': 2}, ValueError, r'not in the checkpoint \(\d+\): .*block_1'),
+    ({'model.num_res_blocks': 2}, ValueError, r'missing tensors \(\d+\): .*block_1'),
   ],
 )
 def test_bad_settings_are_rejected_before_writing(trained_workdir, override, error, message):

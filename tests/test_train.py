@@ -19,7 +19,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from helpers import free_port, main_command, run_main, subprocess_env, tiny_digits_config
 
-from ddpm_jax import checkpoints, input_pipeline, models, train
+from ddpm_jax import checkpoints, image_io, input_pipeline, models, train
 from ddpm_jax import diffusion as diffusion_lib
 
 
@@ -405,7 +405,7 @@ def test_bfloat16_training_lowers_the_loss_like_float32():
     }
     step = jax.jit(train.create_train_step(config, model, diffusion, tx, schedule))
     images = input_pipeline.create_source(config, 'test')[np.arange(64)]
-    x_start = input_pipeline.to_model_range(images)
+    x_start = image_io.to_model_range(images)
     t = jnp.arange(64) * diffusion.num_timesteps // 64
     noise = jax.random.normal(jax.random.key(1), x_start.shape)
 

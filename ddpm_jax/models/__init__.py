@@ -1,5 +1,10 @@
-"""Networks. `create_model(config)` builds the U-Net that a project config describes."""
+"""Networks. `create_model(config)` builds the U-Net that a project config describes;
+`param_shapes` gives the shapes of its parameters."""
 
+import functools
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -27,4 +32,15 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
   )
 
 
-__all__ = ['UNet', 'create_model']
+def param_shapes(model: UNet, image_size: int, num_channels: int) -> Any:
+  """The parameters of `model` for images [B, image_size, image_size, num_channels], as a tree of
+  jax.ShapeDtypeStruct: traced with jax.eval_shape, no arrays, no compute."""
+  return jax.eval_shape(
+    functools.partial(model.init, train=False),
+    jax.random.key(0),
+    jax.ShapeDtypeStruct((1, image_size, image_size, num_channels), jnp.float32),
+    jax.ShapeDtypeStruct((1,), jnp.int32),
+  )['params']
+
+
+__all__ = ['UNet', 'create_model', 'param_shapes']

@@ -25,34 +25,26 @@ downsampling), then mapped to [-1, 1] by 2x - 1. A 299x299 input passes the resi
 centers and (x - 128) / 128. pytorch-fid's README reports FIDs within 0.08 (0.09% relative) of
 TF's on LSUN; this port follows pytorch-fid.)
 
-Weights: nothing downloads at run time. With internet access, fetch pytorch-fid's weights file
-  https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-and convert it once into a NumPy `.npz` (needs torch, only here):
-  python -m ddpm_jax.models.inception --source=pt_inception-2015-12-05-6726825d.pth \
-    --out=inception_fid.npz
-`load_params('inception_fid.npz')` then returns the variables for `InceptionV3().apply`.
+Weights: `ddpm_jax/inception_weights.py` converts pytorch-fid's weights file and reads it back
+(`load_params`), to pass to `InceptionV3().apply` or `compute_features`.
 
 Parameter tree: module names mirror pytorch-fid's state dict (`Conv2d_1a_3x3`,
 `Mixed_5b/branch1x1`, ..., `fc`), each conv block holding `conv/kernel`, `bn/{scale, bias}`
-(params) and `bn/{mean, var}` (batch_stats). The `.npz` stores them flat, as
-'params/Mixed_5b/branch1x1/conv/kernel'.
+(params) and `bn/{mean, var}` (batch_stats).
 """
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from flax import traverse_util
 
-FID_WEIGHTS_URL = (
-  'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
-  'pt_inception-2015-12-05-6726825d.pth'
-)
+from ddpm_jax import mesh as mesh_lib
+
 INPUT_SIZE = 299
 NUM_POOL_FEATURES = 2048
 NUM_CLASSES = 1008
@@ -336,34 +328,45 @@ def apply(variables: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Arra
 
 
 def compute_features(
-  variables: Mapping[str, Any], images: np.ndarray, *, batch_size: int = 100
-) -> dict[str, np.ndarray]:
-  """Runs the network over `images` in batches of one shape (the last one padded).
+  variables: Mapping[str, Any],
+  images,
+  *,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None = None,
+  desc: str = 'Inception features',
+) -> Iterator[dict[str, np.ndarray]]:
+  """Runs the network over `images` in batches of one shape (one compilation); yields each
+  batch's `{'pool': float32 [n, 2048], 'logits': float32 [n, 1008]}` as NumPy arrays.
 
   Args:
-    variables: from `load_params`.
-    images: [N, H, W, 3] uint8 or float in 0..255.
-    batch_size: images per compiled call (one compilation); memory grows linearly with it.
-
-  Returns:
-    {'pool': float32 [N, 2048], 'logits': float32 [N, 1008]} as NumPy arrays.
+    variables: from `ddpm_jax.inception_weights.load_params`.
+    images: [N, H, W, 3] uint8 or float in 0..255: an array, or a dataset split (anything with
+      `len` and `images[int indices]`), read one batch at a time; every process holds them all.
+    batch_size: images per call, a multiple of the device count (the last batch is padded);
+      memory grows linearly with it.
+    mesh: the batches are sharded over its devices, the variables replicated (default: all
+      devices, `ddpm_jax.mesh.create_mesh`).
+    desc: the label of the progress bar over the batches.
   """
+  mesh = mesh or mesh_lib.create_mesh()
+  batch_sharding = mesh_lib.batch_sharded(mesh)
+  run = jax.jit(
+    InceptionV3().apply,
+    in_shardings=(mesh_lib.replicated(mesh), batch_sharding),
+    out_shardings=batch_sharding,
+  )
   num = len(images)
-  outputs = {'pool': [], 'logits': []}
-  for start in range(0, num, batch_size):
-    batch = np.asarray(images[start : start + batch_size])
-    size = len(batch)
-    if size < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - size, *batch.shape[1:]), batch.dtype)])
-    result = apply(variables, batch)
-    for key in outputs:
-      outputs[key].append(np.asarray(result[key][:size]))
-  return {key: np.concatenate(value) for key, value in outputs.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# Weights: the .npz file and the converter from pytorch-fid's .pth.
-# --------------------------------------------------------------------------------------------
+  with mesh_lib.progress(-(-num // batch_size), desc, unit='batch') as bar:
+    for start in range(0, num, batch_size):
+      batch = np.asarray(images[np.arange(start, min(start + batch_size, num))])
+      padded = np.zeros((batch_size, *batch.shape[1:]), batch.dtype)
+      padded[: len(batch)] = batch
+      global_batch = jax.make_array_from_callback(
+        padded.shape, batch_sharding, lambda index, padded=padded: padded[index]
+      )
+      result = mesh_lib.gather(run(variables, global_batch))
+      bar.update(1)
+      yield {key: value[: len(batch)] for key, value in result.items()}
 
 
 @functools.cache
@@ -376,136 +379,3 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
   )
   flat = traverse_util.flatten_dict(abstract, sep='/')
   return {name: tuple(value.shape) for name, value in flat.items()}
-
-
-def conversion_instructions(out: str) -> str:
-  """How to produce the weights file `out`: where to download from, and the converter command."""
-  return (
-    f"Download the FID Inception weights (pytorch-fid's {FID_WEIGHTS_URL.rsplit('/', 1)[-1]}) "
-    f'from\n  {FID_WEIGHTS_URL}\nand convert them once (needs torch) with\n'
-    f'  python -m ddpm_jax.models.inception --source=pt_inception-2015-12-05-6726825d.pth '
-    f'--out={out}'
-  )
-
-
-def load_params(npz_path: str) -> dict[str, Any]:
-  """Reads the converted weights: the variables for `InceptionV3().apply`.
-
-  Args:
-    npz_path: a `.npz` written by this module's converter.
-
-  Returns:
-    {'params': ..., 'batch_stats': ...}, float32 jax arrays.
-
-  Raises:
-    FileNotFoundError: when the file does not exist; the message says how to produce it.
-    ValueError: when its variables are not exactly those of the network (names and shapes).
-  """
-  try:
-    with np.load(npz_path) as npz:
-      flat = {name: npz[name] for name in npz.files}
-  except FileNotFoundError as e:
-    raise FileNotFoundError(
-      f'Inception weights file {npz_path!r} not found. {conversion_instructions(npz_path)}'
-    ) from e
-  _check_shapes(flat, npz_path)
-  variables = traverse_util.unflatten_dict(flat, sep='/')
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), variables)
-
-
-def _check_shapes(flat: Mapping[str, np.ndarray], source: str) -> None:
-  expected = expected_shapes()
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(set(flat) - set(expected))
-  wrong = sorted(
-    f'{name} {flat[name].shape} (expected {expected[name]})'
-    for name in set(expected) & set(flat)
-    if tuple(flat[name].shape) != expected[name]
-  )
-  problems = [
-    f'{label}: {", ".join(names[:10])}{" ..." if len(names) > 10 else ""}'
-    for label, names in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong))
-    if names
-  ]
-  if problems:
-    raise ValueError(
-      f'{source!r} does not hold the FID Inception v3 weights; ' + '; '.join(problems) + '.'
-    )
-
-
-# pytorch-fid parameter name (the last one or two parts of a state-dict key) -> our collection,
-# name, and the axis permutation from torch's layout to Flax's.
-# Conv kernels go from [O, I, kh, kw] to [kh, kw, I, O], the fc kernel from [1008, 2048] to
-# [2048, 1008].
-_TORCH_TO_FLAX = {
-  ('conv', 'weight'): ('params', ('conv', 'kernel'), (2, 3, 1, 0)),
-  ('bn', 'weight'): ('params', ('bn', 'scale'), None),
-  ('bn', 'bias'): ('params', ('bn', 'bias'), None),
-  ('bn', 'running_mean'): ('batch_stats', ('bn', 'mean'), None),
-  ('bn', 'running_var'): ('batch_stats', ('bn', 'var'), None),
-  ('fc', 'weight'): ('params', ('fc', 'kernel'), (1, 0)),
-  ('fc', 'bias'): ('params', ('fc', 'bias'), None),
-}
-
-
-def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """pytorch-fid's FID Inception state dict (as NumPy arrays) -> our flat variables.
-
-  Args:
-    state_dict: e.g. 'Mixed_5b.branch1x1.conv.weight' -> float32 array in torch layout.
-      BatchNorm's `num_batches_tracked` counters are ignored.
-
-  Returns:
-    'params/Mixed_5b/branch1x1/conv/kernel' -> float32 array in Flax layout, and so on: exactly
-    the variables of `InceptionV3`.
-
-  Raises:
-    ValueError: for tensors that are not the FID Inception's (e.g. torchvision's AuxLogits),
-      missing ones, or wrong shapes; the message names them.
-  """
-  flat = {}
-  unknown = []
-  for key, value in state_dict.items():
-    parts = tuple(key.split('.'))
-    if parts[-1] == 'num_batches_tracked':
-      continue
-    rule = _TORCH_TO_FLAX.get(parts[-2:])
-    if rule is None:
-      unknown.append(key)
-      continue
-    collection, leaf, permutation = rule
-    array = np.asarray(value, np.float32)
-    if permutation is not None and array.ndim == len(permutation):
-      array = array.transpose(permutation)
-    flat['/'.join((collection, *parts[:-2], *leaf))] = array
-  if unknown:
-    raise ValueError(
-      f'Tensors that are not part of the FID Inception v3: {", ".join(sorted(unknown)[:10])}.'
-    )
-  _check_shapes(flat, 'the state dict')
-  return flat
-
-
-def convert(source: str, out: str) -> None:
-  """Converts pytorch-fid's `.pth` weights file at `source` into the `.npz` at `out`."""
-  import torch  # Only the converter needs torch.
-
-  state_dict = torch.load(source, map_location='cpu', weights_only=True)
-  flat = convert_state_dict({key: value.numpy() for key, value in state_dict.items()})
-  with open(out, 'wb') as f:  # A file object: np.savez would append '.npz' to other names.
-    np.savez(f, **flat)
-
-
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  convert(flags.FLAGS.source, flags.FLAGS.out)
-
-
-if __name__ == '__main__':
-  # Defined only when run as a program, so that importing this library cannot clash with the
-  # flags of main.py.
-  flags.DEFINE_string('source', None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
-  flags.DEFINE_string('out', None, 'The .npz to write, for config.eval.inception_weights.')
-  flags.mark_flags_as_required(['source', 'out'])
-  app.run(main)
