@@ -405,7 +405,8 @@ def test_official_weights_converted_and_sampled(tmp_path):
     (
       {'model.ch': 64},
       ValueError,
-      r'misshapen tensors \(\d+\): conv_in/bias \(32,\) \(expected \(64,\)\).*does not fit the U-Net',
+      r'misshapen tensors \(\d+\): conv_in/bias \(32,\) \(expected \(64,\)\)'
+      r'.*does not fit the U-Net',
     ),
     ({'model.num_res_blocks': 2}, ValueError, r'missing tensors \(\d+\): .*block_1'),
   ],
