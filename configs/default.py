@@ -11,13 +11,29 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # Data. `dataset` is 'digits' (embedded, no download) or a TFDS name.
+  # Data (ddpm_jax/input_pipeline.py says how each dataset is read). `dataset` is 'digits'
+  # (embedded, no download), 'folder' (the PNG / JPEG files under `image_dir`) or a TFDS name:
+  # the paper's ('cifar10', 'celeb_a_hq/256', 'lsun/church_outdoor', ...) or any other TFDS image
+  # dataset ('mnist', 'oxford_flowers102', ...).
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'cifar10'
+  # Images are center-cropped and resized to image_size x image_size (unless already so) and
+  # made greyscale (num_channels = 1) or RGB (3); the paper's datasets must already have this
+  # size (except LSUN) and these channels.
   data.image_size = 32
   data.num_channels = 3
   data.random_flip = True
-  data.data_dir = None  # TFDS data_dir; None means TFDS's default.
+  data.split = 'train'  # The split training reads.
+  # The held-out split for bits/dim; None: the dataset's own ('test', else 'validation', if any).
+  data.eval_split = ml_collections.config_dict.placeholder(str)
+  data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; None: its default.
+  # A TFDS dataset not prepared in data_dir is downloaded and prepared there on first use (by
+  # process 0; the others wait). False: stop instead, printing the command that prepares it.
+  data.download = True
+  # For dataset = 'folder': split 'train' is the images under image_dir (searched recursively),
+  # split 'test', the eval split, those under eval_image_dir (None: no eval split).
+  data.image_dir = ml_collections.config_dict.placeholder(str)
+  data.eval_image_dir = ml_collections.config_dict.placeholder(str)
 
   # The U-Net (REFERENCE.md, "The U-Net").
   config.model = model = ml_collections.ConfigDict()
@@ -70,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.num_sample_images = 64
 
   # --mode=sample (ddpm_jax/sampling.py): files in <workdir>/samples/, their paths printed.
+  # --mode=eval draws its samples with the same sampler, its settings, batch_size and
+  # checkpoint_step (ddpm_jax/samplers.py).
   config.sampling = sampling = ml_collections.ConfigDict()
   # Comma-separated, any of: 'samples' (num_samples images as .npz and a .png grid),
   # 'progressive' (paper Fig. 6), 'denoising_chain' (Fig. 7), 'interpolation' (Fig. 8).

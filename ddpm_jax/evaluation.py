@@ -5,9 +5,10 @@ Parts, each skipped where it does not apply:
              images of the held-out split, not dequantized (paper Table 2: 3.70-3.75 on CIFAR10).
   samples    `config.eval.num_samples` images from the EMA params, drawn as --mode=sample does
              (`config.sampling.sampler`, `batch_size`), kept as uint8 batches (below).
-  FID / IS   RGB datasets: Inception v3 pool features and logits (ddpm_jax/models/inception.py,
-             the pytorch-fid / TF-GAN graph, weights from `config.eval.inception_weights`) of the
-             samples; FID against the training split (the paper's 3.17) and the test split, whose
+  FID / IS   other datasets (greyscale is repeated into RGB): Inception v3 pool features and
+             logits (ddpm_jax/models/inception.py, the pytorch-fid / TF-GAN graph, weights from
+             `config.eval.inception_weights`) of the samples; FID against the training split,
+             `config.data.split` (the paper's 3.17), and the held-out split, whose
              statistics are computed once and cached in `<workdir>/eval/`; Inception Score: mean and
              std over 10 splits (the usual protocol; the paper's 9.46 +- 0.11) and over all
              samples as one split (as the original TF code computed it).
@@ -29,9 +30,10 @@ only what it would have computed itself:
                the data shape (the checkpoint step is the directory);
   bits/dim     `step_<N>/bpd_partial_<key>.npz`, the running sums: number of images, batch size,
                seed, the diffusion (schedule, mean and variance types, T), the U-Net, the
-               dataset, split and image shape;
+               dataset, split and image shape (and a folder's path);
   statistics   `inception_stats_<dataset>_<split>_<size>_<key>.npz`: the dataset, split, image
-               size, number of images and the SHA-256 of the Inception weights file;
+               size and channels (and a folder's path), number of images and the SHA-256 of
+               the Inception weights file;
   classifier   `digits_classifier_seed<S>.msgpack` (a pure function of the seed).
 Each part saves its progress after every batch, so an interrupted evaluation resumes where it
 stopped; the random draws of batch k are `fold_in(key(seed), k)`, so the resumed result equals
@@ -148,7 +150,7 @@ def evaluate_bpd(
     'num_images': num_images,
     'batch_size': batch_size,
     'seed': config.seed,
-    'split': info.eval_split,
+    'eval_data': input_pipeline.split_settings(config, info.eval_split),
     **network_settings(config),
   }
   state_path = eval_dir / f'bpd_partial_{settings_key(settings)}.npz'
@@ -282,12 +284,11 @@ def reference_statistics(
   config, variables, split: str, *, weights_sha256: str, mesh, cache_dir: epath.Path
 ) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of the Inception pool features of a whole split, cached in `cache_dir`, keyed
-  by the dataset, split, image size, number of images and the Inception weights' digest."""
+  by the images (`input_pipeline.split_settings`), their number and the Inception weights'
+  digest."""
   source = input_pipeline.create_source(config, split)
   settings = {
-    'dataset': config.data.dataset,
-    'split': split,
-    'image_size': config.data.image_size,
+    **input_pipeline.split_settings(config, split),
     'num_images': len(source),
     'inception_weights_sha256': weights_sha256,
   }
@@ -311,7 +312,8 @@ def reference_statistics(
 
 
 def inception_quality(config, samples: np.ndarray, *, mesh, cache_dir) -> dict[str, Any]:
-  """FID against the training (and test) split and the Inception Score of the samples."""
+  """FID against the training split (and the eval split) and the Inception Score of the
+  samples."""
   weights = config.eval.inception_weights
   variables = inception_weights.load_params(weights)
   weights_sha256 = inception_weights.sha256(weights)
@@ -323,7 +325,7 @@ def inception_quality(config, samples: np.ndarray, *, mesh, cache_dir) -> dict[s
   mu, sigma = metrics.feature_statistics(features['pool'])
   results = {}
   info = input_pipeline.get_dataset_info(config)
-  for split in ('train', info.eval_split):
+  for split in (config.data.split, info.eval_split):
     if split is not None:
       ref = reference_statistics(
         config, variables, split, weights_sha256=weights_sha256, mesh=mesh, cache_dir=cache_dir

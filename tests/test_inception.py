@@ -14,6 +14,7 @@ import sys
 from unittest import mock
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -137,6 +138,17 @@ def test_compute_features_batches_like_one_call(reference):
   whole = inception.apply(variables, images)
   for key in ('pool', 'logits'):
     np.testing.assert_allclose(batched[key], np.asarray(whole[key]), rtol=1e-5, atol=1e-6)
+
+
+def test_greyscale_images_are_featured_as_pil_makes_them_rgb(reference):
+  """A [N, H, W, 1] batch gives the features of its RGB form as PIL's convert('RGB') makes it."""
+  _, _, variables = reference
+  grey = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
+  rgb = np.stack([np.asarray(PIL.Image.fromarray(g[..., 0]).convert('RGB')) for g in grey])
+  (found,) = inception.compute_features(variables, grey, batch_size=2)
+  expected = inception.apply(variables, rgb)
+  for key in ('pool', 'logits'):
+    np.testing.assert_allclose(found[key], np.asarray(expected[key]), rtol=1e-5, atol=1e-6)
 
 
 def test_parameter_count():

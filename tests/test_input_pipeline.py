@@ -5,7 +5,9 @@ sizes the module documents (1,497 train / 300 test), and the order the lead spec
 batch s is positions [s * B, (s + 1) * B) of the concatenated per-epoch permutations, each
 process reading a contiguous share. TFDS datasets are replaced by `tfds.testing.mock_data`, which
 also mocks `tfds.data_source` (deterministic random examples, any split name accepted), except in
-one test that writes a tiny real cifar10 in ArrayRecord format with TFDS's own writer.
+one test that writes a tiny real cifar10 in ArrayRecord format with TFDS's own writer. The crop and
+resize are checked against `reference_resize`, PIL's antialiased Lanczos-3 filter re-derived in
+float64 from its documented algorithm. tests/test_datasets.py tests the other datasets.
 """
 
 import threading
@@ -20,12 +22,13 @@ from configs import default
 from ddpm_jax import input_pipeline as ip
 
 
-def make_config(dataset='digits', image_size=8, num_channels=1, data_dir=None):
+def make_config(dataset='digits', image_size=8, num_channels=1, data_dir=None, download=True):
   config = default.get_config()
   config.data.dataset = dataset
   config.data.image_size = image_size
   config.data.num_channels = num_channels
   config.data.data_dir = data_dir
+  config.data.download = download
   return config
 
 
@@ -157,10 +160,13 @@ def test_batch_not_divisible_by_process_count_raises():
 
 
 def test_unknown_dataset_lists_the_known_ones():
-  with pytest.raises(ValueError, match="Unknown dataset 'mnist'") as error:
-    ip.get_dataset_info(make_config(dataset='mnist'))
-  for name in ('digits', 'cifar10', 'celeb_a_hq/256', 'lsun/church_outdoor', 'lsun/cat'):
+  # 'mnistt' is neither in DATASETS, nor 'folder', nor a TFDS name; difflib ranks TFDS's 'mnist'
+  # closest to it.
+  with pytest.raises(ValueError, match="Unknown dataset 'mnistt'") as error:
+    ip.get_dataset_info(make_config(dataset='mnistt'))
+  for name in ('digits', 'cifar10', 'celeb_a_hq/256', 'lsun/church_outdoor', 'lsun/cat', 'folder'):
     assert name in str(error.value)
+  assert 'Closest names: mnist,' in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -186,8 +192,14 @@ def test_dataset_info_and_missing_split():
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
-  with pytest.raises(FileNotFoundError, match="'file_format': 'array_record'"):
-    ip.create_source(make_config('cifar10', 32, 3, data_dir=str(tmp_path)), 'test')
+  # With config.data.download = False the pipeline does not prepare the data but names the
+  # command that does (the one test_cifar10_from_real_array_record_files runs).
+  config = make_config('cifar10', 32, 3, data_dir=str(tmp_path), download=False)
+  with pytest.raises(FileNotFoundError, match="'file_format': 'array_record'") as error:
+    ip.create_source(config, 'test')
+  assert 'config.data.download = False' in str(error.value)
+  assert f"tfds.data_source('cifar10', data_dir='{tmp_path}'" in str(error.value)
+  assert not any(tmp_path.iterdir())  # Nothing downloaded.
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,6 +257,61 @@ def test_cifar10_from_real_array_record_files(tmp_path):
   assert sorted(x.tobytes() for x in read) == sorted(x.tobytes() for x in images['test'])
 
 
+# An independent reference for `center_crop_and_resize`: PIL's antialiased Lanczos-3 resize
+# re-derived in float64 from its documented algorithm (Pillow's src/libImaging/Resample.c). Each
+# output pixel i along an axis of n -> m samples is centered at (i + 0.5) * n / m in input
+# coordinates; the filter lanczos3(x) = sinc(x) sinc(x / 3) on [-3, 3) is stretched by
+# s = max(n / m, 1) (antialiasing when downscaling), its weights over the inputs j with
+# |j + 0.5 - center| < 3 s are normalized to sum 1, and the horizontal pass is rounded to uint8
+# before the vertical one, as PIL stores it. PIL's 22-bit fixed-point weights can move a value by
+# 1 level.
+
+
+def _lanczos3(x):
+  return np.where((x >= -3) & (x < 3), np.sinc(x) * np.sinc(x / 3), 0.0)
+
+
+def _resample_matrix(in_size, out_size):
+  """float64 [out_size, in_size]: row i holds the normalized weights of output sample i."""
+  scale = in_size / out_size
+  filter_scale = max(scale, 1.0)
+  support = 3.0 * filter_scale
+  matrix = np.zeros((out_size, in_size))
+  for i in range(out_size):
+    center = (i + 0.5) * scale
+    lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+    weights = _lanczos3((np.arange(lo, hi) - center + 0.5) / filter_scale)
+    matrix[i, lo:hi] = weights / weights.sum()
+  return matrix
+
+
+def reference_resize(image, size):
+  """uint8 [h, w, C] -> uint8 [size, size, C], PIL's Lanczos resize re-derived (above)."""
+  height, width, _ = image.shape
+
+  def round_to_uint8(x):
+    return np.clip(np.floor(x + 0.5), 0, 255)
+
+  rows = np.einsum('oj,ijc->ioc', _resample_matrix(width, size), image.astype(np.float64))
+  columns = np.einsum('oi,ijc->ojc', _resample_matrix(height, size), round_to_uint8(rows))
+  return round_to_uint8(columns).astype(np.uint8)
+
+
+def reference_center_crop(image):
+  """The central min(h, w) square, offsets rounded down as in ProGAN's create_lsun."""
+  height, width, _ = image.shape
+  crop = min(height, width)
+  top, left = (height - crop) // 2, (width - crop) // 2
+  return image[top : top + crop, left : left + crop]
+
+
+def assert_close_to_reference(actual, expected):
+  """At most 1 level apart (PIL's fixed-point weights), and equal in >= 99% of the values."""
+  difference = np.abs(actual.astype(np.int64) - expected.astype(np.int64))
+  assert difference.max() <= 1, difference.max()
+  assert (difference == 0).mean() >= 0.99
+
+
 def test_lsun_images_are_center_cropped_and_resized():
   config = make_config('lsun/church_outdoor', 16, 3)
   with tfds.testing.mock_data(num_examples=4):
@@ -257,19 +324,21 @@ def test_lsun_images_are_center_cropped_and_resized():
   assert any(r.shape[0] != r.shape[1] for r in raw)
   assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
   for image, r in zip(images, raw, strict=True):
-    np.testing.assert_array_equal(image, ip.center_crop_and_resize(r, 16))
+    assert_close_to_reference(image, reference_resize(reference_center_crop(r), 16))
 
 
-@pytest.mark.parametrize('shape', [(40, 61, 3), (61, 40, 3)])
-def test_center_crop_and_resize_keeps_the_central_square(shape):
-  # The central 40x40 square (offset (61 - 40) // 2 = 10, as ProGAN's create_lsun crops) is a
-  # constant 100, the rest 255; a normalized resampling filter maps a constant to itself.
-  image = np.full(shape, 255, np.uint8)
-  if shape[0] > shape[1]:
-    image[10:50] = 100
-  else:
-    image[:, 10:50] = 100
-  np.testing.assert_array_equal(ip.center_crop_and_resize(image, 8), np.full((8, 8, 3), 100))
+@pytest.mark.parametrize(
+  'shape, size',
+  [((40, 61, 3), 16), ((61, 40, 3), 16), ((28, 28, 1), 32), ((33, 50, 1), 7)],
+)
+def test_center_crop_and_resize_matches_an_independent_lanczos(shape, size):
+  # A random image (not constant, so that a misplaced crop, a swapped axis or another filter
+  # shows): the central square, offset (61 - 40) // 2 = 10 along the longer side, downscaled
+  # 40 -> 16 and 33 -> 7 (antialiased) and upscaled 28 -> 32, against the float64 reference.
+  image = np.random.default_rng(sum(shape)).integers(0, 256, shape, np.uint8)
+  actual = ip.center_crop_and_resize(image, size)
+  assert actual.shape == (size, size, shape[2]) and actual.dtype == np.uint8
+  assert_close_to_reference(actual, reference_resize(reference_center_crop(image), size))
 
 
 # ------------------------------------------------------------------------------------------------

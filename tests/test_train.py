@@ -246,7 +246,7 @@ def test_all_checkpoints_unreadable_is_an_error(tmp_path):
 @pytest.mark.parametrize(
   'override, message',
   [
-    ({'data.dataset': 'mnist'}, "Unknown dataset 'mnist'"),
+    ({'data.dataset': 'mnistt'}, "Unknown dataset 'mnistt'.*Closest names: mnist"),
     ({'diffusion.beta_schedule': 'cubic'}, "Unknown beta schedule 'cubic'"),
     ({'diffusion.model_mean_type': 'v'}, "Unknown model_mean_type 'v'"),
     ({'diffusion.model_var_type': 'big'}, "Unknown model_var_type 'big'"),

@@ -342,6 +342,7 @@ def compute_features(
     variables: from `ddpm_jax.inception_weights.load_params`.
     images: [N, H, W, 3] uint8 or float in 0..255: an array, or a dataset split (anything with
       `len` and `images[int indices]`), read one batch at a time; every process holds them all.
+      Greyscale images, [N, H, W, 1], are repeated into RGB (as PIL's `convert('RGB')`).
     batch_size: images per call, a multiple of the device count (the last batch is padded);
       memory grows linearly with it.
     mesh: the batches are sharded over its devices, the variables replicated (default: all
@@ -359,6 +360,8 @@ def compute_features(
   with mesh_lib.progress(-(-num // batch_size), desc, unit='batch') as bar:
     for start in range(0, num, batch_size):
       batch = np.asarray(images[np.arange(start, min(start + batch_size, num))])
+      if batch.shape[-1] == 1:
+        batch = np.repeat(batch, 3, axis=-1)
       padded = np.zeros((batch_size, *batch.shape[1:]), batch.dtype)
       padded[: len(batch)] = batch
       global_batch = jax.make_array_from_callback(

@@ -1,0 +1,476 @@
+"""Tests of the datasets beyond the paper's: any TFDS image dataset, and a folder of images.
+
+Expected values come from the examples themselves, put through independent references:
+`tfds.testing.mock_data` gives deterministic random examples of a dataset's features (sides 5..49
+where a side is variable; any split name is accepted), and the folder tests write their own PNG
+and JPEG files. Resizing is checked against `reference_resize` (tests/test_input_pipeline.py:
+PIL's antialiased Lanczos-3 filter re-derived in float64), greyscale against the ITU-R 601-2 luma
+in float64 and PIL's `convert('L')`, the order against the one ddpm_jax/input_pipeline.py
+specifies (a folder: sorted relative paths; batches: `train_indices`). Two tests prepare a tiny
+mnist for real with TFDS's own writer (its download replaced by examples made here).
+"""
+
+import os
+import pathlib
+from unittest import mock
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+import tensorflow_datasets as tfds
+from absl import flags
+from helpers import REPO
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+from test_input_pipeline import (
+  assert_close_to_reference,
+  reference_center_crop,
+  reference_resize,
+  take,
+)
+
+from configs import default
+from ddpm_jax import input_pipeline as ip
+from ddpm_jax import validation
+
+
+def make_config(dataset, image_size, num_channels, **data):
+  config = default.get_config()
+  config.data.dataset = dataset
+  config.data.image_size = image_size
+  config.data.num_channels = num_channels
+  for field, value in data.items():
+    config.data[field] = value
+  return config
+
+
+def mocked_images(name, num):
+  return [tfds.data_source(name, split='train')[i]['image'] for i in range(num)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Any TFDS image dataset (mocked).
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mnist_greyscale_28_is_resized_to_32_and_made_rgb():
+  config = make_config('mnist', 32, 3)
+  with tfds.testing.mock_data(num_examples=6):
+    info = ip.get_dataset_info(config)
+    source = ip.create_source(config, 'train')
+    images = source[np.arange(6)]
+    raw = mocked_images('mnist', 6)
+  # mnist's TFDS feature is 'image': Image(shape=(28, 28, 1), dtype=uint8).
+  assert (info.image_key, info.image_size, info.num_channels) == ('image', 28, 1)
+  assert len(source) == 6 and images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
+  for image, r in zip(images, raw, strict=True):
+    assert r.shape == (28, 28, 1)
+    # Grey -> RGB repeats the channel; 28 -> 32 is PIL's Lanczos upscale of the whole image.
+    np.testing.assert_array_equal(image, np.repeat(image[..., :1], 3, axis=-1))
+    assert_close_to_reference(image[..., :1], reference_resize(r, 32))
+
+
+def test_flowers_of_varying_size_are_cropped_resized_and_made_grey():
+  config = make_config('oxford_flowers102', 16, 1)
+  with tfds.testing.mock_data(num_examples=5):
+    info = ip.get_dataset_info(config)
+    images = ip.create_source(config, 'train')[np.arange(5)]
+    raw = mocked_images('oxford_flowers102', 5)
+  # Image(shape=(None, None, 3)): no fixed size; the mocked sides vary, so each is cropped.
+  assert (info.image_key, info.image_size, info.num_channels) == ('image', None, 3)
+  assert any(r.shape[0] != r.shape[1] for r in raw)
+  assert images.shape == (5, 16, 16, 1) and images.dtype == np.uint8
+  for image, r in zip(images, raw, strict=True):
+    # The luma first (PIL's own RGB -> L conversion), then the crop and resize.
+    luma = np.asarray(PIL.Image.fromarray(r).convert('L'))[..., None]
+    assert_close_to_reference(image, reference_resize(reference_center_crop(luma), 16))
+
+
+def test_luma_is_itu_r_601_2_as_pil_computes_it():
+  rng = np.random.default_rng(0)
+  rgb = np.concatenate(
+    [rng.integers(0, 256, (4000, 3)), [[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 0, 255]]]
+  ).astype(np.uint8)[None]
+  luma = ip.to_luma(rgb)
+  assert luma.shape == (1, 4004, 1) and luma.dtype == np.uint8
+  # ITU-R 601-2: L = 0.299 R + 0.587 G + 0.114 B, rounded; PIL's 16-bit fixed-point weights are
+  # within 6e-6 of these, which moves the value by less than 0.004 before rounding.
+  exact = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+  assert np.abs(luma[..., 0] - exact).max() <= 0.504
+  np.testing.assert_array_equal(luma[0, -4:, 0], [0, 255, 76, 29])  # round(255 * weight).
+  # Bit-identical to PIL's conversion, which the folder images of a greyscale run go through.
+  np.testing.assert_array_equal(luma[..., 0], np.asarray(PIL.Image.fromarray(rgb).convert('L')))
+  # Alpha is dropped; grey -> RGB repeats.
+  rgba = np.concatenate([rgb, np.full_like(rgb[..., :1], 7)], axis=-1)
+  np.testing.assert_array_equal(ip.convert_channels(rgba, 3), rgb)
+  np.testing.assert_array_equal(ip.convert_channels(rgba, 1), luma)
+  np.testing.assert_array_equal(ip.convert_channels(luma, 3), np.repeat(luma, 3, axis=-1))
+
+
+def test_tfds_order_is_deterministic_and_resumable():
+  config = make_config('tf_flowers', 8, 3)
+  kwargs = dict(global_batch_size=4, seed=5, process_index=0, process_count=1)
+  with tfds.testing.mock_data(num_examples=7):
+    source = ip.create_source(config, 'train')
+    uninterrupted = take(ip.train_batches(config, start_step=0, **kwargs), 5)
+    resumed = take(ip.train_batches(config, start_step=3, **kwargs), 2)
+    for step, batch in uninterrupted:
+      # Batch s is examples train_indices(s) of the split (positions 4 s .. 4 s + 3 of the
+      # stream of per-epoch permutations of 7 examples; steps 1 and 3 straddle epochs).
+      indices = ip.train_indices(step=step, num_examples=7, **kwargs)
+      np.testing.assert_array_equal(batch, source[indices])
+  for (_, expected), (_, actual) in zip(uninterrupted[3:], resumed, strict=True):
+    np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize('process_index', [0, 1])
+def test_first_use_prepares_on_process_0_while_the_others_wait(monkeypatch, process_index):
+  # As the Flax examples: process 0 downloads and prepares in ArrayRecord format, every process
+  # then meets the others at one barrier and opens the data.
+  prepared, barriers = [], []
+
+  def download_and_prepare(builder, **kwargs):
+    prepared.append((builder.name, builder.info.file_format.value))
+
+  monkeypatch.setattr(jax, 'process_index', lambda: process_index)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'sync_global_devices', barriers.append)
+  # Patched inside mock_data, which restores its own patch of download_and_prepare on exit.
+  with (
+    tfds.testing.mock_data(num_examples=3),
+    mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare', download_and_prepare),
+  ):
+    assert len(ip.create_source(make_config('mnist', 28, 1), 'train')) == 3
+  assert prepared == ([('mnist', 'array_record')] if process_index == 0 else [])
+  assert barriers == ['ddpm_jax: TFDS dataset mnist prepared']
+
+
+def test_download_false_neither_prepares_nor_waits(monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError('Prepared or waited with config.data.download = False.')
+
+  monkeypatch.setattr(multihost_utils, 'sync_global_devices', fail)
+  with (
+    tfds.testing.mock_data(num_examples=3),
+    mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare', fail),
+  ):
+    assert len(ip.create_source(make_config('mnist', 28, 1, download=False), 'train')) == 3
+
+
+def test_download_false_and_unprepared_names_the_prepare_command(tmp_path):
+  config = make_config('mnist', 28, 1, data_dir=str(tmp_path), download=False)
+  with pytest.raises(FileNotFoundError, match='config.data.download = False') as error:
+    ip.create_source(config, 'train')
+  assert (
+    f"tfds.data_source('mnist', data_dir='{tmp_path}', "
+    "builder_kwargs={'file_format': 'array_record'})"
+  ) in str(error.value)
+  assert not any(tmp_path.iterdir())
+
+
+def test_other_process_finding_no_data_says_data_dir_must_be_shared(tmp_path, monkeypatch):
+  # Process 1 of 2 does not prepare; after the barrier it finds nothing in its data_dir (as a
+  # host whose local disk process 0 did not write to would).
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'sync_global_devices', lambda name: None)
+  with pytest.raises(FileNotFoundError, match='storage that all of them see'):
+    ip.create_source(make_config('mnist', 28, 1, data_dir=str(tmp_path)), 'train')
+
+
+def test_missing_manual_download_says_where_it_goes(tmp_path):
+  # celeb_a_hq cannot be downloaded by TFDS: preparing it on first use fails (TFDS raises an
+  # AssertionError about the empty manual directory), and the error says what to put where.
+  config = make_config('celeb_a_hq/256', 256, 3, data_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='without its manual download') as error:
+    ip.create_source(config, 'train')
+  assert "the data<size>x<size>.tar files made with ProGAN's dataset tool" in str(error.value)
+  assert "'file_format': 'array_record'" in str(error.value)
+
+
+def prepare_mnist_for_real(monkeypatch, splits):
+  """Makes TFDS's mnist builder generate `splits` from 4 random images each, not a download."""
+  images = {
+    split: np.random.default_rng(i).integers(0, 256, (4, 28, 28, 1), np.uint8)
+    for i, split in enumerate(splits)
+  }
+
+  def split_generators(self, dl_manager):
+    return {
+      split: ((f'{split}_{i}', {'image': image, 'label': i}) for i, image in enumerate(x))
+      for split, x in images.items()
+    }
+
+  monkeypatch.setattr(tfds.builder_cls('mnist'), '_split_generators', split_generators)
+  return images
+
+
+@pytest.mark.parametrize(
+  'splits, eval_split',
+  [
+    (('train', 'test'), 'test'),
+    (('train', 'validation'), 'validation'),
+    (('train', 'validation', 'test'), 'test'),
+    (('train',), None),
+  ],
+)
+def test_first_use_prepares_for_real_and_then_knows_the_eval_split(
+  tmp_path, monkeypatch, splits, eval_split
+):
+  pytest.importorskip('importlib_resources')  # TFDS 4.9.10's download_and_prepare imports it.
+  images = prepare_mnist_for_real(monkeypatch, splits)
+  config = make_config('mnist', 28, 1, data_dir=str(tmp_path))
+  # Unprepared, TFDS does not know the split names yet.
+  assert ip.get_dataset_info(config).splits == ()
+  source = ip.create_source(config, 'train')  # Prepares the dataset (download = True).
+  assert any(tmp_path.glob('mnist/*/*.array_record*'))
+  read = source[np.arange(4)]
+  # TFDS shuffles examples when it writes them: compare as sets of images.
+  assert sorted(x.tobytes() for x in read) == sorted(x.tobytes() for x in images['train'])
+  # Prepared, the eval split is 'test', else 'validation', else none (the module docstring).
+  info = ip.get_dataset_info(config)
+  assert sorted(info.splits) == sorted(splits) and info.eval_split == eval_split
+
+
+# ------------------------------------------------------------------------------------------------
+# Config errors, all raised by get_dataset_info / validate_config: before anything compiles.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  'name, closest',
+  [('mnistt', 'mnist'), ('cifar-10', 'cifar10'), ('oxford_flower102', 'oxford_flowers102')],
+)
+def test_unknown_tfds_name_suggests_the_closest(name, closest):
+  # difflib.get_close_matches over tfds.list_builders() ranks `closest` first.
+  with pytest.raises(ValueError, match=f"Unknown dataset '{name}'.* Closest names: {closest}\\b"):
+    ip.get_dataset_info(make_config(name, 32, 3))
+
+
+@pytest.mark.parametrize(
+  'name, message',
+  [
+    ('ag_news_subset', 'has no image feature'),  # Text only.
+    ('div2k', r'has several image features \(lr, hr\)'),  # Low- and high-resolution images.
+    ('lsun/kitchenn', "TFDS cannot open dataset 'lsun/kitchenn'"),  # No such config.
+  ],
+)
+def test_tfds_dataset_without_one_image_feature_is_rejected(name, message):
+  with pytest.raises(ValueError, match=message):
+    ip.get_dataset_info(make_config(name, 32, 3))
+
+
+def test_of_several_image_features_the_one_named_image_is_read():
+  # oxford_iiit_pet has Image features 'image' and 'segmentation_mask'.
+  assert ip.get_dataset_info(make_config('oxford_iiit_pet', 32, 3)).image_key == 'image'
+
+
+def test_image_size_the_unet_cannot_halve_is_rejected_before_compiling():
+  # 28 is not divisible by 2^(len((1, 2, 2, 2)) - 1) = 8, the default U-Net's downsampling.
+  with pytest.raises(ValueError, match=r'image_size = 28 is not divisible by .* = 8'):
+    validation.validate_config(make_config('mnist', 28, 1))
+
+
+@pytest.mark.parametrize(
+  'dataset, data, message',
+  [
+    ('mnist', {'num_channels': 2}, r'num_channels must be 1 \(greyscale\) or 3 \(RGB\), got 2'),
+    ('cifar10', {'split': 'val'}, "split = 'val', but 'cifar10' has the splits: train, test"),
+    ('cifar10', {'eval_split': 'val'}, "eval_split = 'val', but 'cifar10' has the splits: train, "),
+  ],
+)
+def test_bad_channels_and_splits_are_rejected(dataset, data, message):
+  config = make_config(dataset, 32, 3)
+  config.data.update(data)
+  with pytest.raises(ValueError, match=message):
+    ip.get_dataset_info(config)
+
+
+def test_eval_split_override():
+  config = make_config('cifar10', 32, 3, eval_split='train')
+  assert ip.get_dataset_info(config).eval_split == 'train'
+  assert ip.get_dataset_info(make_config('cifar10', 32, 3)).eval_split == 'test'
+
+
+def test_data_fields_can_be_set_on_the_command_line():
+  # As main.py parses them; `data_dir = None` (not a placeholder) could not be overridden.
+  argv = [
+    'main.py',
+    f'--config={os.path.join(REPO, "configs", "default.py")}',
+    '--config.data.dataset=folder',
+    '--config.data.image_dir=/images/train',
+    '--config.data.eval_image_dir=/images/test',
+    '--config.data.eval_split=test',
+    '--config.data.data_dir=gs://bucket/tensorflow_datasets',
+    '--config.data.download=False',
+  ]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  data = flag_values.config.data
+  assert (data.image_dir, data.eval_image_dir) == ('/images/train', '/images/test')
+  assert (data.eval_split, data.data_dir) == ('test', 'gs://bucket/tensorflow_datasets')
+  assert (data.split, data.download) == ('train', False)
+
+
+# ------------------------------------------------------------------------------------------------
+# A folder of images.
+# ------------------------------------------------------------------------------------------------
+
+
+def save(path, array, **kwargs):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  PIL.Image.fromarray(array).save(path, **kwargs)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+  """Four images in nested directories, and files the pipeline must skip.
+
+  Returns (directory, {relative path: the image as PIL decodes it, uint8 [h, w, c]}).
+  """
+  rng = np.random.default_rng(0)
+  root = tmp_path / 'images'
+  arrays = {
+    'b/z.PNG': rng.integers(0, 256, (30, 20, 3), np.uint8),  # Taller than wide: rows 5..24.
+    'a.jpg': rng.integers(0, 256, (16, 16), np.uint8),  # Greyscale JPEG, already 16x16.
+    'a/c/y.JPEG': rng.integers(0, 256, (40, 40, 3), np.uint8),  # Downscaled 40 -> 16.
+    'b/x.png': rng.integers(0, 256, (16, 16, 4), np.uint8),  # RGBA: alpha dropped.
+  }
+  for relative, array in arrays.items():
+    jpeg = relative.lower().endswith(('.jpg', '.jpeg'))
+    save(root / relative, array, **({'quality': 90} if jpeg else {}))
+  # Not images, or hidden (a broken file, so reading it would fail).
+  (root / 'notes.txt').write_text('not an image')
+  (root / 'b' / 'x.png.bak').write_bytes(b'not an image')
+  (root / '.hidden.png').write_bytes(b'broken')
+  (root / '.cache').mkdir()
+  (root / '.cache' / 'thumbnail.png').write_bytes(b'broken')
+  decoded = {}
+  for relative in arrays:
+    decoded[relative] = np.asarray(PIL.Image.open(root / relative))
+    if decoded[relative].ndim == 2:
+      decoded[relative] = decoded[relative][..., None]
+  return str(root), decoded
+
+
+# The files sorted by relative path as strings ('.' < '/', so 'a.jpg' < 'a/c/y.JPEG').
+FOLDER_ORDER = ['a.jpg', 'a/c/y.JPEG', 'b/x.png', 'b/z.PNG']
+
+
+def test_folder_images_are_found_sorted_cropped_resized_and_converted(image_folder):
+  directory, decoded = image_folder
+  source = ip.create_source(make_config('folder', 16, 3, image_dir=directory), 'train')
+  assert source.paths == FOLDER_ORDER and len(source) == 4
+  images = source[np.arange(4)]
+  assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
+  grey, rgb, rgba, tall = (decoded[path] for path in FOLDER_ORDER)
+  np.testing.assert_array_equal(images[0], np.repeat(grey, 3, axis=-1))  # Already 16x16.
+  assert_close_to_reference(images[1], reference_resize(rgb, 16))
+  np.testing.assert_array_equal(images[2], rgba[..., :3])
+  assert_close_to_reference(images[3], reference_resize(tall[5:25], 16))
+  # Greyscale: the luma of the RGB files (PIL's conversion), then the crop and resize.
+  grey_source = ip.create_source(make_config('folder', 16, 1, image_dir=directory), 'train')
+  images = grey_source[np.array([3, 0])]
+  assert images.shape == (2, 16, 16, 1)
+  luma = np.asarray(PIL.Image.fromarray(tall).convert('L'))[..., None]
+  assert_close_to_reference(images[0], reference_resize(luma[5:25], 16))
+  np.testing.assert_array_equal(images[1], grey)
+
+
+def test_folder_order_is_deterministic_resumable_and_shared_by_processes(image_folder):
+  directory, _ = image_folder
+  config = make_config('folder', 8, 3, image_dir=directory)
+  source = ip.create_source(config, 'train')
+  kwargs = dict(global_batch_size=4, seed=2)
+  single = take(
+    ip.train_batches(config, start_step=0, process_index=0, process_count=1, **kwargs), 4
+  )
+  resumed = take(
+    ip.train_batches(config, start_step=2, process_index=0, process_count=1, **kwargs), 2
+  )
+  shares = [
+    take(ip.train_batches(config, start_step=0, process_index=p, process_count=2, **kwargs), 4)
+    for p in range(2)
+  ]
+  for step, batch in single:
+    indices = ip.train_indices(
+      step=step, num_examples=4, process_index=0, process_count=1, **kwargs
+    )
+    np.testing.assert_array_equal(batch, source[indices])
+    np.testing.assert_array_equal(np.concatenate([s[step][1] for s in shares]), batch)
+  for (_, expected), (_, actual) in zip(single[2:], resumed, strict=True):
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_folder_splits(image_folder, tmp_path):
+  directory, _ = image_folder
+  config = make_config('folder', 16, 3, image_dir=directory)
+  info = ip.get_dataset_info(config)
+  assert (info.splits, info.eval_split) == (('train',), None)
+  with pytest.raises(ValueError, match="'folder' has no split 'test'"):
+    ip.create_source(config, 'test')
+  # eval_image_dir is split 'test', and then the eval split.
+  test_dir = tmp_path / 'test_images'
+  test_images = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), np.uint8)
+  for i, image in enumerate(test_images):
+    save(test_dir / f'{i}.png', image)
+  config.data.eval_image_dir = str(test_dir)
+  info = ip.get_dataset_info(config)
+  assert (info.splits, info.eval_split) == (('train', 'test'), 'test')
+  np.testing.assert_array_equal(ip.create_source(config, 'test')[np.arange(2)], test_images)
+  # Results computed from a split (ddpm_jax/evaluation.py) are keyed by its folder.
+  assert ip.split_settings(config, 'train')['directory'] == directory
+  assert ip.split_settings(config, 'test')['directory'] == str(test_dir)
+  # config.data.split names the split training reads.
+  config.data.split = 'test'
+  [(_, batch)] = take(
+    ip.train_batches(config, global_batch_size=2, start_step=0, seed=0, process_count=1), 1
+  )
+  np.testing.assert_array_equal(np.sort(batch, axis=0), np.sort(test_images, axis=0))
+
+
+def test_unreadable_image_error_names_the_file(image_folder):
+  directory, _ = image_folder
+  root = pathlib.Path(directory)
+  (root / 'bad.png').write_bytes(b'this is not a PNG')
+  (root / 'c').mkdir()
+  (root / 'c' / 'truncated.jpg').write_bytes((root / 'a' / 'c' / 'y.JPEG').read_bytes()[:300])
+  save(root / 'deep.png', np.zeros((4, 4), np.uint16))  # 16-bit greyscale.
+  config = make_config('folder', 16, 3, image_dir=directory)
+  source = ip.create_source(config, 'train')
+  for relative, reason in [
+    ('bad.png', 'cannot identify image file'),
+    ('c/truncated.jpg', '[Tt]runcated'),
+    ('deep.png', 'only 8-bit images'),
+  ]:
+    index = source.paths.index(relative)
+    with pytest.raises(ValueError, match=f'Cannot read image file {root / relative}: .*{reason}'):
+      source[np.array([index])]
+  # Read on the prefetch thread, the error reaches the training loop: batch 0 holds all 7 files.
+  batches = ip.train_batches(config, global_batch_size=7, start_step=0, seed=0, process_count=1)
+  with batches, pytest.raises(ValueError, match=f'Cannot read image file {directory}/'):
+    next(batches)
+
+
+def test_folder_config_errors(tmp_path):
+  empty = tmp_path / 'empty'
+  (empty / '.hidden').mkdir(parents=True)
+  (empty / '.hidden' / 'a.png').write_bytes(b'hidden')
+  (empty / 'notes.txt').write_text('no images here')
+  missing = str(tmp_path / 'missing')
+  images = tmp_path / 'images'
+  save(images / 'a.png', np.zeros((4, 4, 3), np.uint8))
+  for data, error, message in [
+    ({}, ValueError, 'config.data.image_dir, which is not set'),
+    ({'image_dir': missing}, FileNotFoundError, f"image_dir = '{missing}' is not a directory"),
+    ({'image_dir': str(empty)}, ValueError, r'holds no image files \(\*.png, \*.jpg, \*.jpeg'),
+    (
+      {'image_dir': str(images), 'eval_image_dir': missing},
+      FileNotFoundError,
+      f"eval_image_dir = '{missing}' is not a directory",
+    ),
+  ]:
+    with pytest.raises(error, match=message):
+      ip.get_dataset_info(make_config('folder', 16, 3, **data))
