@@ -1,11 +1,34 @@
 """Test setup shared by all test modules."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
-# First, so that this process runs with the XLA options that `ddpm_jax` sets (ddpm_jax/xla_cpu.py)
-# as main.py does: they are read when JAX starts its backend.
-import ddpm_jax  # noqa: F401
+import jax
+
+# One persistent compilation cache for the whole test session, in this process, in the pytest-xdist
+# workers and in the `main.py` subprocesses (whose --compilation_cache_dir defaults to
+# $JAX_COMPILATION_CACHE_DIR): the many runs of the same shrunken configs compile each program
+# once, as a user's relaunches do. A fresh directory, made by the process that loads this file
+# first (the workers inherit its environment) and removed when that one exits: no test reuses a
+# program another session compiled, and nothing is written to the user's ~/.cache.
+_COMPILATION_CACHE = os.environ.get('DDPM_JAX_TESTS_COMPILATION_CACHE')
+if _COMPILATION_CACHE is None:
+  _COMPILATION_CACHE = tempfile.mkdtemp(prefix='ddpm_jax_tests_xla_cache_')
+  atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+  os.environ['DDPM_JAX_TESTS_COMPILATION_CACHE'] = _COMPILATION_CACHE
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _COMPILATION_CACHE
+jax.config.update('jax_compilation_cache_dir', _COMPILATION_CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+# XLA's flags are part of a cache key: this process names its one CPU device as the 1-device
+# subprocesses do (helpers.subprocess_env), so that each finds what the other compiled.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+
+# Then, before any computation, the XLA options that `ddpm_jax` sets (ddpm_jax/xla_cpu.py) as
+# main.py does: they are read when JAX starts its backend.
+import ddpm_jax  # noqa: E402, F401
 
 # The torchvision workaround (for pytorch-fid and diffusers) lives with the benchmarks, which
 # need it outside pytest too.

@@ -1,13 +1,19 @@
-"""Helpers shared by the test modules: shrunken configs and `main.py` subprocesses."""
+"""Helpers shared by the test modules: shrunken configs and their train step, `main.py`
+subprocesses, and what a training run leaves in its workdir (logged scalars, final params)."""
 
+import functools
 import os
 import socket
 import subprocess
 import sys
 
+import jax
 import ml_collections
+import numpy as np
 
 from configs import digits
+from ddpm_jax import checkpoints, models, train
+from ddpm_jax import diffusion as diffusion_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +48,17 @@ def tiny_digits_config(num_steps: int, **extra) -> ml_collections.ConfigDict:
   return config
 
 
+def train_step_setup(config: ml_collections.ConfigDict):
+  """(model, diffusion, initial TrainState, jitted one-step update) of a config, as
+  `train.train_and_evaluate` builds them; the init is jitted too (eager Flax init is slower)."""
+  model = models.create_model(config)
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  tx, schedule = train.create_optimizer(config)
+  init = jax.jit(functools.partial(train.create_train_state, config, model, tx))
+  step = jax.jit(train.create_train_step(config, model, diffusion, tx, schedule))
+  return model, diffusion, init(jax.random.key(0)), step
+
+
 def main_command(workdir, num_steps: int, **extra) -> list[str]:
   flags = [
     f'--config.{k}={_flag_value(v)}' for k, v in tiny_digits_overrides(num_steps, **extra).items()
@@ -52,9 +69,6 @@ def main_command(workdir, num_steps: int, **extra) -> list[str]:
     f'--config={os.path.join(REPO, "configs", "digits.py")}',
     '--mode=train',
     f'--workdir={workdir}',
-    # No persistent compilation cache: each test compiles what it runs, and nothing is written
-    # to the user's ~/.cache.
-    '--compilation_cache_dir=',
     *flags,
   ]
 
@@ -87,6 +101,40 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def logged_scalars(workdir, tag: str = 'loss') -> dict[int, float]:
+  """{step: value} of a scalar in the TensorBoard event files of `workdir`."""
+  import tensorflow as tf  # Only to read event files; slow to import.
+
+  values = {}
+  for path in tf.io.gfile.glob(os.path.join(str(workdir), 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def final_params(workdir):
+  """The params and EMA params of the latest checkpoint, as host NumPy trees."""
+  manager = checkpoints.create_manager(str(workdir), async_save=False)
+  step = manager.latest_step()
+  metadata = manager.item_metadata(step)
+  abstract = {
+    name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata[name])
+    for name in ('params', 'ema_params')
+  }
+  restored_step, items = checkpoints.restore(manager, abstract)
+  manager.close()
+  return restored_step, jax.device_get({k: items[k] for k in abstract})
+
+
+def assert_trees_equal(a, b):
+  flat_a, flat_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
 # The diffusers config of google/ddpm-cifar10-32 (REFERENCE.md), at width `ch`.

@@ -20,8 +20,7 @@ import pytest
 import tensorflow as tf
 import torch
 from diffusers import UNet2DModel
-from flax import traverse_util
-from helpers import DOWN_TYPES, cifar10_diffusers_config
+from helpers import DOWN_TYPES, assert_trees_equal, cifar10_diffusers_config
 
 from configs.default import get_config
 from ddpm_jax import checkpoints, pretrained
@@ -52,13 +51,6 @@ def torch_forward(model, x, t):
 def rel_err(actual, expected):
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
-
-
-def assert_trees_equal(a, b):
-  flat_a, flat_b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
-  assert flat_a.keys() == flat_b.keys()
-  for path, value in flat_a.items():
-    np.testing.assert_array_equal(value, flat_b[path], err_msg='/'.join(path))
 
 
 @pytest.fixture(scope='module')

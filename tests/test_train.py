@@ -1,63 +1,24 @@
-"""Tests of the training job: a real step on mock TFDS data, device-count and process-count
-invariance, exact resumption after SIGKILL / SIGTERM, and the errors for bad input.
-
-Multi-device and multi-process runs happen in subprocesses of `main.py` (the device count is
-fixed when JAX starts); their losses are read back from the TensorBoard events they write.
+"""Tests of the training job in this process: a real step on mock TFDS data, steps per call,
+resumption, bfloat16, checkpoints that cannot be read, and the errors for bad input. The runs on
+several devices and processes, and the kills, are in test_train_processes.py.
 """
 
-import os
 import re
-import signal
-import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
-from helpers import free_port, main_command, run_main, subprocess_env, tiny_digits_config
+from helpers import (
+  assert_trees_equal,
+  final_params,
+  logged_scalars,
+  tiny_digits_config,
+  train_step_setup,
+)
 
-from ddpm_jax import checkpoints, image_io, input_pipeline, models, train
-from ddpm_jax import diffusion as diffusion_lib
-
-
-def logged_scalars(workdir, tag: str = 'loss') -> dict[int, float]:
-  """{step: value} of a scalar in the TensorBoard event files of `workdir`."""
-  values = {}
-  for path in tf.io.gfile.glob(os.path.join(str(workdir), 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
-
-
-def final_params(workdir):
-  """The params and EMA params of the latest checkpoint, as host NumPy trees."""
-  manager = checkpoints.create_manager(str(workdir), async_save=False)
-  step = manager.latest_step()
-  metadata = manager.item_metadata(step)
-  abstract = {
-    name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata[name])
-    for name in ('params', 'ema_params')
-  }
-  restored_step, items = checkpoints.restore(manager, abstract)
-  manager.close()
-  return restored_step, jax.device_get({k: items[k] for k in abstract})
-
-
-def assert_trees_equal(a, b):
-  flat_a, flat_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
-  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-  for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-
-
-# ----------------------------------------------------------------------------------------------
-# In-process runs.
-# ----------------------------------------------------------------------------------------------
+from ddpm_jax import image_io, input_pipeline, train
 
 
 def test_one_step_on_mock_cifar10(tmp_path):
@@ -282,112 +243,6 @@ def test_unwritable_workdir(tmp_path):
     train.train_and_evaluate(tiny_digits_config(1), str(blocker / 'workdir'))
 
 
-# ----------------------------------------------------------------------------------------------
-# Subprocess runs: several devices, several processes, kills.
-# ----------------------------------------------------------------------------------------------
-
-
-def test_same_losses_on_1_and_8_devices(tmp_path):
-  run_main(tmp_path / 'one', 10, num_devices=1)
-  assert '8 local / 8 global devices' in run_main(tmp_path / 'eight', 10, num_devices=8).stderr
-  one, eight = logged_scalars(tmp_path / 'one'), logged_scalars(tmp_path / 'eight')
-  assert sorted(one) == list(range(1, 11))
-  np.testing.assert_allclose([eight[s] for s in one], list(one.values()), rtol=1e-5)
-
-
-def test_two_processes_match_one_process(tmp_path):
-  # Two processes with 2 CPU devices each, CPU collectives over gloo, against 1 x 4 devices.
-  run_main(tmp_path / 'single', 10, num_devices=4)
-  port = free_port()
-  env = subprocess_env(2, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
-  procs = [
-    subprocess.Popen(
-      main_command(tmp_path / 'multi', 10)
-      + [
-        f'--coordinator_address=127.0.0.1:{port}',
-        '--num_processes=2',
-        f'--process_id={i}',
-      ],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outputs, strict=True):
-    assert p.returncode == 0, out[-5000:]
-  assert 'Process 1 of 2; 2 local / 4 global devices' in outputs[1]
-  single, multi = logged_scalars(tmp_path / 'single'), logged_scalars(tmp_path / 'multi')
-  assert sorted(single) == list(range(1, 11))
-  np.testing.assert_allclose([multi[s] for s in single], list(single.values()), rtol=1e-5)
-
-
-def _wait_for_checkpoint(workdir, proc, step: int, timeout: float = 300):
-  """Waits until the checkpoint at `step` is complete in `workdir`."""
-  deadline = time.time() + timeout
-  target = workdir / 'checkpoints' / str(step)
-  while time.time() < deadline:
-    if target.is_dir() and any(target.iterdir()):
-      return
-    assert proc.poll() is None, 'the training process ended early'
-    time.sleep(0.05)
-  raise TimeoutError(f'no checkpoint at step {step} after {timeout} s')
-
-
-KILL_TEST_STEPS = 40
-
-
-@pytest.fixture(scope='module')
-def uninterrupted_run(tmp_path_factory):
-  """The final params of a run of KILL_TEST_STEPS steps that nothing interrupted."""
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  run_main(workdir, KILL_TEST_STEPS)
-  return final_params(workdir)
-
-
-@pytest.mark.parametrize(
-  'sig, steps_per_call',
-  [(signal.SIGKILL, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 4)],
-  ids=['sigkill', 'sigterm', 'sigterm_4_steps_per_call'],
-)
-def test_killed_run_resumes_bitwise(tmp_path, sig, steps_per_call, uninterrupted_run):
-  num_steps = KILL_TEST_STEPS
-  # With 4 steps per call and losses logged at the end only, calls of 4 and 1 steps between the
-  # checkpoints every 5 steps: SIGTERM is seen after the call it follows, at a step that need
-  # not be a multiple of 4, and the resumed run equals the one of one step per call.
-  extra = {'training.steps_per_call': steps_per_call}
-  if steps_per_call > 1:
-    extra['training.log_every_steps'] = num_steps
-
-  workdir = tmp_path / 'killed'
-  proc = subprocess.Popen(
-    main_command(workdir, num_steps, **extra),
-    env=subprocess_env(1),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  _wait_for_checkpoint(workdir, proc, 5)
-  proc.send_signal(sig)
-  _, stderr = proc.communicate(timeout=300)
-  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-  if sig == signal.SIGTERM:
-    # A clean exit that saved at the step it had reached.
-    assert proc.returncode == 0, stderr[-5000:]
-    assert 'Asked to stop (SIGTERM)' in stderr
-  else:
-    assert proc.returncode == -signal.SIGKILL
-  assert saved and max(saved) < num_steps, saved
-
-  run_main(workdir, num_steps, **extra)
-  step_a, straight = uninterrupted_run
-  step_b, resumed = final_params(workdir)
-  assert step_a == step_b == num_steps
-  assert_trees_equal(resumed, straight)
-
-
 def test_bfloat16_training_lowers_the_loss_like_float32():
   # model.dtype = 'bfloat16': activations in bf16, params, Adam state and EMA in float32. From the
   # same init and on the same digit batches, 60 steps must lower the loss on a fixed evaluation
@@ -395,15 +250,11 @@ def test_bfloat16_training_lowers_the_loss_like_float32():
   # is the float32 run's, within 10% of its initial loss.
   def run(dtype):
     config = tiny_digits_config(60, **{'model.dtype': dtype, 'training.learning_rate': 2e-3})
-    model = models.create_model(config)
-    diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-    tx, schedule = train.create_optimizer(config)
-    state = train.create_train_state(config, model, tx, jax.random.key(0))
+    model, diffusion, state, step = train_step_setup(config)
     assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))} <= {
       np.dtype(np.float32),
       np.dtype(np.int32),
     }
-    step = jax.jit(train.create_train_step(config, model, diffusion, tx, schedule))
     images = input_pipeline.create_source(config, 'test')[np.arange(64)]
     x_start = image_io.to_model_range(images)
     t = jnp.arange(64) * diffusion.num_timesteps // 64

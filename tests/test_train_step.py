@@ -10,10 +10,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from helpers import tiny_digits_config
+from helpers import tiny_digits_config, train_step_setup
 
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import models, train
+from ddpm_jax import train
 
 
 def test_optimizer_clips_the_global_norm_then_applies_adam_with_the_warmup():
@@ -84,11 +84,7 @@ def test_ema_follows_the_recurrence_with_the_configured_decay():
   config = tiny_digits_config(
     5, **{'training.ema_decay': 0.5, 'training.warmup_steps': 1, 'training.learning_rate': 1e-2}
   )
-  model = models.create_model(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  tx, schedule = train.create_optimizer(config)
-  state = train.create_train_state(config, model, tx, jax.random.key(0))
-  step = jax.jit(train.create_train_step(config, model, diffusion, tx, schedule))
+  _, _, state, step = train_step_setup(config)
   images = jnp.asarray(
     np.random.default_rng(0).integers(0, 256, (config.training.batch_size, 8, 8, 1)), jnp.uint8
   )

@@ -1,0 +1,126 @@
+"""Tests of the training job in subprocesses of `main.py` (the device count is fixed when JAX
+starts): the same losses on 1 and 8 devices and on 2 processes, and exact resumption after
+SIGKILL / SIGTERM. Losses are read back from the TensorBoard events the runs write.
+"""
+
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from helpers import (
+  assert_trees_equal,
+  final_params,
+  free_port,
+  logged_scalars,
+  main_command,
+  run_main,
+  subprocess_env,
+)
+
+# One uninterrupted run on 1 device is the reference of the subprocess tests: its losses, logged
+# at every step, for the device and process counts (whose runs are shorter: the data order and
+# the learning rate are functions of the step alone), and its final params for the kills.
+REFERENCE_STEPS = 40
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  """(step, final params, {step: loss}) of a 1-device run of REFERENCE_STEPS steps."""
+  workdir = tmp_path_factory.mktemp('reference')
+  run_main(workdir, REFERENCE_STEPS)
+  step, params = final_params(workdir)
+  return step, params, logged_scalars(workdir)
+
+
+def assert_same_losses(workdir, reference_run):
+  """The losses of a 10-step run in `workdir` equal the reference run's at steps 1..10."""
+  losses, expected = logged_scalars(workdir), reference_run[2]
+  steps = list(range(1, 11))
+  assert sorted(losses) == steps
+  np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=1e-5)
+
+
+def test_same_losses_on_1_and_8_devices(tmp_path, reference_run):
+  assert '8 local / 8 global devices' in run_main(tmp_path, 10, num_devices=8).stderr
+  assert_same_losses(tmp_path, reference_run)
+
+
+def test_two_processes_match_one_process(tmp_path, reference_run):
+  # Two processes with 2 CPU devices each, CPU collectives over gloo, against 1 process.
+  port = free_port()
+  env = subprocess_env(2, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  procs = [
+    subprocess.Popen(
+      main_command(tmp_path, 10)
+      + [
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs, strict=True):
+    assert p.returncode == 0, out[-5000:]
+  assert 'Process 1 of 2; 2 local / 4 global devices' in outputs[1]
+  assert_same_losses(tmp_path, reference_run)
+
+
+def _wait_for_checkpoint(workdir, proc, step: int, timeout: float = 300):
+  """Waits until the checkpoint at `step` is complete in `workdir`."""
+  deadline = time.time() + timeout
+  target = workdir / 'checkpoints' / str(step)
+  while time.time() < deadline:
+    if target.is_dir() and any(target.iterdir()):
+      return
+    assert proc.poll() is None, 'the training process ended early'
+    time.sleep(0.05)
+  raise TimeoutError(f'no checkpoint at step {step} after {timeout} s')
+
+
+@pytest.mark.parametrize(
+  'sig, steps_per_call',
+  [(signal.SIGKILL, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 4)],
+  ids=['sigkill', 'sigterm', 'sigterm_4_steps_per_call'],
+)
+def test_killed_run_resumes_bitwise(tmp_path, sig, steps_per_call, reference_run):
+  num_steps = REFERENCE_STEPS
+  # With 4 steps per call and losses logged at the end only, calls of 4 and 1 steps between the
+  # checkpoints every 5 steps: SIGTERM is seen after the call it follows, at a step that need
+  # not be a multiple of 4, and the resumed run equals the one of one step per call.
+  extra = {'training.steps_per_call': steps_per_call}
+  if steps_per_call > 1:
+    extra['training.log_every_steps'] = num_steps
+
+  workdir = tmp_path / 'killed'
+  proc = subprocess.Popen(
+    main_command(workdir, num_steps, **extra),
+    env=subprocess_env(1),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  _wait_for_checkpoint(workdir, proc, 5)
+  proc.send_signal(sig)
+  _, stderr = proc.communicate(timeout=300)
+  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  if sig == signal.SIGTERM:
+    # A clean exit that saved at the step it had reached.
+    assert proc.returncode == 0, stderr[-5000:]
+    assert 'Asked to stop (SIGTERM)' in stderr
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  assert saved and max(saved) < num_steps, saved
+
+  run_main(workdir, num_steps, **extra)
+  step_a, straight, _ = reference_run
+  step_b, resumed = final_params(workdir)
+  assert step_a == step_b == num_steps
+  assert_trees_equal(resumed, straight)
