@@ -70,7 +70,7 @@ import functools
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import jax
@@ -204,6 +204,11 @@ def _folder_info(data: ml_collections.ConfigDict) -> DatasetInfo:
   return DatasetInfo(FOLDER, None, None, ('train', 'test'), 'test')
 
 
+def _folder_directory(data: ml_collections.ConfigDict, split: str) -> str:
+  """The directory of a folder dataset's split: 'train' is image_dir, 'test' eval_image_dir."""
+  return data.image_dir if split == 'train' else data.eval_image_dir
+
+
 def _import_tfds():
   tf_support.import_tensorflow()  # Before TFDS, which may import TF to read the data.
   import tensorflow_datasets as tfds  # Only TFDS datasets need it; slow to import.
@@ -218,7 +223,7 @@ def _tfds_builder(name: str, data_dir: str | None, **kwargs):
     return tfds.builder(name, data_dir=data_dir, **kwargs)
   except (ValueError, AssertionError) as e:  # DatasetNotFoundError is a ValueError.
     tfds_names = tfds.list_builders(with_community_datasets=False)
-    base_name = name.split(':')[0].split('/')[0]
+    base_name = _tfds_base_name(name)
     if base_name in tfds_names:  # An unknown config or version of a TFDS dataset.
       raise ValueError(f'TFDS cannot open dataset {name!r}: {e}') from e
     close = difflib.get_close_matches(base_name, [*DATASETS, FOLDER, *tfds_names], n=5)
@@ -227,6 +232,11 @@ def _tfds_builder(name: str, data_dir: str | None, **kwargs):
       f'Unknown dataset {name!r}: not one of {", ".join(DATASETS)}, nor {FOLDER!r} (the images '
       f'under config.data.image_dir), nor a TFDS dataset.{suggestion}'
     ) from None  # TFDS's message lists all its datasets.
+
+
+def _tfds_base_name(name: str) -> str:
+  """'lsun/church_outdoor:3.1.0' -> 'lsun': the dataset without its config and version."""
+  return name.split(':')[0].split('/')[0]
 
 
 def _tfds_info(name: str, data_dir: str | None) -> DatasetInfo:
@@ -325,6 +335,17 @@ def fit_image(image: np.ndarray, *, size: int, num_channels: int) -> np.ndarray:
   if image.shape[:2] != (size, size):
     image = center_crop_and_resize(image, size)
   return image
+
+
+def _fit_batch(
+  read: Callable[[int], np.ndarray], indices: np.ndarray, size: int, num_channels: int
+) -> np.ndarray:
+  """uint8 [n, size, size, num_channels]: the examples `read(index)` of `indices`, decoded one
+  by one and each put through `fit_image`."""
+  images = np.empty((len(indices), size, size, num_channels), np.uint8)
+  for row, index in enumerate(indices):
+    images[row] = fit_image(read(int(index)), size=size, num_channels=num_channels)
+  return images
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,12 +449,9 @@ class TfdsSource:
 
   def __getitem__(self, indices: np.ndarray) -> np.ndarray:
     """indices: int [n] in [0, len(self)) -> uint8 [n, image_size, image_size, num_channels]."""
-    size = self.image_size
-    images = np.empty((len(indices), size, size, self.num_channels), np.uint8)
-    for row, index in enumerate(indices):
-      image = self._source[int(index)][self.info.image_key]
-      images[row] = fit_image(image, size=size, num_channels=self.num_channels)
-    return images
+    return _fit_batch(
+      lambda i: self._source[i][self.info.image_key], indices, self.image_size, self.num_channels
+    )
 
 
 def prepare_tfds_dataset(info: DatasetInfo, *, data_dir: str | None) -> None:
@@ -477,10 +495,9 @@ def _prepare_instructions(info: DatasetInfo, data_dir: str | None, problem: str)
       '(https://www.tensorflow.org/datasets/catalog/celeb_a_hq).'
     )
   elif info.manual_download:
-    base_name = info.name.split(':')[0].split('/')[0]
     message += (
       f'\n{info.name!r} needs a manual download first, into <data_dir>/downloads/manual/ '
-      f'(https://www.tensorflow.org/datasets/catalog/{base_name}).'
+      f'(https://www.tensorflow.org/datasets/catalog/{_tfds_base_name(info.name)}).'
     )
   return message
 
@@ -538,12 +555,12 @@ class FolderSource:
 
   def __getitem__(self, indices: np.ndarray) -> np.ndarray:
     """indices: int [n] in [0, len(self)) -> uint8 [n, image_size, image_size, num_channels]."""
-    size = self.image_size
-    images = np.empty((len(indices), size, size, self.num_channels), np.uint8)
-    for row, index in enumerate(indices):
-      image = read_image(os.path.join(self.directory, self.paths[int(index)]))
-      images[row] = fit_image(image, size=size, num_channels=self.num_channels)
-    return images
+    return _fit_batch(
+      lambda i: read_image(os.path.join(self.directory, self.paths[i])),
+      indices,
+      self.image_size,
+      self.num_channels,
+    )
 
 
 def create_source(
@@ -575,8 +592,9 @@ def create_source(
     indices = _digits_split_indices(split)
     return InMemorySource(images[indices], labels[indices])
   if info.name == FOLDER:
-    directory = data.image_dir if split == 'train' else data.eval_image_dir
-    return FolderSource(directory, image_size=data.image_size, num_channels=data.num_channels)
+    return FolderSource(
+      _folder_directory(data, split), image_size=data.image_size, num_channels=data.num_channels
+    )
   return TfdsSource(
     info,
     split,
@@ -598,8 +616,7 @@ def split_settings(config: ml_collections.ConfigDict, split: str) -> dict[str, A
     'num_channels': data.num_channels,
   }
   if data.dataset == FOLDER:
-    directory = data.image_dir if split == 'train' else data.eval_image_dir
-    settings['directory'] = os.path.abspath(directory)
+    settings['directory'] = os.path.abspath(_folder_directory(data, split))
   return settings
 
 

@@ -25,24 +25,14 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from test_input_pipeline import (
   assert_close_to_reference,
+  make_config,
   reference_center_crop,
   reference_resize,
   take,
 )
 
-from configs import default
 from ddpm_jax import input_pipeline as ip
 from ddpm_jax import validation
-
-
-def make_config(dataset, image_size, num_channels, **data):
-  config = default.get_config()
-  config.data.dataset = dataset
-  config.data.image_size = image_size
-  config.data.num_channels = num_channels
-  for field, value in data.items():
-    config.data[field] = value
-  return config
 
 
 def mocked_images(name, num):

@@ -22,13 +22,14 @@ from configs import default
 from ddpm_jax import input_pipeline as ip
 
 
-def make_config(dataset='digits', image_size=8, num_channels=1, data_dir=None, download=True):
+def make_config(dataset='digits', image_size=8, num_channels=1, **data):
+  """The default config reading `dataset`; `data` sets other `config.data` fields."""
   config = default.get_config()
   config.data.dataset = dataset
   config.data.image_size = image_size
   config.data.num_channels = num_channels
-  config.data.data_dir = data_dir
-  config.data.download = download
+  for field, value in data.items():
+    config.data[field] = value
   return config
 
 
