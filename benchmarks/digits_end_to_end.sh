@@ -3,7 +3,7 @@
 # install): train digits from nothing (compilation and the final sample grid included), then
 # sample 64 digits and the progressive figure, then evaluate (bits/dim on the 300 test digits
 # and the digits measure on 256 samples).
-# Targets: training at most 5 minutes on a 2-core CPU without GPU (issue 4); sampling and
+# Targets: training at most 5 minutes on a 2-core CPU without GPU (issues 4 and 11); sampling and
 # evaluation "in minutes" (issues 5 and 6).
 # Usage: bash benchmarks/digits_end_to_end.sh [WORKDIR]
 set -euo pipefail

@@ -41,7 +41,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 run benchmarks/train.py $cifar --dtype=float32,bfloat16 --steps_per_call=1,$k \
   --peak_tflops="$peak"
-run benchmarks/sample.py $samples --sampler=ancestral,ddim --ddim_steps=50 \
+run benchmarks/sample.py $samples --sampler=ancestral,ddim --steps=50 \
   --dtype=float32,bfloat16
 run benchmarks/train.py $big --dtype=bfloat16 --peak_tflops="$peak"
 run benchmarks/train.py $big --dtype=bfloat16 --remat --peak_tflops="$peak"

@@ -1,7 +1,7 @@
 """Speed of ddpm-jax's samplers: the compiled chunked loops of `ddpm_jax/samplers.py`.
 
-  python benchmarks/sample.py --config=cifar10 --num_images=256 --sampler=ancestral,ddim \
-      --ddim_steps=50 --dtype=float32,bfloat16
+  python benchmarks/sample.py --config=cifar10 --num_images=256 \
+      --sampler=ancestral,ddim,dpm_solver++ --steps=50 --dtype=float32,bfloat16
 
 draws, for each sampler and dtype listed (compiled at once, then timed round by round),
 `--num_images` images (one global batch, sharded over all devices) with random parameters
@@ -23,6 +23,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from timing import Runner, append_json, build_at_once  # noqa: E402
@@ -40,7 +41,7 @@ def sample_runner(
   *,
   num_images: int,
   sampler: str = 'ancestral',
-  ddim_steps: int = 50,
+  steps: int = 50,
   dtype: str = 'float32',
   one_step: bool = False,
 ) -> tuple[Runner, float]:
@@ -56,7 +57,7 @@ def sample_runner(
     lambda rng: model.init(rng, x1, t1, train=False)['params'],
     out_shardings=mesh_lib.replicated(mesh),
   )(jax.random.key(0))
-  settings = samplers.Sampler(sampler, ddim_steps) if sampler == 'ddim' else samplers.ANCESTRAL
+  settings = samplers.Sampler(sampler, steps) if sampler != 'ancestral' else samplers.ANCESTRAL
   run_chunk = samplers.create_chunk_fn(diffusion, model, mesh, settings)
   init = samplers.create_init_fn(diffusion, mesh)
   x, loop_rng = init((num_images, size, size, channels), jax.random.key(1))
@@ -67,11 +68,12 @@ def sample_runner(
     start, num_steps = 0, settings.num_steps(diffusion.num_timesteps)
   bounds = (np.int32(start), np.int32(start + num_steps))
   began = time.perf_counter()
-  compiled = run_chunk.lower(params, x, loop_rng, *bounds).compile()
+  pred_xstart = jnp.zeros_like(x)
+  compiled = run_chunk.lower(params, x, pred_xstart, loop_rng, *bounds).compile()
   compile_s = time.perf_counter() - began
 
   def work():
-    jax.block_until_ready(compiled(params, x, loop_rng, *bounds))
+    jax.block_until_ready(compiled(params, x, pred_xstart, loop_rng, *bounds))
 
   name = 'jax sample step' if one_step else f'jax sample {sampler}'
   runner = Runner(name, images_per_run=num_images, steps_per_run=num_steps, work=work)
@@ -93,7 +95,7 @@ def main(argv):
     return sample_runner(
       FLAGS.config,
       num_images=FLAGS.num_images,
-      ddim_steps=FLAGS.ddim_steps,
+      steps=FLAGS.steps,
       one_step=one_step,
       **variant,
     )
@@ -138,7 +140,7 @@ if __name__ == '__main__':
   flags.DEFINE_enum('config', 'cifar10', list(CONFIGS), 'configs/<name>.py to benchmark.')
   flags.DEFINE_integer('num_images', 256, 'Images per sampling call (one global batch).')
   flags.DEFINE_list('sampler', ['ancestral'], f'Samplers, of {", ".join(samplers.SAMPLERS)}.')
-  flags.DEFINE_integer('ddim_steps', 50, 'DDIM steps (--sampler=ddim).')
+  flags.DEFINE_integer('steps', 50, 'Network evaluations of every sampler but ancestral.')
   flags.DEFINE_list('dtype', ['float32'], 'config.model.dtype values (float32, bfloat16).')
   flags.DEFINE_enum('mode', 'loop', ['loop', 'step'], 'The whole loop, or one ancestral step.')
   flags.DEFINE_integer('windows', 3, 'Timed repetitions; the median is reported.')

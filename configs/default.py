@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.steps_per_call = 4
   training.learning_rate = 2e-4
   training.warmup_steps = 5000
+  # After the warmup: 'none' (constant, the paper's) or 'cosine' (to 0 at num_train_steps, so
+  # that raising num_train_steps to extend a run changes the rates of the steps still to come).
+  training.lr_decay = 'none'
   training.grad_clip = 1.0
   training.adam_b1 = 0.9
   training.adam_b2 = 0.999
@@ -92,9 +95,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Comma-separated, any of: 'samples' (num_samples images as .npz and a .png grid),
   # 'progressive' (paper Fig. 6), 'denoising_chain' (Fig. 7), 'interpolation' (Fig. 8).
   sampling.kinds = 'samples'
-  sampling.sampler = 'ancestral'  # For 'samples': 'ancestral' (the paper's, all T steps) or 'ddim'.
-  sampling.ddim_steps = 50
+  # The sampler of 'samples' (and of the training grids and --mode=eval; ddpm_jax/samplers.py):
+  # 'ancestral' (the paper's Algorithm 2, all T steps), 'ddim' (Song et al. 2021), 'respaced'
+  # (the ancestral sampler on `steps` of the T timesteps, Nichol & Dhariwal 2021) or
+  # 'dpm_solver++' (DPM-Solver++(2M), Lu et al. 2022).
+  sampling.sampler = 'ancestral'
+  sampling.steps = 50  # Network evaluations per sample, for every sampler but 'ancestral'.
   sampling.ddim_eta = 0.0  # 0: deterministic DDIM; 1: the variance of the ancestral sampler.
+  # dpm_solver++'s treatment of the predicted x_0: 'static' (clipped to [-1, 1], as the other
+  # samplers do), 'dynamic' (Imagen's percentile thresholding) or 'none'.
+  sampling.thresholding = 'static'
   sampling.num_samples = 64
   sampling.batch_size = 64  # Global images per batch, a multiple of the device count.
   sampling.checkpoint_step = ml_collections.config_dict.placeholder(int)  # None: the latest.

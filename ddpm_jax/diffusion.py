@@ -7,8 +7,10 @@ variances, the second half being the variance output). Schedules and tables are 
 float64 NumPy and stored as float32. Every loop over timesteps is one compiled `lax.scan` /
 `lax.fori_loop`.
 
-Equation numbers refer to Ho et al. 2020; `learned_range` and `hybrid` come from improved DDPM
-(Nichol & Dhariwal 2021); `ddim_sample_loop` from DDIM (Song, Meng, Ermon 2021).
+Equation numbers refer to Ho et al. 2020; `learned_range`, `hybrid` and `respaced_step` come from
+improved DDPM (Nichol & Dhariwal 2021); `ddim_step` from DDIM (Song, Meng, Ermon 2021);
+`dpm_solver_step` from DPM-Solver++ (Lu et al. 2022). Each sampler is a `StepFn` (see "Samplers as
+step functions" below) that `sample_steps` and `sample_loop` run.
 """
 
 from __future__ import annotations
@@ -127,6 +129,83 @@ def discretized_gaussian_log_likelihood(
 def _extract(table: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
   """Gathers `table[t]` for t `[B]` and shapes it `[B, 1, ..., 1]` to broadcast over images."""
   return table[t].reshape((t.shape[0],) + (1,) * (ndim - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The samplers' timesteps and DPM-Solver++'s coefficients.
+# ----------------------------------------------------------------------------------------------
+
+# `step(i, x, prev_pred_xstart, loop_rng) -> {'sample', 'pred_xstart'}` (GaussianDiffusion).
+StepFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], dict]
+
+THRESHOLDINGS = ('none', 'static', 'dynamic')
+# Imagen's dynamic thresholding (Saharia et al. 2022), as DPM-Solver++ uses it: s is this
+# quantile of |x_0| over each image, and x_0 becomes clip(x_0, -s, s) / s when s > 1.
+DYNAMIC_THRESHOLDING_QUANTILE = 0.995
+
+
+def sampler_timesteps(sampler: str, num_timesteps: int, num_steps: int) -> np.ndarray:
+  """The K = num_steps timesteps (0-based, increasing) at which a fast sampler calls the network.
+
+  ddim          i * (T // K), i < K: the strided "uniform" skip of the DDIM paper.
+  respaced      round(i (T-1) / (K-1)), i < K: K evenly spaced timesteps from 0 to T-1, as
+                improved DDPM's respacing with one section (K >= 2).
+  dpm_solver++  round(i (T-1) / K), 0 < i <= K: DPM-Solver's "time_uniform" spacing (uniform
+                in the time of its discrete-time wrapper; its authors' code recommends it for
+                high-resolution pixel data) rounded onto the model's integer timesteps, with the
+                last point, t = 0, replaced by the data itself (diffusers' "linspace" spacing);
+                K <= T-1, so that the points are distinct.
+  Raises ValueError (naming the range) when K is out of range.
+  """
+  t = num_timesteps
+  low, high = {'ddim': (1, t), 'respaced': (2, t), 'dpm_solver++': (1, t - 1)}[sampler]
+  if not (isinstance(num_steps, int | np.integer) and low <= num_steps <= high):
+    raise ValueError(
+      f'{sampler} takes between {low} and {high} steps for T = {t}, got {num_steps!r}.'
+    )
+  if sampler == 'ddim':
+    return np.arange(num_steps) * (t // num_steps)
+  if sampler == 'respaced':
+    return np.round(np.arange(num_steps) * ((t - 1) / (num_steps - 1))).astype(np.int64)
+  return np.round(np.arange(1, num_steps + 1) * ((t - 1) / num_steps)).astype(np.int64)
+
+
+def threshold(pred_xstart: jax.Array, thresholding: str) -> jax.Array:
+  """x_0 thresholded: 'static' clips it to [-1, 1], 'dynamic' rescales each image by
+  s = max(1, the DYNAMIC_THRESHOLDING_QUANTILE quantile of |x_0|) after clipping to [-s, s],
+  'none' returns it."""
+  _check_choice('thresholding', thresholding, THRESHOLDINGS)
+  if thresholding == 'static':
+    return jnp.clip(pred_xstart, -1.0, 1.0)
+  if thresholding == 'dynamic':
+    flat = jnp.abs(pred_xstart).reshape(pred_xstart.shape[0], -1)
+    s = jnp.maximum(jnp.quantile(flat, DYNAMIC_THRESHOLDING_QUANTILE, axis=1), 1.0)
+    s = s.reshape((-1,) + (1,) * (pred_xstart.ndim - 1))
+    return jnp.clip(pred_xstart, -s, s) / s
+  return pred_xstart
+
+
+def dpm_solver_coefficients(
+  sqrt_alphas_cumprod: np.ndarray, sqrt_one_minus_alphas_cumprod: np.ndarray, num_steps: int
+) -> np.ndarray:
+  """float32 [K, 3]: per step i of DPM-Solver++(2M), the coefficients (a_i, b_i, c_i) of
+  x_{i+1} = a_i x_i + b_i ((1 + c_i) x0_i - c_i x0_{i-1}), computed in float64 from the tables
+  alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) (`GaussianDiffusion.dpm_solver_step` has
+  the equations): a_i = sigma_{i+1} / sigma_i, b_i = -alpha_{i+1} expm1(-h_i), c_i = 1 / (2 r_i)
+  for 0 < i < K-1 and 0 for the first-order first and last steps; the last is (0, 1, 0)."""
+  alpha = np.asarray(sqrt_alphas_cumprod, np.float64)
+  sigma = np.asarray(sqrt_one_minus_alphas_cumprod, np.float64)
+  taus = sampler_timesteps('dpm_solver++', alpha.size, num_steps)[::-1]
+  lam = np.log(alpha[taus]) - np.log(sigma[taus])
+  coefficients = np.zeros((num_steps, 3))
+  coefficients[-1] = (0.0, 1.0, 0.0)
+  h = np.diff(lam)  # h[i]: from tau_i to tau_{i+1}, i < K-1.
+  for i in range(num_steps - 1):
+    coefficients[i, 0] = sigma[taus[i + 1]] / sigma[taus[i]]
+    coefficients[i, 1] = -alpha[taus[i + 1]] * np.expm1(-h[i])
+    if i > 0:
+      coefficients[i, 2] = h[i] / (2.0 * h[i - 1])
+  return coefficients.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +385,28 @@ class GaussianDiffusion:
       return _extract(self.fixedlarge_log_variance, t, x.ndim)
     return _extract(self.posterior_log_variance_clipped, t, x.ndim)
 
+  def _split_output(self, model_output, x) -> tuple[jax.Array, jax.Array | None]:
+    """The network output as (mean output, variance output or None) for this variance type."""
+    if not self.learned_variance:
+      return model_output, None
+    channels = x.shape[-1]
+    if model_output.shape[-1] != 2 * channels:
+      raise ValueError(
+        f'model_var_type {self.model_var_type!r} needs {2 * channels} output channels, '
+        f'got {model_output.shape[-1]}.'
+      )
+    return model_output[..., :channels], model_output[..., channels:]
+
+  def _predict_xstart(self, model_output, x, t, clip_denoised: bool):
+    """The x_0 that the mean output (eps, x_0 or x_{t-1}) implies, clipped when asked."""
+    if self.model_mean_type == 'xprev':
+      pred_xstart = self.predict_xstart_from_xprev(x, t, model_output)
+    elif self.model_mean_type == 'xstart':
+      pred_xstart = model_output
+    else:
+      pred_xstart = self.predict_xstart_from_eps(x, t, model_output)
+    return jnp.clip(pred_xstart, -1.0, 1.0) if clip_denoised else pred_xstart
+
   def p_mean_variance(self, model_fn: ModelFn, x, t, clip_denoised: bool = True):
     """Mean and variance of p(x_{t-1} | x_t) (eq. 1) and the predicted x_0.
 
@@ -313,30 +414,12 @@ class GaussianDiffusion:
     `[B, 1, 1, 1]` for fixed variances) and `pred_xstart` (clipped to [-1, 1] when
     `clip_denoised`).
     """
-    model_output = model_fn(x, t)
-    channels = x.shape[-1]
-    if self.learned_variance:
-      if model_output.shape[-1] != 2 * channels:
-        raise ValueError(
-          f'model_var_type {self.model_var_type!r} needs {2 * channels} output channels, '
-          f'got {model_output.shape[-1]}.'
-        )
-      model_output, var_output = model_output[..., :channels], model_output[..., channels:]
-    else:
-      var_output = None
+    model_output, var_output = self._split_output(model_fn(x, t), x)
     log_variance = self._model_log_variance(var_output, x, t)
-
-    def process_xstart(x0):
-      return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
-
+    pred_xstart = self._predict_xstart(model_output, x, t, clip_denoised)
     if self.model_mean_type == 'xprev':
-      pred_xstart = process_xstart(self.predict_xstart_from_xprev(x, t, model_output))
       mean = model_output
     else:
-      if self.model_mean_type == 'xstart':
-        pred_xstart = process_xstart(model_output)
-      else:
-        pred_xstart = process_xstart(self.predict_xstart_from_eps(x, t, model_output))
       mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
     return {
       'mean': mean,
@@ -359,28 +442,181 @@ class GaussianDiffusion:
   def sample_loop_init(self, shape, rng) -> tuple[jax.Array, jax.Array]:
     """How every sampler here starts: x_T ~ N(0, I) float32 `shape` and the per-step key.
 
-    `(init_rng, loop_rng) = split(rng)` and x_T = normal(init_rng, shape); step t then draws its
-    noise from `fold_in(loop_rng, t)`, so samplers that share a seed share their trajectory
-    whatever the way their loop is split.
+    `(init_rng, loop_rng) = split(rng)` and x_T = normal(init_rng, shape); a stochastic step at
+    timestep t then draws its noise from `fold_in(loop_rng, t)`, so samplers that share a seed
+    share their trajectory whatever the way their loop is split.
     """
     init_rng, loop_rng = jax.random.split(rng)
     return jax.random.normal(init_rng, shape, jnp.float32), loop_rng
 
-  def _p_sample_step(self, model_fn: ModelFn, i, x, loop_rng):
-    """Step i of the ancestral loop (i counts from t = T-1): `p_sample` at t = T-1-i."""
-    t_scalar = self.num_timesteps - 1 - i
-    t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
-    return self.p_sample(model_fn, x, t, jax.random.fold_in(loop_rng, t_scalar))
+  # --- Samplers as step functions. -----------------------------------------------------------
+  # A sampler of K steps is a `StepFn`, `step(i, x, prev_pred_xstart, loop_rng)` -> dict of
+  # `sample` and `pred_xstart`: step i (0 <= i < K, traced) maps the state after i steps to the
+  # state after i + 1, evaluating the network once. prev_pred_xstart is the pred_xstart of step
+  # i - 1 (any array shaped like x at i = 0): only DPM-Solver++'s multistep update reads it.
+  # `sample_steps` runs a range of steps in one loop, `sample_loop` all K from `sample_loop_init`.
 
-  def _step_fn(self, model_fn: ModelFn, shape, rng):
-    """Returns x_T and `step(i, x) -> p_sample output` where i counts steps from t = T-1."""
+  def ancestral_step(self, model_fn: ModelFn) -> StepFn:
+    """The paper's Algorithm 2 (K = T): step i is `p_sample` at t = T-1-i with the noise of
+    `fold_in(loop_rng, t)`."""
+
+    def step(i, x, prev_pred_xstart, loop_rng):
+      del prev_pred_xstart
+      t_scalar = self.num_timesteps - 1 - i
+      t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
+      return self.p_sample(model_fn, x, t, jax.random.fold_in(loop_rng, t_scalar))
+
+    return step
+
+  def ddim_step(
+    self, model_fn: ModelFn, *, num_steps: int, eta: float = 0.0, clip_denoised: bool = True
+  ) -> StepFn:
+    """DDIM (Song et al. 2021, eq. 12) on the `num_steps` timesteps of `sampler_timesteps`.
+
+    Step i goes from t = ts[K-1-i] to ts[K-2-i] (to x_0, abar = 1, at the last step). eta = 0 is
+    the deterministic sampler, eta = 1 has the variance of the ancestral sampler, with the noise
+    of `fold_in(loop_rng, t)`. The predicted x_0 is clipped when `clip_denoised` and the noise
+    is recomputed from it.
+    """
+    timesteps = jnp.asarray(sampler_timesteps('ddim', self.num_timesteps, num_steps))
+
+    def step(i, x, prev_pred_xstart, loop_rng):
+      del prev_pred_xstart
+      t_scalar = timesteps[num_steps - 1 - i]
+      t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
+      pred_xstart = self.p_mean_variance(model_fn, x, t, clip_denoised)['pred_xstart']
+      eps = self.predict_eps_from_xstart(x, t, pred_xstart)
+      alpha_bar = _extract(self.alphas_cumprod, t, x.ndim)
+      t_prev = timesteps[jnp.maximum(num_steps - 2 - i, 0)]
+      alpha_bar_prev = jnp.where(i == num_steps - 1, 1.0, self.alphas_cumprod[t_prev])
+      sigma = (
+        eta
+        * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
+        * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev)
+      )
+      noise = jax.random.normal(jax.random.fold_in(loop_rng, t_scalar), x.shape, jnp.float32)
+      sample = (
+        jnp.sqrt(alpha_bar_prev) * pred_xstart
+        + jnp.sqrt(1.0 - alpha_bar_prev - sigma**2) * eps
+        + sigma * noise
+      )
+      return {'sample': sample, 'pred_xstart': pred_xstart}
+
+    return step
+
+  def respaced(self, num_steps: int) -> GaussianDiffusion:
+    """The process on the subsequence S = `sampler_timesteps('respaced', T, K)` (improved DDPM,
+    Nichol & Dhariwal 2021, sec. 4): abar'_k = abar_{S_k}, beta'_k = 1 - abar_{S_k} / abar_{S_{k-1}}
+    (abar_{S_{-1}} = 1), and every table recomputed from these betas (float64, from the float32
+    betas of this process, which must be concrete). Its index k stands for timestep S_k here."""
+    timesteps = sampler_timesteps('respaced', self.num_timesteps, num_steps)
+    log_alphas = np.log1p(-np.asarray(self.betas, np.float64))
+    # log(abar_{S_k} / abar_{S_{k-1}}): the sum of log(1 - beta_j) over S_{k-1} < j <= S_k.
+    segments = np.add.reduceat(log_alphas, np.concatenate([[0], timesteps[:-1] + 1]))
+    return GaussianDiffusion.create(
+      -np.expm1(segments),
+      model_mean_type=self.model_mean_type,
+      model_var_type=self.model_var_type,
+      loss_type=self.loss_type,
+    )
+
+  def respaced_step(
+    self, model_fn: ModelFn, *, num_steps: int, clip_denoised: bool = True
+  ) -> StepFn:
+    """Ancestral sampling (eq. 1, Algorithm 2) of the `respaced(num_steps)` process.
+
+    Step i is k = K-1-i, t = S_k: the network, called at t, gives the predicted x_0 as this
+    process reads its output (eps, x_0, or the posterior mean of its one step t -> t-1, inverted
+    with this process's eq. 7), clipped when `clip_denoised`; x_{S_{k-1}} is drawn from the
+    respaced posterior q'(x_{k-1} | x_k, x_0) mean with the respaced fixed variance (beta'_k or
+    the posterior variance), or improved DDPM's learned_range interpolation of the two, and the
+    noise of `fold_in(loop_rng, t)`; none at k = 0, whose mean is the predicted x_0.
+    """
+    if self.model_var_type == 'learned':
+      raise ValueError(
+        "The respaced sampler cannot use model_var_type 'learned': its output is the variance "
+        "of one step of T; use 'learned_range', a fixed variance, or another sampler."
+      )
+    respaced = self.respaced(num_steps)
+    timesteps = jnp.asarray(sampler_timesteps('respaced', self.num_timesteps, num_steps))
+
+    def step(i, x, prev_pred_xstart, loop_rng):
+      del prev_pred_xstart
+      k = jnp.full((x.shape[0],), num_steps - 1 - i, dtype=jnp.int32)
+      t_scalar = timesteps[num_steps - 1 - i]
+      t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
+      model_output, var_output = self._split_output(model_fn(x, t), x)
+      pred_xstart = self._predict_xstart(model_output, x, t, clip_denoised)
+      mean, _, _ = respaced.q_posterior_mean_variance(pred_xstart, x, k)
+      log_variance = respaced._model_log_variance(var_output, x, k)
+      noise = jax.random.normal(jax.random.fold_in(loop_rng, t_scalar), x.shape, x.dtype)
+      nonzero_mask = (k != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+      sample = mean + nonzero_mask * jnp.exp(0.5 * log_variance) * noise
+      return {'sample': sample, 'pred_xstart': pred_xstart}
+
+    return step
+
+  def dpm_solver_step(
+    self, model_fn: ModelFn, *, num_steps: int, thresholding: str = 'static'
+  ) -> StepFn:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: multistep, second order, data prediction).
+
+    Time points tau_0 > ... > tau_{K-1}, the timesteps of `sampler_timesteps('dpm_solver++')`
+    in decreasing order, then tau_K = the data (alpha = 1, sigma = 0, lambda = +inf), with
+    alpha = sqrt(abar), sigma = sqrt(1 - abar) and lambda = log(alpha / sigma) from this
+    process's discrete tables. Step i evaluates x0_i = x0_hat(x, tau_i) (from the model's eps,
+    x_0 or posterior mean; `thresholding` below) and, with h_i = lambda_{tau_{i+1}} -
+    lambda_{tau_i} and r_i = h_{i-1} / h_i, moves to
+      x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (exp(-h_i) - 1) D_i,
+      D_i = (1 + 1 / (2 r_i)) x0_i - (1 / (2 r_i)) x0_{i-1},
+    taking D_i = x0_i (first order, DDIM) at the first step and at the last, which lands on the
+    data: x_K = x0_{K-1}. thresholding: 'static' clips x0_hat to [-1, 1] (as the other samplers
+    here do), 'dynamic' is Imagen's (Saharia et al. 2022), which the DPM-Solver++ paper
+    combines with its solver for pixel-space models, 'none' leaves it.
+    """
+    coefficients = jnp.asarray(
+      dpm_solver_coefficients(
+        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, num_steps
+      )
+    )
+    timesteps = jnp.asarray(sampler_timesteps('dpm_solver++', self.num_timesteps, num_steps))
+
+    def step(i, x, prev_pred_xstart, loop_rng):
+      del loop_rng
+      t = jnp.full((x.shape[0],), timesteps[num_steps - 1 - i], dtype=jnp.int32)
+      model_output, _ = self._split_output(model_fn(x, t), x)
+      pred_xstart = threshold(self._predict_xstart(model_output, x, t, False), thresholding)
+      x_coef, d_coef, prev_weight = coefficients[i]
+      d = (1.0 + prev_weight) * pred_xstart - prev_weight * prev_pred_xstart
+      return {'sample': x_coef * x + d_coef * d, 'pred_xstart': pred_xstart}
+
+    return step
+
+  def sample_steps(self, step: StepFn, x, pred_xstart, loop_rng, start, stop):
+    """Steps [start, stop) of a sampler's `step` applied to x, in one `lax.fori_loop`.
+
+    pred_xstart is that of step start - 1 (any array shaped like x when start = 0). `start` and
+    `stop` may be traced; the result does not depend on how [0, K) is split into ranges. Returns
+    a dict of `sample` (x after the steps) and `pred_xstart` (that of step stop - 1; the one
+    given when the range is empty), both shaped like x.
+    """
+
+    def body(i, carry):
+      out = step(i, *carry, loop_rng)
+      return out['sample'], out['pred_xstart']
+
+    sample, pred_xstart = jax.lax.fori_loop(start, stop, body, (x, pred_xstart))
+    return {'sample': sample, 'pred_xstart': pred_xstart}
+
+  def sample_loop(self, step: StepFn, num_steps: int, shape, rng):
+    """Draws samples `shape` = [B, H, W, C]: all `num_steps` steps of `step` from
+    `sample_loop_init(shape, rng)`."""
     x_init, loop_rng = self.sample_loop_init(shape, rng)
-    return x_init, lambda i, x: self._p_sample_step(model_fn, i, x, loop_rng)
+    return self.sample_steps(step, x_init, jnp.zeros_like(x_init), loop_rng, 0, num_steps)['sample']
 
   def p_sample_loop(self, model_fn: ModelFn, shape, rng):
     """Draws samples `shape` = [B, H, W, C] with all T ancestral steps (Algorithm 2)."""
-    x_init, step = self._step_fn(model_fn, shape, rng)
-    return jax.lax.fori_loop(0, self.num_timesteps, lambda i, x: step(i, x)['sample'], x_init)
+    return self.sample_loop(self.ancestral_step(model_fn), self.num_timesteps, shape, rng)
 
   def p_sample_loop_progressive(self, model_fn: ModelFn, shape, rng, every: int):
     """`p_sample_loop` that also records x_t and the predicted x_0 every `every` steps.
@@ -392,14 +628,15 @@ class GaussianDiffusion:
     """
     if every < 1 or self.num_timesteps % every:
       raise ValueError(f'every={every} must be a positive divisor of T={self.num_timesteps}.')
-    x_init, step = self._step_fn(model_fn, shape, rng)
+    x_init, loop_rng = self.sample_loop_init(shape, rng)
+    step = self.ancestral_step(model_fn)
 
     def chunk(x, k):
       first = k * every
-      out = step(first, x)
-      x_next = jax.lax.fori_loop(
-        first + 1, first + every, lambda i, x: step(i, x)['sample'], out['sample']
-      )
+      out = self.sample_steps(step, x, jnp.zeros_like(x), loop_rng, first, first + 1)
+      x_next = self.sample_steps(
+        step, out['sample'], out['pred_xstart'], loop_rng, first + 1, first + every
+      )['sample']
       snapshot = {
         't': self.num_timesteps - 1 - first,
         'x_t': x,
@@ -409,104 +646,6 @@ class GaussianDiffusion:
 
     samples, snapshots = jax.lax.scan(chunk, x_init, jnp.arange(self.num_timesteps // every))
     return samples, snapshots
-
-  def p_sample_steps(self, model_fn: ModelFn, x, loop_rng, start, stop):
-    """Steps [start, stop) of `p_sample_loop` applied to x, in one `lax.fori_loop`.
-
-    Step i goes from x_t to x_{t-1} at t = T-1-i with the noise of `fold_in(loop_rng, t)`, so
-    running [0, T) on `sample_loop_init(shape, rng)` gives `p_sample_loop(model_fn, shape, rng)`,
-    however the range is split. `start` and `stop` may be traced (0 <= start <= stop <= T).
-    Returns a dict of `sample` (x after the steps) and `pred_xstart` (that of step stop-1; zeros
-    when the range is empty), both shaped like x.
-    """
-
-    def body(i, carry):
-      out = self._p_sample_step(model_fn, i, carry[0], loop_rng)
-      return out['sample'], out['pred_xstart']
-
-    sample, pred_xstart = jax.lax.fori_loop(start, stop, body, (x, jnp.zeros_like(x)))
-    return {'sample': sample, 'pred_xstart': pred_xstart}
-
-  def ddim_sample_loop(
-    self,
-    model_fn: ModelFn,
-    shape,
-    rng,
-    num_steps: int,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-  ):
-    """Draws samples with DDIM (Song et al. 2021, eq. 12) on `num_steps` of the T timesteps.
-
-    The timesteps are evenly strided: t_i = i * (T // num_steps), i = num_steps-1 ... 0 (the
-    original DDIM "uniform" skip). eta = 0 is the deterministic sampler, eta = 1 has the
-    variance of the ancestral sampler. The predicted x_0 is clipped when `clip_denoised` and the
-    noise is recomputed from it.
-    """
-    self._check_ddim_steps(num_steps)
-    x_init, loop_rng = self.sample_loop_init(shape, rng)
-
-    def body(i, x):
-      return self._ddim_step(model_fn, i, x, loop_rng, num_steps, eta, clip_denoised)['sample']
-
-    return jax.lax.fori_loop(0, num_steps, body, x_init)
-
-  def ddim_sample_steps(
-    self,
-    model_fn: ModelFn,
-    x,
-    loop_rng,
-    start,
-    stop,
-    *,
-    num_steps: int,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-  ):
-    """Steps [start, stop) of `ddim_sample_loop` with `num_steps` applied to x, in one loop.
-
-    Step i goes to the next of the strided timesteps, t_{num_steps-1-i} -> t_{num_steps-2-i},
-    with the noise of `fold_in(loop_rng, t)`; running [0, num_steps) on
-    `sample_loop_init(shape, rng)` gives `ddim_sample_loop`, however the range is split. `start`
-    and `stop` may be traced. Returns a dict of `sample` and `pred_xstart` (that of step
-    stop-1; zeros when the range is empty), both shaped like x.
-    """
-    self._check_ddim_steps(num_steps)
-
-    def body(i, carry):
-      out = self._ddim_step(model_fn, i, carry[0], loop_rng, num_steps, eta, clip_denoised)
-      return out['sample'], out['pred_xstart']
-
-    sample, pred_xstart = jax.lax.fori_loop(start, stop, body, (x, jnp.zeros_like(x)))
-    return {'sample': sample, 'pred_xstart': pred_xstart}
-
-  def _check_ddim_steps(self, num_steps: int) -> None:
-    if not 1 <= num_steps <= self.num_timesteps:
-      raise ValueError(f'num_steps must be in [1, {self.num_timesteps}], got {num_steps}.')
-
-  def _ddim_step(self, model_fn: ModelFn, i, x, loop_rng, num_steps, eta, clip_denoised):
-    """Step i of DDIM (eq. 12) on `num_steps` strided timesteps; dict of sample, pred_xstart."""
-    timesteps = jnp.asarray(np.arange(num_steps) * (self.num_timesteps // num_steps))
-    t_scalar = timesteps[num_steps - 1 - i]
-    t_prev = timesteps[jnp.maximum(num_steps - 2 - i, 0)]
-    t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
-    pred_xstart = self.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised)['pred_xstart']
-    eps = self.predict_eps_from_xstart(x, t, pred_xstart)
-    alpha_bar = _extract(self.alphas_cumprod, t, x.ndim)
-    is_last = i == num_steps - 1
-    alpha_bar_prev = jnp.where(is_last, 1.0, self.alphas_cumprod[t_prev])
-    sigma = (
-      eta
-      * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
-      * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev)
-    )
-    noise = jax.random.normal(jax.random.fold_in(loop_rng, t_scalar), x.shape, jnp.float32)
-    sample = (
-      jnp.sqrt(alpha_bar_prev) * pred_xstart
-      + jnp.sqrt(1.0 - alpha_bar_prev - sigma**2) * eps
-      + sigma * noise
-    )
-    return {'sample': sample, 'pred_xstart': pred_xstart}
 
   # --- Losses and the variational bound. -----------------------------------------------------
 

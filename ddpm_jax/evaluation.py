@@ -381,7 +381,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validation.validate_config(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   if config.eval.num_samples:
-    samplers.validate_sampler(config, diffusion.num_timesteps)  # The samples are drawn as it says.
+    samplers.validate_sampler(config, diffusion)  # The samples are drawn as it says.
+    validation.validate_batch_size(config.sampling.batch_size, 'config.sampling.batch_size')
   is_digits = config.data.dataset == 'digits'
   if not is_digits and config.eval.num_samples:
     weights = config.eval.inception_weights

@@ -2,17 +2,23 @@
 
 Training (its sample grids), `--mode=sample` and `--mode=eval` all draw samples here.
 
-Samplers (`config.sampling.sampler`, read by `Sampler.from_config`):
-  ancestral  the paper's Algorithm 2, all T steps (`GaussianDiffusion.p_sample_steps`);
-  ddim       DDIM (Song et al. 2021) on `ddim_steps` strided timesteps with `ddim_eta`
-             (`GaussianDiffusion.ddim_sample_steps`).
+Samplers (`config.sampling.sampler`, read by `Sampler.from_config`; the math is in
+`ddpm_jax/diffusion.py`, one `StepFn` each):
+  ancestral     the paper's Algorithm 2, all T steps (`GaussianDiffusion.ancestral_step`);
+  ddim          DDIM (Song et al. 2021) with `ddim_eta` (`ddim_step`);
+  respaced      the paper's ancestral sampler on a subsequence of the T timesteps, with the
+                betas recomputed for it (Nichol & Dhariwal 2021, sec. 4; `respaced_step`);
+  dpm_solver++  DPM-Solver++(2M) (Lu et al. 2022), with `thresholding` of the predicted x_0
+                (`dpm_solver_step`).
+All but ancestral make `config.sampling.steps` network evaluations per sample.
 
-Compiled loops. A sampler is one compiled `run_chunk(params, x, loop_rng, start, stop)` that runs
-its steps [start, stop) in a `lax.fori_loop`; `ChunkedLoop` calls it on consecutive ranges sized
-to take about `SECONDS_PER_CHUNK` each, so that a progress bar moves. start and stop are traced
-(one compilation serves every range) and step t draws its noise from `fold_in(loop_rng, t)`, so
-the split does not change the result: it equals `GaussianDiffusion.p_sample_loop` (or
-`ddim_sample_loop`) bit for bit.
+Compiled loops. A sampler is one compiled `run_chunk(params, x, pred_xstart, loop_rng, start,
+stop)` that runs its steps [start, stop) in a `lax.fori_loop`; `ChunkedLoop` calls it on
+consecutive ranges sized to take about `SECONDS_PER_CHUNK` each, so that a progress bar moves.
+start and stop are traced (one compilation serves every range), step t draws its noise from
+`fold_in(loop_rng, t)` and the predicted x_0 of the last step is carried from one range to the
+next (DPM-Solver++'s multistep update reads it), so the split does not change the result: it
+equals `GaussianDiffusion.sample_loop` bit for bit.
 
 Sharding. Parameters are replicated and every batch is sharded along its first axis over all
 devices of all processes (`ddpm_jax.mesh`); a batch is padded to a multiple of the device count
@@ -36,6 +42,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -46,12 +53,12 @@ from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import image_io, validation
 from ddpm_jax import mesh as mesh_lib
 
-SAMPLERS = ('ancestral', 'ddim')
+SAMPLERS = ('ancestral', 'ddim', 'respaced', 'dpm_solver++')
 # How long one compiled chunk of steps should take: how often the progress bar moves.
 SECONDS_PER_CHUNK = 2.0
 
-# `run_chunk(params, x, loop_rng, start, stop) -> (x, pred_xstart)`.
-ChunkFn = Callable[[Any, jax.Array, jax.Array, Any, Any], tuple[jax.Array, jax.Array]]
+# `run_chunk(params, x, pred_xstart, loop_rng, start, stop) -> (x, pred_xstart)`.
+ChunkFn = Callable[[Any, jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,63 +67,107 @@ class Sampler:
 
   Attributes:
     name: one of `SAMPLERS`.
-    ddim_steps: for 'ddim', its number of steps (network evaluations).
+    steps: the network evaluations of one sample, for all but 'ancestral' (which makes T).
     ddim_eta: for 'ddim', the noise scale eta (0: deterministic).
+    thresholding: for 'dpm_solver++', that of the predicted x_0 (`diffusion.THRESHOLDINGS`).
   """
 
   name: str = 'ancestral'
-  ddim_steps: int | None = None
+  steps: int | None = None
   ddim_eta: float = 0.0
+  thresholding: str = 'static'
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> Sampler:
     """The sampler that `config.sampling` names (check it first with `validate_sampler`)."""
     sampling = config.sampling
-    if sampling.sampler == 'ddim':
-      return cls('ddim', int(sampling.ddim_steps), float(sampling.ddim_eta))
-    return cls(sampling.sampler)
+    if sampling.sampler == 'ancestral':
+      return cls()
+    return cls(
+      sampling.sampler,
+      int(sampling.steps),
+      float(sampling.ddim_eta) if sampling.sampler == 'ddim' else 0.0,
+      sampling.thresholding if sampling.sampler == 'dpm_solver++' else 'static',
+    )
 
   def num_steps(self, num_timesteps: int) -> int:
     """The steps (network evaluations) of one sample."""
-    return self.ddim_steps if self.name == 'ddim' else num_timesteps
+    return num_timesteps if self.name == 'ancestral' else self.steps
+
+  def step_fn(
+    self, diffusion: diffusion_lib.GaussianDiffusion, model_fn: diffusion_lib.ModelFn
+  ) -> diffusion_lib.StepFn:
+    """The sampler's `StepFn` on `diffusion` with the network `model_fn`."""
+    if self.name == 'ddim':
+      return diffusion.ddim_step(model_fn, num_steps=self.steps, eta=self.ddim_eta)
+    if self.name == 'respaced':
+      return diffusion.respaced_step(model_fn, num_steps=self.steps)
+    if self.name == 'dpm_solver++':
+      return diffusion.dpm_solver_step(
+        model_fn, num_steps=self.steps, thresholding=self.thresholding
+      )
+    return diffusion.ancestral_step(model_fn)
 
   @property
   def tag(self) -> str:
-    """A short name for file names: 'ancestral', 'ddim50_eta0'."""
+    """A short name for file names: 'ancestral', 'ddim50_eta0', 'respaced100',
+    'dpm_solver++20_static'."""
     if self.name == 'ddim':
-      return f'ddim{self.ddim_steps}_eta{self.ddim_eta:g}'
-    return self.name
+      return f'ddim{self.steps}_eta{self.ddim_eta:g}'
+    if self.name == 'dpm_solver++':
+      return f'dpm_solver++{self.steps}_{self.thresholding}'
+    return self.name if self.name == 'ancestral' else f'{self.name}{self.steps}'
 
   def settings(self) -> dict[str, Any]:
     """The settings that determine the samples, for results and cache keys."""
+    settings = {'sampler': self.name}
+    if self.name != 'ancestral':
+      settings['steps'] = self.steps
     if self.name == 'ddim':
-      return {'sampler': self.name, 'ddim_steps': self.ddim_steps, 'ddim_eta': self.ddim_eta}
-    return {'sampler': self.name}
+      settings['ddim_eta'] = self.ddim_eta
+    if self.name == 'dpm_solver++':
+      settings['thresholding'] = self.thresholding
+    return settings
 
 
 ANCESTRAL = Sampler()
 
 
-def validate_sampler(config: ml_collections.ConfigDict, num_timesteps: int) -> None:
-  """Raises ValueError unless `config.sampling`'s sampler, its settings and the batch size can
-  draw samples (checked by --mode=sample and, for its samples, by --mode=eval)."""
+def validate_sampler(
+  config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
+) -> None:
+  """Raises ValueError unless `config.sampling`'s sampler and its settings can draw samples from
+  `diffusion` (checked by every mode that samples: the grids of training too)."""
   sampling = config.sampling
   validation.require(
     sampling.sampler in SAMPLERS,
     f'Unknown sampler {sampling.sampler!r} (config.sampling.sampler); expected one of '
     f'{", ".join(SAMPLERS)}.',
   )
-  validation.validate_batch_size(sampling.batch_size, 'config.sampling.batch_size')
-  if sampling.sampler == 'ddim':
-    validation.require(
-      validation.is_int(sampling.ddim_steps) and 1 <= sampling.ddim_steps <= num_timesteps,
-      f'config.sampling.ddim_steps must be in [1, T = {num_timesteps}], got '
-      f'{sampling.ddim_steps!r}.',
-    )
-    validation.require(
-      sampling.ddim_eta >= 0,
-      f'config.sampling.ddim_eta must be non-negative, got {sampling.ddim_eta}.',
-    )
+  if sampling.sampler != 'ancestral':
+    try:
+      diffusion_lib.sampler_timesteps(sampling.sampler, diffusion.num_timesteps, sampling.steps)
+    except ValueError as e:
+      raise ValueError(f'config.sampling.steps: {e}') from None
+  validation.require(
+    sampling.ddim_eta >= 0,
+    f'config.sampling.ddim_eta must be non-negative, got {sampling.ddim_eta}.',
+  )
+  validation.require(
+    sampling.thresholding in diffusion_lib.THRESHOLDINGS,
+    f'Unknown config.sampling.thresholding {sampling.thresholding!r}; expected one of '
+    f'{", ".join(diffusion_lib.THRESHOLDINGS)}.',
+  )
+  validation.require(
+    sampling.sampler == 'dpm_solver++' or sampling.thresholding == 'static',
+    f'config.sampling.thresholding = {sampling.thresholding!r} is for dpm_solver++; '
+    f'{sampling.sampler} clips the predicted x_0 to [-1, 1] (static) as the paper does.',
+  )
+  validation.require(
+    sampling.sampler != 'respaced' or diffusion.model_var_type != 'learned',
+    "The respaced sampler cannot use model_var_type 'learned' (a variance of one of the T "
+    'steps); use another sampler, or learned_range.',
+  )
 
 
 def make_model_fn(
@@ -146,24 +197,18 @@ def create_chunk_fn(
   mesh: jax.sharding.Mesh,
   sampler: Sampler = ANCESTRAL,
 ) -> ChunkFn:
-  """The compiled `run_chunk(params, x, loop_rng, start, stop) -> (x, pred_xstart)`.
+  """The compiled `run_chunk(params, x, pred_xstart, loop_rng, start, stop) -> (x, pred_xstart)`.
 
-  Runs steps [start, stop) of the sampler on x, float32 [B, H, W, C] (B a multiple of the device
-  count; the result is sharded along B); step i of 'ancestral' is t = T-1-i
-  (`GaussianDiffusion.p_sample_steps`), of 'ddim' the i-th of its strided timesteps
-  (`ddim_sample_steps`). pred_xstart, in [-1, 1], is that of step stop-1. start and stop are
-  traced: one compilation per batch shape serves every range.
+  Runs steps [start, stop) of the sampler (`GaussianDiffusion.sample_steps` of its `StepFn`) on
+  x, float32 [B, H, W, C] (B a multiple of the device count; the result is sharded along B);
+  pred_xstart is that of step start-1 in, that of step stop-1 out. start and stop are traced:
+  one compilation per batch shape serves every range.
   """
   batch_sharding = mesh_lib.batch_sharded(mesh)
 
-  def run_chunk(params, x, loop_rng, start, stop):
-    model_fn = make_model_fn(model, params, batch_sharding)
-    if sampler.name == 'ddim':
-      out = diffusion.ddim_sample_steps(
-        model_fn, x, loop_rng, start, stop, num_steps=sampler.ddim_steps, eta=sampler.ddim_eta
-      )
-    else:
-      out = diffusion.p_sample_steps(model_fn, x, loop_rng, start, stop)
+  def run_chunk(params, x, pred_xstart, loop_rng, start, stop):
+    step = sampler.step_fn(diffusion, make_model_fn(model, params, batch_sharding))
+    out = diffusion.sample_steps(step, x, pred_xstart, loop_rng, start, stop)
     return out['sample'], out['pred_xstart']
 
   return jax.jit(run_chunk, out_shardings=(batch_sharding, batch_sharding))
@@ -197,26 +242,26 @@ class ChunkedLoop:
   def run(
     self, x: jax.Array, loop_rng: jax.Array, start: int, stop: int, keep: Iterable[int] = ()
   ) -> tuple[jax.Array, dict[int, tuple[jax.Array, jax.Array | None]]]:
-    """Runs steps [start, stop) on x.
+    """Runs steps [start, stop) on x (for a multistep sampler, start is 0).
 
     Returns the final x and, for each s in `keep` (start <= s <= stop), the state after steps
     [start, s): `(x, pred_xstart of step s - 1)`, with pred_xstart None for s == start.
     """
     kept = {}
-    pred_xstart = None
+    pred_xstart = jnp.zeros_like(x)
     step = start
     for boundary in sorted({*keep, stop}):
       while step < boundary:
         size = min(self._chunk_steps, boundary - step)
         began = time.perf_counter()
         x, pred_xstart = self._run_chunk(
-          self._params, x, loop_rng, np.int32(step), np.int32(step + size)
+          self._params, x, pred_xstart, loop_rng, np.int32(step), np.int32(step + size)
         )
         x.block_until_ready()
         self._resize(size, time.perf_counter() - began)
         step += size
         self._bar.update(size)
-      kept[boundary] = (x, pred_xstart)
+      kept[boundary] = (x, pred_xstart if boundary > start else None)
     return x, kept
 
   def _resize(self, steps: int, seconds: float) -> None:

@@ -4,11 +4,10 @@
 training, or by the importer of the official weights, `python -m ddpm_jax.pretrained`) and writes
 to `<workdir>/samples/` each of the comma-separated `config.sampling.kinds`:
 
-  samples          `num_samples` images from the sampler `config.sampling.sampler`: 'ancestral'
-                   (the paper's Algorithm 2, all T steps) or 'ddim' (DDIM, `ddim_steps` steps,
-                   `ddim_eta`), as `samples_<sampler>_step_<step>_seed_<seed>.npz` holding
-                   `samples`, uint8 [N, H, W, C] in 0..255, and a PNG grid of the first 256
-                   beside it.
+  samples          `num_samples` images from the sampler `config.sampling.sampler` (and its
+                   settings: `ddpm_jax/samplers.py`), as
+                   `samples_<sampler tag>_step_<step>_seed_<seed>.npz` holding `samples`, uint8
+                   [N, H, W, C] in 0..255, and a PNG grid of the first 256 beside it.
   progressive      paper Fig. 6: for `progressive_images` samples, the predicted x_0 at
                    t = T-1, T-1-every, ... and the final sample; a row per image.
   denoising_chain  paper Fig. 7: one ancestral trajectory stops at each t of `chain_t`, and
@@ -194,7 +193,8 @@ def validate_sampling_config(
   sampling = config.sampling
   num_timesteps = diffusion.num_timesteps
   kinds = parse_kinds(sampling.kinds)
-  samplers.validate_sampler(config, num_timesteps)
+  samplers.validate_sampler(config, diffusion)
+  validation.validate_batch_size(sampling.batch_size, 'config.sampling.batch_size')
   validation.require(
     validation.is_int(sampling.num_samples) and sampling.num_samples >= 1,
     f'config.sampling.num_samples must be a positive integer, got {sampling.num_samples!r}.',

@@ -46,16 +46,25 @@ class TrainState:
   opt_state: optax.OptState
 
 
+LR_DECAYS = ('none', 'cosine')
+
+
 def create_optimizer(
   config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam after global-norm clipping, lr * min(step / warmup, 1) (the original's schedule;
-  the first update, at step 0, has learning rate 0 as there)."""
+  the first update, at step 0, has learning rate 0 as there), times, with
+  `training.lr_decay = 'cosine'`, 0.5 (1 + cos(pi * (step - warmup) / (num_train_steps - warmup)))
+  after the warmup: a decay to 0 at the last step."""
   training = config.training
 
   def schedule(step):
-    warmup = jnp.minimum(step / max(training.warmup_steps, 1), 1.0)
-    return training.learning_rate * warmup
+    factor = jnp.minimum(step / max(training.warmup_steps, 1), 1.0)
+    if training.lr_decay == 'cosine':
+      span = max(training.num_train_steps - training.warmup_steps, 1)
+      progress = jnp.clip((step - training.warmup_steps) / span, 0.0, 1.0)
+      factor = factor * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return training.learning_rate * factor
 
   tx = optax.chain(
     optax.clip_by_global_norm(training.grad_clip),
@@ -220,7 +229,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   validation.validate_batch_size(training.batch_size, 'config.training.batch_size')
   validation.validate_batch_size(training.num_sample_images, 'config.training.num_sample_images')
+  samplers.validate_sampler(config, diffusion)  # The sample grids use config.sampling's sampler.
   validation.validate_steps_per_call(training.steps_per_call)
+  validation.require(
+    training.lr_decay in LR_DECAYS,
+    f'Unknown config.training.lr_decay {training.lr_decay!r}; expected one of {LR_DECAYS}.',
+  )
   workdir_path = validation.ensure_writable(workdir)
 
   # ---------------------------------------------------------------------------------------------
@@ -288,7 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   all_finite = jax.jit(_all_finite)
   size, channels = config.data.image_size, config.data.num_channels
   sample_init = samplers.create_init_fn(diffusion, mesh)
-  sample_chunk = samplers.create_chunk_fn(diffusion, model, mesh)
+  grid_sampler = samplers.Sampler.from_config(config)
+  sample_chunk = samplers.create_chunk_fn(diffusion, model, mesh, grid_sampler)
 
   writer = tf_support.create_metric_writer(str(workdir_path), just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -323,13 +338,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       num_samples=training.num_sample_images,
       batch_size=training.num_sample_images,
       image_shape=(size, size, channels),
-      num_steps=diffusion.num_timesteps,
+      num_steps=grid_sampler.num_steps(diffusion.num_timesteps),
     )
     grid = image_io.image_grid(images)
     if jax.process_index() == 0:
       path = workdir_path / 'samples' / f'step_{step:08d}.png'
       image_io.save_png(path, grid, upscale=image_io.upscale_factor(size))
-      logging.info('Wrote samples of the EMA model to %s', path)
+      logging.info('Wrote samples of the EMA model (sampler %s) to %s', grid_sampler.tag, path)
     writer.write_images(step, {'samples': grid[None]})
 
   # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ def tiny_digits_overrides(num_steps: int, **extra) -> dict:
     'training.sample_every_steps': 0,
     'training.num_sample_images': 8,
     'training.warmup_steps': 2,
+    # A constant rate after the warmup: tests compare runs of different lengths step by step, and
+    # a cosine decay depends on num_train_steps.
+    'training.lr_decay': 'none',
+    'sampling.steps': 10,  # The digits config's DPM-Solver++, on T = 100 (or 20) timesteps.
   }
   overrides.update(extra)
   return overrides

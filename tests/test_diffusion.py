@@ -1,17 +1,20 @@
 """Tests of ddpm_jax.diffusion against float64 NumPy references written from the paper.
 
-The references below (`Ref*`) are written from the equations of Ho et al. 2020 (and improved
-DDPM / DDIM for their parts) without calling the code under test; float32 results must match
-them to 1e-5 relative (1e-4 for bits/dim terms), as the issue requires.
+The references below (`Ref*`, `*_reference`) are written from the equations of Ho et al. 2020
+(and improved DDPM, DDIM and DPM-Solver++ for their parts) without calling the code under test;
+float32 results must match them to 1e-5 relative (1e-4 for bits/dim terms), as the issues
+require. DPM-Solver++ is also checked against diffusers' DPMSolverMultistepScheduler.
 """
 
 import itertools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from scipy import special
 
 from ddpm_jax import diffusion as dm
@@ -421,7 +424,9 @@ def test_ddim_eta0_matches_float64_recursion(num_steps):
 
   shape, key = (2, 3, 3, 1), jax.random.key(8)
   sample_fn = jax.jit(
-    lambda r: diff.ddim_sample_loop(jax_fn, shape, r, num_steps, clip_denoised=False)
+    lambda r: diff.sample_loop(
+      diff.ddim_step(jax_fn, num_steps=num_steps, clip_denoised=False), num_steps, shape, r
+    )
   )
   samples = sample_fn(key)
   np.testing.assert_array_equal(samples, sample_fn(key))  # Deterministic.
@@ -434,9 +439,10 @@ def test_ddim_eta1_uses_documented_noise():
   diff = make_diffusion()
   ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
   shape, key, num_steps = (2, 3, 3, 1), jax.random.key(9), 20
-  samples = diff.ddim_sample_loop(
-    lambda x, t: 0.1 * jnp.tanh(x), shape, key, num_steps, eta=1.0, clip_denoised=False
+  step = diff.ddim_step(
+    lambda x, t: 0.1 * jnp.tanh(x), num_steps=num_steps, eta=1.0, clip_denoised=False
   )
+  samples = diff.sample_loop(step, num_steps, shape, key)
   init_rng, loop_rng = jax.random.split(key)
   noises = {
     t: np.asarray(jax.random.normal(jax.random.fold_in(loop_rng, t), shape))
@@ -451,6 +457,287 @@ def test_ddim_eta1_uses_documented_noise():
     noises=noises,
   )
   assert rel_err(samples, expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast samplers: timesteps, respaced ancestral sampling, DPM-Solver++(2M).
+# ----------------------------------------------------------------------------------------------
+
+SAMPLER_SHAPE = (2, 4, 4, 2)
+
+
+def sampler_model(ref, mean_type, seed=11):
+  """(np_fn, jax_fn): a synthetic network of `mean_type` with a float64 twin, all of whose
+  outputs depend on x and t through z = x W + b + t / T: eps = tanh(z); x_0 = 1.3 tanh(z) (so
+  that some |x_0| exceed 1 and the thresholdings act); x_{t-1} = the posterior mean (eq. 7) of
+  that x_0, with float32 copies of the float64 coefficients in the float32 twin."""
+  rng = np.random.default_rng(seed)
+  c = SAMPLER_SHAPE[-1]
+  w, b = rng.normal(size=(c, c)) * 0.8, rng.normal(size=(c,)) * 0.2
+  c1 = np.sqrt(ref.abar_prev) * ref.betas / (1 - ref.abar)
+  c2 = np.sqrt(1 - ref.betas) * (1 - ref.abar_prev) / (1 - ref.abar)
+
+  def make(xp, table, z_of):
+    def fn(x, t):
+      z = xp.tanh(z_of(x, t))
+      if mean_type == 'eps':
+        return z
+      if mean_type == 'xstart':
+        return 1.3 * z
+      return table(c1)[t][:, None, None, None] * 1.3 * z + table(c2)[t][:, None, None, None] * x
+
+    return fn
+
+  np_fn = make(np, lambda a: a, lambda x, t: x @ w + b + (t / T)[:, None, None, None])
+  jax_fn = make(
+    jnp,
+    lambda a: jnp.asarray(a, jnp.float32),
+    lambda x, t: (
+      x @ jnp.asarray(w, jnp.float32)
+      + jnp.asarray(b, jnp.float32)
+      + (t.astype(jnp.float32) / T)[:, None, None, None]
+    ),
+  )
+  return np_fn, jax_fn
+
+
+def sampler_start(key):
+  """x_T (float64) and the loop key of `sample_loop_init`, the documented way."""
+  init_rng, loop_rng = jax.random.split(key)
+  return np.asarray(jax.random.normal(init_rng, SAMPLER_SHAPE), np.float64), loop_rng
+
+
+def test_sampler_timesteps():
+  # Expected: the spacings as documented, written out for T = 1000 (improved DDPM rounds
+  # i (T-1) / (K-1); DPM-Solver's time-uniform points are round(i (T-1) / K), i = 1..K).
+  np.testing.assert_array_equal(dm.sampler_timesteps('ddim', T, 4), [0, 250, 500, 750])
+  np.testing.assert_array_equal(dm.sampler_timesteps('respaced', T, 5), [0, 250, 500, 749, 999])
+  np.testing.assert_array_equal(dm.sampler_timesteps('dpm_solver++', T, 4), [250, 500, 749, 999])
+  np.testing.assert_array_equal(dm.sampler_timesteps('respaced', T, T), np.arange(T))
+  np.testing.assert_array_equal(dm.sampler_timesteps('dpm_solver++', T, T - 1), np.arange(1, T))
+  for sampler, bad in [('ddim', 0), ('ddim', T + 1), ('respaced', 1), ('dpm_solver++', T)]:
+    with pytest.raises(ValueError, match=f'{re.escape(sampler)} takes between'):
+      dm.sampler_timesteps(sampler, T, bad)
+
+
+def respaced_reference(ref, np_fn, mean_type, var_type, x, loop_rng, k_values, num_steps):
+  """Improved DDPM sec. 4 in float64: the steps k in `k_values` (decreasing) of ancestral
+  sampling on S = the respaced timesteps, abar'_k = abar_{S_k}, beta'_k = 1 - abar'_k /
+  abar'_{k-1}, eqs. (6)-(7) with these, the network called at S_k; clip_denoised."""
+  seq = np.round(np.arange(num_steps) * (T - 1) / (num_steps - 1)).astype(int)
+  abar = ref.abar[seq]
+  abar_prev = np.concatenate([[1.0], abar[:-1]])
+  betas = 1 - abar / abar_prev
+  post_var = betas * (1 - abar_prev) / (1 - abar)
+  for k in k_values:
+    t = np.full(x.shape[0], seq[k])
+    out = np_fn(x, t)
+    x0 = ref.pred_x0(mean_type, x, t, out[..., : x.shape[-1]], clip=True)
+    mean = (np.sqrt(abar_prev[k]) * betas[k] / (1 - abar[k])) * x0 + (
+      np.sqrt(1 - betas[k]) * (1 - abar_prev[k]) / (1 - abar[k])
+    ) * x
+    if k == 0:
+      x = mean
+      continue
+    if var_type == 'fixedlarge':
+      logvar = np.log(betas[k])
+    elif var_type == 'fixedsmall':
+      logvar = np.log(post_var[k])
+    else:  # Improved DDPM eq. (15) with the respaced betas and posterior variances.
+      frac = (out[..., x.shape[-1] :] + 1) / 2
+      logvar = frac * np.log(betas[k]) + (1 - frac) * np.log(post_var[k])
+    noise = np.asarray(jax.random.normal(jax.random.fold_in(loop_rng, seq[k]), x.shape))
+    x = mean + np.exp(0.5 * logvar) * noise
+  return x
+
+
+def with_variance_output(fn, xp):
+  """fn's output with a learned_range variance output in [-1, 1] appended."""
+  return lambda x, t: xp.concatenate([fn(x, t), xp.sin(3 * x)], axis=-1)
+
+
+@pytest.mark.parametrize(
+  'mean_type, var_type',
+  [(m, 'fixedlarge') for m in dm.MODEL_MEAN_TYPES]
+  + [('eps', 'fixedsmall'), ('eps', 'learned_range')],
+)
+def test_respaced_matches_float64_reference(mean_type, var_type):
+  diff = make_diffusion(mean_type, var_type)
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  np_fn, jax_fn = sampler_model(ref, mean_type)
+  if var_type == 'learned_range':
+    np_fn, jax_fn = with_variance_output(np_fn, np), with_variance_output(jax_fn, jnp)
+  num_steps = 8
+  x_init, loop_rng = sampler_start(jax.random.key(12))
+  step = diff.respaced_step(jax_fn, num_steps=num_steps)
+  # One step (i = 2: k = 5) from x_T, then the whole loop; with the float64 reference.
+  out = jax.jit(step)(jnp.int32(2), jnp.asarray(x_init, jnp.float32), jnp.zeros(0), loop_rng)
+  expected = respaced_reference(ref, np_fn, mean_type, var_type, x_init, loop_rng, [5], num_steps)
+  assert rel_err(out['sample'], expected) < 1e-5
+  samples = jax.jit(lambda r: diff.sample_loop(step, num_steps, SAMPLER_SHAPE, r))(
+    jax.random.key(12)
+  )
+  expected = respaced_reference(
+    ref, np_fn, mean_type, var_type, x_init, loop_rng, range(num_steps - 1, -1, -1), num_steps
+  )
+  assert rel_err(samples, expected) < 1e-5
+
+
+def test_respaced_on_all_timesteps_is_the_ancestral_sampler():
+  # Expected: with K = T the respaced process is the process itself (Algorithm 2).
+  diff = make_diffusion(num_steps=100)
+  _, jax_fn = linear_model(np.random.default_rng(13), 1, channels_in=1)
+  shape, key = (2, 3, 3, 1), jax.random.key(14)
+  respaced = jax.jit(
+    lambda r: diff.sample_loop(diff.respaced_step(jax_fn, num_steps=100), 100, shape, r)
+  )(key)
+  ancestral = jax.jit(lambda r: diff.p_sample_loop(jax_fn, shape, r))(key)
+  assert rel_err(respaced, ancestral) < 1e-5
+
+
+def dpm_solver_reference(ref, np_fn, mean_type, thresholding, x, num_steps, steps, prev=None):
+  """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; REFERENCE.md) in float64: steps i in
+  `steps` (consecutive) from x, with x0 of step i - 1 = prev; tau_i = round((K - i) (T-1) / K)
+  for i < K (time-uniform), then the data (sigma = 0); first order at the first and last step."""
+  taus = np.round(np.arange(num_steps, 0, -1) * (T - 1) / num_steps).astype(int)
+  alpha, sigma = np.sqrt(ref.abar[taus]), np.sqrt(1 - ref.abar[taus])
+  lam = np.log(alpha / sigma)
+  for i in steps:
+    t = np.full(x.shape[0], taus[i])
+    x0 = ref.pred_x0(mean_type, x, t, np_fn(x, t), clip=False)
+    if thresholding == 'static':
+      x0 = np.clip(x0, -1, 1)
+    elif thresholding == 'dynamic':  # Imagen: s = the 99.5% quantile of |x0|, at least 1.
+      s = np.maximum(np.quantile(np.abs(x0).reshape(len(x0), -1), 0.995, axis=1), 1)
+      s = s[:, None, None, None]
+      x0 = np.clip(x0, -s, s) / s
+    if i == num_steps - 1:
+      x = x0
+    else:
+      h = lam[i + 1] - lam[i]
+      d = x0
+      if i > 0:
+        r = (lam[i] - lam[i - 1]) / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev
+      x = sigma[i + 1] / sigma[i] * x - alpha[i + 1] * (np.exp(-h) - 1) * d
+    prev = x0
+  return x, prev
+
+
+@pytest.mark.parametrize(
+  'mean_type, thresholding',
+  [(m, 'none') for m in dm.MODEL_MEAN_TYPES] + [('eps', 'static'), ('eps', 'dynamic')],
+)
+def test_dpm_solver_matches_float64_reference(mean_type, thresholding):
+  diff = make_diffusion(mean_type, 'fixedsmall')
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  np_fn, jax_fn = sampler_model(ref, mean_type)
+  num_steps = 10
+  x_init, loop_rng = sampler_start(jax.random.key(15))
+  step = jax.jit(diff.dpm_solver_step(jax_fn, num_steps=num_steps, thresholding=thresholding))
+  # Single steps: the first (first order), a second-order one, the last (onto the data).
+  rng = np.random.default_rng(16)
+  for i in [0, 4, num_steps - 1]:
+    x = x_init * (1.0 if i == 0 else 0.3)
+    prev = 1.2 * np.tanh(rng.normal(size=SAMPLER_SHAPE))
+    out = step(jnp.int32(i), jnp.asarray(x, jnp.float32), jnp.asarray(prev, jnp.float32), loop_rng)
+    expected, _ = dpm_solver_reference(ref, np_fn, mean_type, thresholding, x, num_steps, [i], prev)
+    assert rel_err(out['sample'], expected) < 1e-5, i
+  samples = jax.jit(lambda r: diff.sample_loop(step, num_steps, SAMPLER_SHAPE, r))(
+    jax.random.key(15)
+  )
+  expected, x0 = dpm_solver_reference(
+    ref, np_fn, mean_type, thresholding, x_init, num_steps, range(num_steps)
+  )
+  assert rel_err(samples, expected) < 1e-5
+  if thresholding != 'none':
+    assert np.abs(expected).max() <= 1 + 1e-12
+  else:
+    assert np.abs(x0).max() > 1  # The model's x_0 leaves [-1, 1]: the thresholdings act.
+
+
+def test_dpm_solver_matches_diffusers():
+  # Expected: diffusers' DPMSolverMultistepScheduler (an independent implementation) with
+  # DPM-Solver++(2M), linspace (time-uniform) timesteps, the last step first order onto sigma = 0
+  # and no thresholding, in float64 on the same eps network.
+  from diffusers import DPMSolverMultistepScheduler
+
+  diff = make_diffusion('eps', 'fixedsmall')
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  np_fn, jax_fn = sampler_model(ref, 'eps')
+  num_steps = 12
+  scheduler = DPMSolverMultistepScheduler(
+    num_train_timesteps=T,
+    beta_start=1e-4,
+    beta_end=0.02,
+    beta_schedule='linear',
+    solver_order=2,
+    algorithm_type='dpmsolver++',
+    solver_type='midpoint',
+    timestep_spacing='linspace',
+    final_sigmas_type='zero',
+    lower_order_final=True,
+  )
+  scheduler.set_timesteps(num_steps)
+  x_init, _ = sampler_start(jax.random.key(17))
+  x = torch.from_numpy(x_init)
+  for t in scheduler.timesteps:
+    eps = np_fn(x.numpy(), np.full(len(x), int(t)))
+    x = scheduler.step(torch.from_numpy(eps), t, x).prev_sample
+  step = diff.dpm_solver_step(jax_fn, num_steps=num_steps, thresholding='none')
+  samples = jax.jit(lambda r: diff.sample_loop(step, num_steps, SAMPLER_SHAPE, r))(
+    jax.random.key(17)
+  )
+  np.testing.assert_array_equal(
+    scheduler.timesteps.numpy(), dm.sampler_timesteps('dpm_solver++', T, num_steps)[::-1]
+  )
+  assert rel_err(samples, x.numpy()) < 1e-5
+
+
+EXACT_SAMPLERS = [
+  ('ancestral', None),
+  ('ddim', dict(num_steps=10, eta=0.0)),
+  ('ddim', dict(num_steps=10, eta=1.0)),
+  ('respaced', dict(num_steps=10)),
+  ('dpm_solver++', dict(num_steps=10, thresholding='static')),
+  ('dpm_solver++', dict(num_steps=10, thresholding='none')),
+]
+
+
+@pytest.mark.parametrize('mean_type', dm.MODEL_MEAN_TYPES)
+@pytest.mark.parametrize('var_type', ['fixedlarge', 'fixedsmall'])
+@pytest.mark.parametrize('sampler, settings', EXACT_SAMPLERS)
+def test_exact_model_of_a_single_point_recovers_it(sampler, settings, mean_type, var_type):
+  # Data = one point x*: the exact network (eps = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t),
+  # x_0 = x*, or the true posterior mean) makes every sampler land on x*.
+  diff = make_diffusion(mean_type, var_type)
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  point = np.random.default_rng(18).uniform(-0.9, 0.9, size=(1, *SAMPLER_SHAPE[1:]))
+  alpha = jnp.asarray(np.sqrt(ref.abar), jnp.float32)
+  sigma = jnp.asarray(np.sqrt(1 - ref.abar), jnp.float32)  # float64 1 - abar: 1e-4 at t = 0.
+  c1 = jnp.asarray(np.sqrt(ref.abar_prev) * ref.betas / (1 - ref.abar), jnp.float32)
+  c2 = jnp.asarray(np.sqrt(1 - ref.betas) * (1 - ref.abar_prev) / (1 - ref.abar), jnp.float32)
+  x_star = jnp.asarray(point, jnp.float32)
+
+  def exact(x, t):
+    b = lambda a: a[t][:, None, None, None]  # noqa: E731
+    if mean_type == 'eps':
+      return (x - b(alpha) * x_star) / b(sigma)
+    if mean_type == 'xstart':
+      return jnp.broadcast_to(x_star, x.shape)
+    return b(c1) * x_star + b(c2) * x
+
+  if sampler == 'ancestral':
+    step, num_steps = diff.ancestral_step(exact), T
+  else:
+    factory = {'ddim': diff.ddim_step, 'respaced': diff.respaced_step}.get(
+      sampler, diff.dpm_solver_step
+    )
+    step, num_steps = factory(exact, **settings), settings['num_steps']
+  samples = jax.jit(lambda r: diff.sample_loop(step, num_steps, SAMPLER_SHAPE, r))(
+    jax.random.key(19)
+  )
+  np.testing.assert_allclose(samples, np.broadcast_to(point, SAMPLER_SHAPE), atol=2e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_interrupted_eval_resumes_to_the_same_result(trained_workdir, tmp_path, 
   with pytest.raises(Interrupt):
     evaluation.evaluate(eval_config(), str(workdir))
   monkeypatch.undo()
-  (sample_dir,) = (workdir / 'eval' / 'step_2').glob('samples_ancestral_seed0_*')
+  (sample_dir,) = (workdir / 'eval' / 'step_2').glob('samples_dpm_solver++10_static_seed0_*')
   assert sorted(p.name for p in sample_dir.glob('*.npz')) == ['batch_00000.npz']
 
   resumed = evaluation.evaluate(eval_config(), str(workdir))
@@ -285,36 +285,49 @@ def test_unknown_sampler_is_rejected_before_anything_runs(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_ddim_then_ancestral_on_one_workdir_equal_fresh_runs(trained_workdir, tmp_path):
+def test_samplers_on_one_workdir_equal_fresh_runs(trained_workdir, tmp_path):
   # Expected: each evaluation's samples and digits measure equal those of an evaluation of the
-  # same settings on a fresh copy of the workdir; the two samplers' samples differ.
-  def config(sampler):
-    config = eval_config(**{'sampling.sampler': sampler, 'sampling.ddim_steps': 5})
+  # same settings on a fresh copy of the workdir; the samplers' (and the thresholdings') samples
+  # differ, and the results record the sampler and its settings.
+  def config(sampler, thresholding='static'):
+    config = eval_config(
+      **{
+        'sampling.sampler': sampler,
+        'sampling.steps': 5,
+        'sampling.thresholding': thresholding,
+      }
+    )
     config.eval.num_bpd_images = 0
     return config
 
   workdir = copy_workdir(trained_workdir, tmp_path / 'shared')
-  ddim = evaluation.evaluate(config('ddim'), str(workdir))
+  dpm = evaluation.evaluate(config('dpm_solver++'), str(workdir))
+  dynamic = evaluation.evaluate(config('dpm_solver++', 'dynamic'), str(workdir))
   ancestral = evaluation.evaluate(config('ancestral'), str(workdir))
-  ddim_samples = saved_samples(workdir, 'samples_ddim5_eta0_seed0_*')
+  dpm_samples = saved_samples(workdir, 'samples_dpm_solver++5_static_seed0_*')
+  dynamic_samples = saved_samples(workdir, 'samples_dpm_solver++5_dynamic_seed0_*')
   ancestral_samples = saved_samples(workdir, 'samples_ancestral_seed0_*')
-  assert not np.array_equal(ddim_samples, ancestral_samples)
-  assert ddim['sample_settings'] == {
-    'sampler': 'ddim',
-    'ddim_steps': 5,
-    'ddim_eta': 0.0,
+  assert not np.array_equal(dpm_samples, ancestral_samples)
+  assert not np.array_equal(dpm_samples, dynamic_samples)
+  assert dpm['sample_settings'] == {
+    'sampler': 'dpm_solver++',
+    'steps': 5,
+    'thresholding': 'static',
     'seed': 0,
     'batch_size': 8,
     'num_samples': 12,
   }
+  assert dynamic['sample_settings']['thresholding'] == 'dynamic'
   assert ancestral['sample_settings']['sampler'] == 'ancestral'
-  assert ddim['frechet_distance'] != ancestral['frechet_distance']
+  assert 'steps' not in ancestral['sample_settings']
+  assert dpm['frechet_distance'] != ancestral['frechet_distance']
 
   fresh = copy_workdir(trained_workdir, tmp_path / 'fresh')
   assert evaluation.evaluate(config('ancestral'), str(fresh)) == ancestral
   np.testing.assert_array_equal(saved_samples(fresh), ancestral_samples)
-  # Reused, not redrawn: the saved ddim batches give the same result again.
-  assert evaluation.evaluate(config('ddim'), str(workdir)) == ddim
+  # Reused, not redrawn: the saved batches give the same results again.
+  assert evaluation.evaluate(config('dpm_solver++'), str(workdir)) == dpm
+  assert evaluation.evaluate(config('dpm_solver++', 'dynamic'), str(workdir)) == dynamic
 
 
 def test_changing_the_variance_type_recomputes_bits_per_dim(trained_workdir, tmp_path):

@@ -1,6 +1,8 @@
-"""Tests of sampling (--mode=sample): the chunked compiled loops against the diffusion loops and a
-float64 DDIM recursion, the files written from a tiny trained checkpoint, reproducibility over
-runs and device counts, official weights through the command line, and the errors for bad input.
+"""Tests of sampling (--mode=sample): the chunked compiled loops of every sampler against the
+diffusion loops and a float64 DDIM recursion, the files written from a tiny trained checkpoint,
+reproducibility over runs, device counts and processes (the samples with DPM-Solver++, whose
+multistep state crosses chunks; the figures with the ancestral sampler), official weights through
+the command line, and the errors for bad input.
 
 Runs on 8 devices and on 2 processes happen in subprocesses of `main.py` (the device count is
 fixed when JAX starts).
@@ -37,6 +39,9 @@ from ddpm_jax import mesh as mesh_lib
 # 10 samples in batches of 8 pad the second batch on both. T = 100 (tiny_digits_config).
 SAMPLE_OVERRIDES = {
   'sampling.kinds': 'samples,progressive,denoising_chain,interpolation',
+  # 'samples' with the multistep sampler, whose state crosses chunks; the figures are ancestral.
+  'sampling.sampler': 'dpm_solver++',
+  'sampling.steps': 7,
   'sampling.num_samples': 10,
   'sampling.batch_size': 8,
   'sampling.progressive_every': 25,
@@ -49,9 +54,10 @@ SAMPLE_OVERRIDES = {
 }
 STEP = 2  # The step of the trained checkpoint.
 SUFFIX = f'step_{STEP:08d}_seed_0'
+SAMPLES = f'samples_dpm_solver++7_static_{SUFFIX}'
 OUTPUTS = [
-  f'samples_ancestral_{SUFFIX}.npz',
-  f'samples_ancestral_{SUFFIX}.png',
+  f'{SAMPLES}.npz',
+  f'{SAMPLES}.png',
   f'progressive_{SUFFIX}.png',
   f'denoising_chain_{SUFFIX}.png',
   f'interpolation_{SUFFIX}.png',
@@ -124,10 +130,18 @@ def tiny_model_and_params(config, seed=0):
   return model, jax.tree.unflatten(treedef, leaves)
 
 
+CHUNKED_SAMPLERS = [
+  samplers.Sampler('ddim', 20, 0.5),
+  samplers.Sampler('respaced', 17),
+  samplers.Sampler('dpm_solver++', 13),
+  samplers.Sampler('dpm_solver++', 13, thresholding='dynamic'),
+]
+
+
 def test_chunked_loops_equal_the_diffusion_loops():
-  # Expected: GaussianDiffusion.p_sample_loop / _progressive / ddim_sample_loop with the same
-  # rng and params, bit for bit, however the steps are split into compiled calls. (A one-level
-  # U-Net, which compiles faster; the loops do not depend on the network.)
+  # Expected: GaussianDiffusion.p_sample_loop / _progressive / sample_loop with the same rng and
+  # params, bit for bit, however the steps are split into compiled calls. (A one-level U-Net,
+  # which compiles faster; the loops do not depend on the network.)
   config = tiny_digits_config(1, **{'model.ch_mult': (1,), 'model.attn_resolutions': ()})
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   model, params = tiny_model_and_params(config)
@@ -140,17 +154,24 @@ def test_chunked_loops_equal_the_diffusion_loops():
     model_fn = samplers.make_model_fn(model, params)
     return (
       diffusion.p_sample_loop_progressive(model_fn, shape, rng, every=25),
-      diffusion.ddim_sample_loop(model_fn, shape, rng, 20, eta=0.5),
+      [
+        diffusion.sample_loop(sampler.step_fn(diffusion, model_fn), sampler.steps, shape, rng)
+        for sampler in CHUNKED_SAMPLERS
+      ],
     )
 
-  (samples, snapshots), ddim_samples = reference_loops(params, rng)
+  (samples, snapshots), fast_samples = reference_loops(params, rng)
   np.testing.assert_array_equal(snapshots['t'], [99, 74, 49, 24])
 
+  def run_in_chunks(run_chunk, bounds):
+    x, loop_rng = init(shape, rng)
+    pred_xstart = jnp.zeros_like(x)
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+      x, pred_xstart = run_chunk(params, x, pred_xstart, loop_rng, np.int32(start), np.int32(stop))
+    return x
+
   run_chunk = samplers.create_chunk_fn(diffusion, model, mesh)
-  x, loop_rng = init(shape, rng)
-  for start, stop in [(0, 1), (1, 8), (8, 8), (8, 57), (57, 100)]:
-    x, _ = run_chunk(params, x, loop_rng, np.int32(start), np.int32(stop))
-  np.testing.assert_array_equal(x, samples)
+  np.testing.assert_array_equal(run_in_chunks(run_chunk, [0, 1, 8, 8, 57, 100]), samples)
 
   # The driver, keeping the predicted x_0 of steps 0, 25, 50, 75 (the progressive figure).
   loop = samplers.ChunkedLoop(run_chunk, params, tqdm.tqdm(disable=True))
@@ -160,11 +181,18 @@ def test_chunked_loops_equal_the_diffusion_loops():
   for k, boundary in enumerate(boundaries):
     np.testing.assert_array_equal(kept[boundary][1], snapshots['pred_xstart'][k])
 
-  ddim_chunk = samplers.create_chunk_fn(diffusion, model, mesh, samplers.Sampler('ddim', 20, 0.5))
-  x, loop_rng = init(shape, rng)
-  for start, stop in [(0, 3), (3, 4), (4, 20)]:
-    x, _ = ddim_chunk(params, x, loop_rng, np.int32(start), np.int32(stop))
-  np.testing.assert_array_equal(x, ddim_samples)
+  # Every fast sampler, in ranges that split its multistep pairs (DPM-Solver++ reads the
+  # predicted x_0 of the step before, carried over from the range before).
+  for sampler, expected in zip(CHUNKED_SAMPLERS, fast_samples, strict=True):
+    run_chunk = samplers.create_chunk_fn(diffusion, model, mesh, sampler)
+    k = sampler.steps
+    actual = run_in_chunks(run_chunk, [0, 1, 2, 2, 3, k // 2, k - 1, k])
+    np.testing.assert_array_equal(actual, expected, err_msg=sampler.tag)
+    # The driver: its first range is one step, so the state crosses at least one boundary.
+    loop = samplers.ChunkedLoop(run_chunk, params, tqdm.tqdm(disable=True))
+    x, _ = loop.run(*init(shape, rng), 0, k)
+    np.testing.assert_array_equal(x, expected, err_msg=sampler.tag)
+    assert not np.array_equal(expected, samples)
 
 
 class LinearEps(nn.Module):
@@ -193,7 +221,7 @@ def test_ddim_eta0_all_steps_matches_float64_recursion():
   mesh = mesh_lib.create_mesh()
   init = samplers.create_init_fn(diffusion, mesh)
   run_chunk = samplers.create_chunk_fn(
-    diffusion, model, mesh, samplers.Sampler('ddim', num_timesteps, 0.0)
+    diffusion, model, mesh, samplers.Sampler('ddim', num_timesteps)
   )
   loop = samplers.ChunkedLoop(run_chunk, params, tqdm.tqdm(disable=True))
   rng = jax.random.key(3)
@@ -229,12 +257,12 @@ def test_sample_writes_npz_and_png_grids(one_device_run):
   workdir, paths, outputs = one_device_run
   assert paths == [str(workdir / 'samples' / name) for name in OUTPUTS]
   assert sorted(outputs) == sorted(OUTPUTS)
-  samples = outputs[f'samples_ancestral_{SUFFIX}.npz']
+  samples = outputs[f'{SAMPLES}.npz']
   assert samples.shape == (10, 8, 8, 1) and samples.dtype == np.uint8
   assert len(np.unique(samples)) > 10  # Images, not a constant.
   # Grids of 8x8 images with 1 pixel of padding, enlarged 8 times: (rows, cols) of each figure.
   layouts = {
-    f'samples_ancestral_{SUFFIX}.png': (3, 4),  # 10 images, ceil(sqrt(10)) per row.
+    f'{SAMPLES}.png': (3, 4),  # 10 images, ceil(sqrt(10)) per row.
     f'progressive_{SUFFIX}.png': (6, 5),  # 6 images; x_0 at t = 99, 74, 49, 24, and x_0.
     f'denoising_chain_{SUFFIX}.png': (3, 7),  # t = 99, 49, 9; x_t and 6 samples.
     f'interpolation_{SUFFIX}.png': (2, 5),  # 2 pairs; x_0, 3 lambdas, x_0'.
@@ -252,7 +280,7 @@ def test_same_seed_gives_the_same_samples(one_device_run, trained_workdir, tmp_p
   _, _, first = one_device_run
   workdir = copy_checkpoints(trained_workdir, tmp_path)
   sampling.sample(sample_config(**{'sampling.kinds': 'samples'}), str(workdir))
-  name = f'samples_ancestral_{SUFFIX}.npz'
+  name = f'{SAMPLES}.npz'
   np.testing.assert_array_equal(read_outputs(workdir)[name], first[name])
 
 
@@ -369,8 +397,8 @@ def test_official_weights_converted_and_sampled(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-5000:]
   names = [
-    'samples_ancestral_step_00000000_seed_0.npz',
-    'samples_ancestral_step_00000000_seed_0.png',
+    'samples_dpm_solver++7_static_step_00000000_seed_0.npz',
+    'samples_dpm_solver++7_static_step_00000000_seed_0.png',
   ]
   names.append('progressive_step_00000000_seed_0.png')
   assert result.stdout.splitlines() == [f'Wrote {workdir / "samples" / n}' for n in names]
@@ -392,11 +420,40 @@ def test_official_weights_converted_and_sampled(tmp_path):
     ({'sampling.num_samples': -5}, ValueError, 'num_samples must be a positive integer, got -5'),
     ({'sampling.kinds': 'samples,fig9'}, ValueError, r"unknown kinds \['fig9'\]"),
     (
-      {'sampling.sampler': 'ddim', 'sampling.ddim_steps': 101},
+      {'sampling.sampler': 'ddim', 'sampling.steps': 101},
       ValueError,
-      r'ddim_steps must be in \[1, T = 100\], got 101',
+      r'config.sampling.steps: ddim takes between 1 and 100 steps for T = 100, got 101',
+    ),
+    (
+      {'sampling.sampler': 'respaced', 'sampling.steps': 1},
+      ValueError,
+      r'config.sampling.steps: respaced takes between 2 and 100 steps for T = 100, got 1',
+    ),
+    (
+      {'sampling.sampler': 'dpm_solver++', 'sampling.steps': 100},
+      ValueError,
+      r'dpm_solver\+\+ takes between 1 and 99 steps for T = 100, got 100',
     ),
     ({'sampling.sampler': 'ddim', 'sampling.ddim_eta': -1.0}, ValueError, 'ddim_eta'),
+    (
+      {'sampling.sampler': 'dpm_solver++', 'sampling.thresholding': 'soft'},
+      ValueError,
+      r"Unknown config.sampling.thresholding 'soft'; expected one of none, static, dynamic",
+    ),
+    (
+      {'sampling.sampler': 'ddim', 'sampling.thresholding': 'dynamic'},
+      ValueError,
+      r"thresholding = 'dynamic' is for dpm_solver\+\+; ddim clips",
+    ),
+    (
+      {
+        'sampling.sampler': 'respaced',
+        'diffusion.model_var_type': 'learned',
+        'diffusion.loss_type': 'kl',
+      },
+      ValueError,
+      "respaced sampler cannot use model_var_type 'learned'",
+    ),
     ({'sampling.chain_t': (100, 9)}, ValueError, r'chain_t = \(100, 9\) must name timesteps'),
     ({'sampling.interpolation_t': -1}, ValueError, 'interpolation_t = -1'),
     ({'sampling.interpolation_images': (0, 1, 2)}, ValueError, 'must list pairs'),

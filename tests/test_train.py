@@ -217,6 +217,9 @@ def test_all_checkpoints_unreadable_is_an_error(tmp_path):
     ({'model.dtype': 'float16'}, "dtype must be 'float32' or 'bfloat16'"),
     ({'model.attention_impl': 'flash'}, "attention_impl must be None, 'xla' or 'cudnn'"),
     ({'training.steps_per_call': 0}, 'steps_per_call must be a positive integer .*, got 0'),
+    ({'training.lr_decay': 'linear'}, "Unknown config.training.lr_decay 'linear'"),
+    # The sample grids are drawn with config.sampling's sampler.
+    ({'sampling.steps': 100}, 'dpm_solver\\+\\+ takes between 1 and 99 steps for T = 100'),
   ],
 )
 def test_bad_config_is_rejected_before_compiling(tmp_path, override, message):

@@ -65,6 +65,19 @@ def test_optimizer_clips_the_global_norm_then_applies_adam_with_the_warmup():
     np.testing.assert_allclose(actual[k], expected[k], rtol=0, atol=1e-5, err_msg=k)
 
 
+def test_cosine_decay_after_the_warmup():
+  # Expected, written out: lr * step / warmup during the warmup, then
+  # lr * (1 + cos(pi * (step - warmup) / (steps - warmup))) / 2, 0 at the last step.
+  config = tiny_digits_config(
+    100,
+    **{'training.learning_rate': 0.1, 'training.warmup_steps': 20, 'training.lr_decay': 'cosine'},
+  )
+  _, schedule = train.create_optimizer(config)
+  expected = {0: 0.0, 10: 0.05, 20: 0.1, 40: 0.05 * (1 + np.cos(np.pi / 4)), 60: 0.05, 100: 0.0}
+  for step, rate in expected.items():
+    np.testing.assert_allclose(float(schedule(step)), rate, rtol=1e-6, atol=1e-9, err_msg=step)
+
+
 def test_flip_mirrors_along_the_width():
   images = np.arange(16 * 3 * 5, dtype=np.uint8).reshape(16, 3, 5, 1)  # H != W, no symmetry.
   x = np.asarray(train.preprocess(jnp.asarray(images), jax.random.key(0), random_flip=True))
