@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.adam_b2 = 0.999
   training.adam_eps = 1e-8
   training.ema_decay = 0.9999
+  # Fine-tuning: a run whose workdir has no checkpoint yet starts its params and EMA params from
+  # this checkpoint (a trained or imported workdir, or one of its step directories), at step 0
+  # with a fresh optimizer; once it has checkpoints of its own, it resumes from those.
+  training.init_from = ml_collections.config_dict.placeholder(str)
   training.log_every_steps = 100
   training.checkpoint_every_steps = 10_000
   training.keep_checkpoints = 3

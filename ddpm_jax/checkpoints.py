@@ -29,12 +29,16 @@ def create_manager(
   workdir: str, *, max_to_keep: int | None = None, async_save: bool = True
 ) -> ocp.CheckpointManager:
   """A CheckpointManager for `<workdir>/checkpoints` keeping the last `max_to_keep` steps."""
+  return _manager(checkpoint_dir(workdir), max_to_keep=max_to_keep, async_save=async_save)
+
+
+def _manager(directory: epath.Path, *, max_to_keep=None, async_save=True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
     max_to_keep=max_to_keep,
     enable_async_checkpointing=async_save,
     create=True,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
 def save(
@@ -164,6 +168,41 @@ def restore_ema_params(
   manager.close()
   step, items = restored
   return step, items['ema_params']
+
+
+def step_directory(path: str) -> epath.Path:
+  """The checkpoint that `path` names: a workdir or its `checkpoints` directory (their latest
+  step), or one step's directory. Raises FileNotFoundError when there is none."""
+  base = epath.Path(path)
+  for directory in (base / 'checkpoints', base):
+    if directory.is_dir():
+      steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+      if steps:
+        return directory / str(max(steps))
+  if (base / 'ema_params').is_dir() and base.name.isdigit():
+    return base
+  raise FileNotFoundError(
+    f'No checkpoint at {path}: expected a workdir, its checkpoints directory or a checkpoint '
+    'step directory (<workdir>/checkpoints/<step>).'
+  )
+
+
+def restore_init_params(path: str, abstract_params: Any) -> tuple[epath.Path, Any, Any]:
+  """(step directory, params, EMA params) of the checkpoint `path` names (`step_directory`),
+  shaped and sharded like `abstract_params`: where `training.init_from` starts a run. Raises
+  ValueError when the checkpoint does not fit `abstract_params`."""
+  step_dir = step_directory(path)
+  check_architecture(step_dir, abstract_params)
+  manager = _manager(step_dir.parent, async_save=False)
+  abstract_items = {'params': abstract_params, 'ema_params': abstract_params}
+  _, items = restore(manager, abstract_items, step=int(step_dir.name))
+  manager.close()
+  return step_dir, items['params'], items['ema_params']
+
+
+def is_imported(step_dir: epath.Path) -> bool:
+  """Whether a checkpoint holds imported weights (no optimizer state to resume from)."""
+  return not (step_dir / 'opt_state').exists()
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:

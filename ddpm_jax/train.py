@@ -113,8 +113,9 @@ def create_train_step(config, model, diffusion: diffusion_lib.GaussianDiffusion,
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # The original starts the EMA as a copy: decay 1e-10 at the first step.
-    decay = jnp.where(state.step == 0, 1e-10, ema_decay)
+    # The original starts the EMA as a copy: decay 1e-10 at the first step; a run from
+    # `training.init_from` continues the EMA it starts from.
+    decay = ema_decay if config.training.init_from else jnp.where(state.step == 0, 1e-10, ema_decay)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     new_state = TrainState(
       step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
@@ -267,8 +268,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     name: checkpoints.abstract_like(getattr(abstract_state, name), replicated)
     for name in ('params', 'ema_params', 'opt_state')
   }
+  latest = manager.latest_step()
+  if latest is not None and checkpoints.is_imported(
+    checkpoints.checkpoint_dir(workdir) / str(latest)
+  ):
+    raise ValueError(
+      f'The checkpoint at step {latest} in {checkpoints.checkpoint_dir(workdir)} holds imported '
+      'weights without optimizer state, so a run cannot resume from it. To train from them, '
+      f'start a new workdir with --config.training.init_from={workdir}'
+    )
   restored = checkpoints.restore(manager, abstract_items)
-  if restored is None:
+  if restored is None and training.init_from:
+    # A fresh run from another checkpoint's weights: step 0, the optimizer state of a new run.
+    step_dir, params, ema_params = checkpoints.restore_init_params(
+      training.init_from, abstract_items['params']
+    )
+    state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
+    state = state.replace(params=params, ema_params=ema_params)
+    logging.info('Starting from step 0 with the params and EMA params of %s.', step_dir)
+  elif restored is None:
     state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
     logging.info('No checkpoint in %s: starting from step 0.', checkpoints.checkpoint_dir(workdir))
   else:

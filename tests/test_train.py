@@ -18,7 +18,7 @@ from helpers import (
   train_step_setup,
 )
 
-from ddpm_jax import image_io, input_pipeline, train
+from ddpm_jax import checkpoints, image_io, input_pipeline, train
 
 
 def test_one_step_on_mock_cifar10(tmp_path):
@@ -283,3 +283,80 @@ def test_bfloat16_training_lowers_the_loss_like_float32():
   assert final32 < 0.7 * initial32  # Training works at all.
   assert abs(initial16 - initial32) < 0.02 * initial32  # The same init, seen through bf16.
   assert abs(final16 - final32) < 0.1 * initial32
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning from a trained or imported checkpoint (training.init_from).
+# ----------------------------------------------------------------------------------------------
+
+
+def test_init_from_starts_at_step_0_from_the_checkpoints_weights(tmp_path):
+  # Expected: the first update has learning rate 0 (the warmup), so one step from a trained
+  # workdir's weights leaves its params as they were, bit for bit, and moves the EMA it started
+  # from once: decay * ema + (1 - decay) * params (float64 here); at step 1 of the new run (not
+  # the source's step + 1), with the optimizer state of a fresh run.
+  source = tmp_path / 'source'
+  config = tiny_digits_config(3)
+  train.train_and_evaluate(config, str(source))
+  _, expected = final_params(source)
+  decay = config.training.ema_decay
+  expected_ema = jax.tree.map(
+    lambda e, p: decay * np.float64(e) + (1 - decay) * np.float64(p),
+    expected['ema_params'],
+    expected['params'],
+  )
+  for init_from in (source, source / 'checkpoints' / '3'):
+    workdir = tmp_path / f'tuned_{init_from.name}'
+    state = train.train_and_evaluate(
+      tiny_digits_config(1, **{'training.init_from': str(init_from)}), str(workdir)
+    )
+    step, tuned = final_params(workdir)
+    assert step == 1
+    assert_trees_equal(tuned['params'], expected['params'])
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+      tuned['ema_params'],
+      expected_ema,
+    )
+    assert int(state.opt_state[1][0].count) == 1  # Adam's count: a fresh optimizer.
+
+
+def test_imported_weights_train_only_through_init_from(tmp_path):
+  # An imported workdir (weights, no optimizer state) cannot be resumed; the error says to start
+  # a new workdir from it, which then trains.
+  imported = tmp_path / 'imported'
+  model, _, state, _ = train_step_setup(tiny_digits_config(1))
+  del model
+  checkpoints.save_imported(str(imported), params=state.params, step=0)
+  before = sorted(str(p) for p in imported.rglob('*'))
+  with pytest.raises(ValueError, match=r'imported weights .*--config.training.init_from='):
+    train.train_and_evaluate(tiny_digits_config(2), str(imported))
+  assert sorted(str(p) for p in imported.rglob('*')) == before
+  config = tiny_digits_config(1, **{'training.init_from': str(imported)})
+  train.train_and_evaluate(config, str(tmp_path / 'tuned'))
+  assert_trees_equal(final_params(tmp_path / 'tuned')[1]['params'], jax.device_get(state.params))
+
+
+@pytest.mark.parametrize(
+  'override, error, message',
+  [
+    ({}, FileNotFoundError, 'No checkpoint at .*missing: expected a workdir'),
+    (
+      {'model.ch': 64},
+      ValueError,
+      r'misshapen tensors .*conv_in/bias \(32,\) \(expected \(64,\)\)',
+    ),
+  ],
+)
+def test_bad_init_from_is_rejected_before_training(tmp_path, override, error, message):
+  source = tmp_path / 'source'
+  if override:
+    train.train_and_evaluate(tiny_digits_config(1), str(source))
+  else:
+    source = tmp_path / 'missing'
+  config = tiny_digits_config(1, **{'training.init_from': str(source), **override})
+  with pytest.raises(error, match=message):
+    train.train_and_evaluate(config, str(tmp_path / 'tuned'))
+  assert not (tmp_path / 'tuned' / 'checkpoints').exists() or not any(
+    (tmp_path / 'tuned' / 'checkpoints').iterdir()
+  )
