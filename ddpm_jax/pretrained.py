@@ -2,15 +2,16 @@ r"""The official DDPM weights as parameters of our U-Net, and a command-line con
 
 Two published forms of the same weights (REFERENCE.md, "Official weights") are read:
 - the diffusers ports on the Hugging Face Hub (`google/ddpm-cifar10-32`, `google/ddpm-church-256`,
-  ...): a folder with `config.json` and `diffusion_pytorch_model.safetensors`;
+  ...): a folder with `config.json` and `diffusion_pytorch_model.safetensors`, or the Hub repo
+  itself, downloaded into the Hugging Face cache (`fetch_from_hub`);
 - the original TensorFlow checkpoints (`model.ckpt-790000` for CIFAR10), whose variable names our
   parameter tree mirrors; the EMA copies are taken by default.
 
-Nothing downloads at run time. With internet access, fetch and convert, e.g.:
+From the Hub (the config comes from the model's config.json: the shipped config that fits it is
+named, or one is written to <workdir>/config.py), e.g.:
 
-  hf download google/ddpm-cifar10-32 --local-dir /tmp/ddpm-cifar10-32
-  python -m ddpm_jax.pretrained --config=configs/cifar10.py --format=diffusers \
-    --source=/tmp/ddpm-cifar10-32 --workdir=/tmp/ddpm_cifar10_official
+  python -m ddpm_jax.pretrained --source=google/ddpm-cifar10-32 \
+    --workdir=/tmp/ddpm_cifar10_official
 
 or, with the original checkpoint files (`model.ckpt-790000.{index,data-*}`, linked from the
 README of github.com/hojonathanho/diffusion) in /tmp/ddpm_tf:
@@ -28,6 +29,7 @@ shape, and every model tensor in the source must be used; anything else raises a
 names the tensors.
 """
 
+import importlib
 import json
 import os
 import re
@@ -496,6 +498,110 @@ def check_architecture(
     raise ValueError('Official weights do not match the config:\n  ' + '\n  '.join(mismatches))
 
 
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face Hub, and the project config of imported weights
+# ---------------------------------------------------------------------------------------------
+
+# The files of a UNet2DModel, at the top of a repo or in the `unet/` folder of a pipeline.
+_HUB_PATTERNS = [
+  f'{folder}{name}'
+  for folder in ('', 'unet/')
+  for name in ('config.json', 'diffusion_pytorch_model.safetensors')
+]
+# The shipped configs an imported model may match, by the keyword that names its data in a Hub
+# repo id (google/ddpm-cifar10-32, google/ddpm-church-256, ...).
+SHIPPED_CONFIGS = {
+  'cifar10': 'cifar10',
+  'celebahq256': 'celebahq',
+  'lsun_church256': 'church',
+  'lsun_bedroom256': 'bedroom',
+  'lsun_cat256': 'cat',
+  'digits': 'digits',
+}
+
+
+def is_hub_id(source: str) -> bool:
+  """Whether `source` names a Hub repo ('org/name') rather than an existing local path."""
+  return not os.path.exists(source) and re.fullmatch(r'[\w.-]+/[\w.-]+', source) is not None
+
+
+def fetch_from_hub(repo_id: str, revision: str | None = None) -> str:
+  """The local folder of a Hub model repo's UNet2DModel files, downloaded into the Hugging Face
+  cache (`HF_HUB_CACHE`) unless already there.
+
+  huggingface_hub resumes interrupted downloads, reads `HF_TOKEN` for private or gated repos and,
+  with `HF_HUB_OFFLINE=1`, only the cache. Raises FileNotFoundError with what to do when the repo,
+  the revision or the cached copy does not exist.
+  """
+  import huggingface_hub  # noqa: PLC0415 - only the Hub path needs it.
+  from huggingface_hub import errors  # noqa: PLC0415
+
+  where = f'{repo_id} (revision {revision or "main"})'
+  try:
+    return huggingface_hub.snapshot_download(
+      repo_id, revision=revision, allow_patterns=_HUB_PATTERNS
+    )
+  except errors.RevisionNotFoundError:
+    raise FileNotFoundError(f'The Hub repo {repo_id} has no revision {revision!r}.') from None
+  except (errors.RepositoryNotFoundError, errors.GatedRepoError):
+    raise FileNotFoundError(
+      f'No Hub model repo {repo_id} that you can read: check the id (e.g. '
+      'google/ddpm-cifar10-32), or set HF_TOKEN for a private or gated repo.'
+    ) from None
+  except errors.LocalEntryNotFoundError:
+    raise FileNotFoundError(
+      f'{where} is not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) and '
+      'the Hub cannot be reached (no network, or HF_HUB_OFFLINE=1): download it once with '
+      'network access, e.g. with this same command.'
+    ) from None
+
+
+def shipped_config(model_config: ml_collections.ConfigDict, source: str) -> str | None:
+  """The name of the config in configs/ whose U-Net and images are those of `model_config`; of
+  several, the one whose data keyword the source's name contains. None when none fits."""
+  fits = []
+  for name in SHIPPED_CONFIGS:
+    try:
+      check_architecture(model_config, _load_shipped(name))
+    except ValueError:
+      continue
+    fits.append(name)
+  named = [name for name in fits if SHIPPED_CONFIGS[name] in os.path.basename(source.rstrip('/'))]
+  return (named or fits or [None])[0]
+
+
+def _load_shipped(name: str) -> ml_collections.ConfigDict:
+  return importlib.import_module(f'configs.{name}').get_config()
+
+
+def derived_config(model_config: ml_collections.ConfigDict, source: str) -> str:
+  """The text of a config file for weights that no shipped config fits: the shipped config of the
+  same image size and channels with the U-Net of `model_config`. Raises ValueError when no
+  shipped config has those images, or the model has a learned variance."""
+  bases = [
+    name
+    for name in SHIPPED_CONFIGS
+    if (_load_shipped(name).data.image_size, _load_shipped(name).data.num_channels)
+    == (model_config.image_size, model_config.num_channels)
+  ]
+  if not bases or model_config.out_ch != model_config.num_channels:
+    raise ValueError(
+      f'No config in configs/ is for {model_config.image_size}x{model_config.image_size}x'
+      f'{model_config.num_channels} images and {model_config.out_ch} output channels: pass '
+      '--config, the config these weights were trained with.'
+    )
+  values = {name: model_config[name] for name in _ARCH_FIELDS if name != 'out_ch'}
+  values = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in values.items()}
+  lines = [f'  config.model.{name} = {value!r}' for name, value in values.items()]
+  return (
+    f'"""The config of the weights converted from {source} by ddpm_jax.pretrained:\n'
+    f'configs/{bases[0]}.py with the U-Net of their config.json."""\n\n'
+    f'from configs import {bases[0]}\n\n\n'
+    'def get_config():\n'
+    f'  config = {bases[0]}.get_config()\n' + '\n'.join(lines) + '\n  return config\n'
+  )
+
+
 def default_step(source: str, source_format: str) -> int:
   """The training step of the weights: N from a TF `model.ckpt-N` prefix, else 0."""
   if source_format == 'tf':
@@ -507,27 +613,48 @@ def default_step(source: str, source_format: str) -> int:
 
 
 def convert(
-  config: ml_collections.ConfigDict,
+  config: ml_collections.ConfigDict | None,
   *,
   source: str,
-  source_format: str,
+  source_format: str = 'diffusers',
   workdir: str,
   step: int | None = None,
   use_ema: bool = True,
-) -> None:
+  revision: str | None = None,
+) -> str | None:
   """Imports official weights, checks them against `config`, and saves a checkpoint in workdir.
 
   Args:
-    config: the project config the weights will be used with.
-    source: a diffusers folder or a TF checkpoint prefix/directory.
+    config: the project config the weights will be used with; None (diffusers weights only):
+      the shipped config that fits their config.json (`shipped_config`), else a config written
+      to `<workdir>/config.py` (`derived_config`).
+    source: a diffusers folder, a Hub model repo id ('google/ddpm-cifar10-32', fetched with
+      `fetch_from_hub`), or a TF checkpoint prefix/directory.
     source_format: 'diffusers' or 'tf'.
     workdir: where `checkpoints.save_imported` writes (workdir/checkpoints).
     step: checkpoint step; None means `default_step(source, source_format)`.
     use_ema: TF only: take the EMA copies (default) or the raw weights.
+    revision: Hub only: a branch, tag or commit hash to pin (default: main).
+
+  Returns:
+    Without `config`, the path of the config to sample with; else None. Nothing is written
+    when an error is raised.
   """
+  config_path, config_text = None, None
   if source_format == 'diffusers':
-    model_config, params = load_diffusers_model(source)
-    check_architecture(model_config, config)
+    folder = fetch_from_hub(source, revision) if is_hub_id(source) else source
+    model_config, params = load_diffusers_model(folder)
+    if config is None:
+      name = shipped_config(model_config, source)
+      if name is None:
+        config_text = derived_config(model_config, source)
+        config_path = os.path.join(workdir, 'config.py')
+      else:
+        config, config_path = _load_shipped(name), os.path.join('configs', f'{name}.py')
+    if config is not None:
+      check_architecture(model_config, config)
+  elif config is None:
+    raise ValueError('TF checkpoints carry no model config: pass --config.')
   elif source_format == 'tf':
     model_config = model_config_from_tf_checkpoint(
       source, image_size=config.data.image_size, use_ema=use_ema
@@ -539,29 +666,42 @@ def convert(
   if step is None:
     step = default_step(source, source_format)
   checkpoints.save_imported(workdir, params=params, step=step)
+  if config_text is not None:
+    with open(config_path, 'w') as f:
+      f.write(config_text)
+  return config_path
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  convert(
+  config_path = convert(
     flags.FLAGS.config,
     source=flags.FLAGS.source,
     source_format=flags.FLAGS.format,
     workdir=flags.FLAGS.workdir,
     step=flags.FLAGS.step,
     use_ema=flags.FLAGS.use_ema,
+    revision=flags.FLAGS.revision,
   )
+  config_path = config_path or config_flags.get_config_filename(flags.FLAGS['config'])
+  print(f'Converted {flags.FLAGS.source} into {flags.FLAGS.workdir}. Sample with:')
+  print(f'  python main.py --config={config_path} --mode=sample --workdir={flags.FLAGS.workdir}')
 
 
 if __name__ == '__main__':
   # Defined only when run as a program, so that importing this library next to main.py, which
   # also defines --config and --workdir, cannot clash.
-  config_flags.DEFINE_config_file('config', None, 'Project config file.')
-  flags.DEFINE_string('source', None, 'diffusers folder, or TF checkpoint prefix or directory.')
-  flags.DEFINE_enum('format', None, ['diffusers', 'tf'], 'Format of --source.')
+  config_flags.DEFINE_config_file(
+    'config', None, 'Project config file; optional for diffusers weights (see `convert`).'
+  )
+  flags.DEFINE_string(
+    'source', None, 'Hub model repo id, diffusers folder, or TF checkpoint prefix or directory.'
+  )
+  flags.DEFINE_enum('format', 'diffusers', ['diffusers', 'tf'], 'Format of --source.')
+  flags.DEFINE_string('revision', None, 'Hub only: branch, tag or commit hash (default: main).')
   flags.DEFINE_string('workdir', None, 'Output directory; the checkpoint goes to checkpoints/.')
   flags.DEFINE_integer('step', None, 'Checkpoint step; default N of model.ckpt-N, else 0.')
   flags.DEFINE_bool('use_ema', True, 'TF only: EMA weights, or the raw ones with --nouse_ema.')
-  flags.mark_flags_as_required(['config', 'source', 'format', 'workdir'])
+  flags.mark_flags_as_required(['source', 'workdir'])
   app.run(main)

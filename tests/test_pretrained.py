@@ -9,7 +9,11 @@ REFERENCE.md.
 """
 
 import functools
+import importlib.util
+import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 
@@ -23,7 +27,7 @@ from diffusers import UNet2DModel
 from helpers import DOWN_TYPES, assert_trees_equal, cifar10_diffusers_config
 
 from configs.default import get_config
-from ddpm_jax import checkpoints, pretrained
+from ddpm_jax import checkpoints, models, pretrained
 
 
 def torch_unet(ch, seed=0):
@@ -465,3 +469,140 @@ def test_command_line_converter_round_trip(small, small_params, tmp_path):
   step, params = checkpoints.restore_ema_params(str(workdir), abstract)
   assert step == 0
   assert_trees_equal(params, small_params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face Hub (offline, from a cache the test writes) and the config of imported weights.
+# ---------------------------------------------------------------------------------------------
+
+COMMIT = '0123456789abcdef0123456789abcdef01234567'
+
+
+def hub_cache(root, repo_id, write_files):
+  """A Hugging Face cache (HF_HUB_CACHE layout) holding `repo_id` at COMMIT, its branch main
+  pointing there: what a download leaves, without the network. `write_files(folder)` fills
+  the snapshot."""
+  repo = root / f'models--{repo_id.replace("/", "--")}'
+  snapshot = repo / 'snapshots' / COMMIT
+  snapshot.mkdir(parents=True)
+  write_files(snapshot)
+  (repo / 'refs').mkdir()
+  (repo / 'refs' / 'main').write_text(COMMIT)
+  return root
+
+
+def convert_command(cache, *flags):
+  return subprocess.run(
+    [sys.executable, '-m', 'ddpm_jax.pretrained', *flags],
+    cwd=pathlib.Path(__file__).parents[1],
+    env={**os.environ, 'HF_HUB_CACHE': str(cache), 'HF_HUB_OFFLINE': '1'},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_hub_id_converts_from_the_cache_with_a_written_config(small, small_params, tmp_path):
+  # google/ddpm-tiny-32: the CIFAR10 topology at width 32, which no shipped config has, so the
+  # converter writes one (configs/cifar10.py with ch 32) beside the checkpoint; the checkpoint
+  # restores through that config's U-Net and holds the diffusers import.
+  model, _, model_config = small
+  cache = hub_cache(
+    tmp_path / 'hub',
+    'google/ddpm-tiny-32',
+    lambda d: model.save_pretrained(d, safe_serialization=True),
+  )
+  workdir = tmp_path / 'workdir'
+  for revision in ([], [f'--revision={COMMIT}']):
+    shutil.rmtree(workdir, ignore_errors=True)
+    result = convert_command(
+      cache, '--source=google/ddpm-tiny-32', f'--workdir={workdir}', *revision
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    command = f'python main.py --config={workdir / "config.py"} --mode=sample --workdir={workdir}'
+    assert command in result.stdout
+  spec = importlib.util.spec_from_file_location('written_config', workdir / 'config.py')
+  written = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(written)
+  config = written.get_config()
+  assert (config.model.ch, config.data.dataset) == (32, 'cifar10')
+  pretrained.check_architecture(model_config, config)
+  abstract = models.param_shapes(models.create_model(config), 32, 3)
+  step, params = checkpoints.restore_ema_params(str(workdir), checkpoints.abstract_like(abstract))
+  assert step == 0
+  assert_trees_equal(params, small_params)
+
+
+@pytest.mark.parametrize(
+  'source, files, message',
+  [
+    (
+      'google/ddpm-missing-32',
+      None,
+      r'google/ddpm-missing-32 \(revision main\) is not in the Hugging Face cache',
+    ),
+    ('google/ddpm-tiny-32', ('config.json',), r'diffusion_pytorch_model.safetensors not found'),
+  ],
+)
+def test_hub_errors_write_nothing(small, tmp_path, source, files, message):
+  # A repo id that is neither cached nor reachable, and a cached repo without its weights.
+  model, _, _ = small
+
+  def write(folder):
+    model.save_pretrained(folder, safe_serialization=True)
+    for path in folder.iterdir():
+      if path.name not in files:
+        path.unlink()
+
+  cache = hub_cache(tmp_path / 'hub', 'google/ddpm-tiny-32', write if files else lambda d: None)
+  workdir = tmp_path / 'workdir'
+  result = convert_command(cache, f'--source={source}', f'--workdir={workdir}')
+  assert result.returncode != 0
+  assert re.search(message, result.stderr), result.stderr[-3000:]
+  assert not workdir.exists()
+
+
+def test_hub_repo_errors_say_what_to_do(monkeypatch):
+  # The errors huggingface_hub raises online, as our FileNotFoundError with the remedy.
+  import huggingface_hub
+  import requests
+  from huggingface_hub import errors
+
+  response = requests.Response()
+  response.status_code = 404
+  for error, message in [
+    (errors.RepositoryNotFoundError('404', response=response), 'No Hub model repo google/nope'),
+    (errors.RevisionNotFoundError('404', response=response), "google/nope has no revision 'v9'"),
+  ]:
+
+    def fail(*args, error=error, **kwargs):
+      raise error
+
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', fail)
+    with pytest.raises(FileNotFoundError, match=message):
+      pretrained.fetch_from_hub('google/nope', 'v9')
+
+
+@pytest.mark.parametrize(
+  'repo_id, expected',
+  [
+    ('google/ddpm-cifar10-32', 'cifar10'),
+    ('google/ddpm-church-256', 'lsun_church256'),
+    ('google/ddpm-ema-bedroom-256', 'lsun_bedroom256'),
+    ('google/ddpm-cat-256', 'lsun_cat256'),
+    ('google/ddpm-celebahq-256', 'celebahq256'),
+  ],
+)
+def test_published_models_name_their_shipped_config(repo_id, expected):
+  # REFERENCE.md's published configs: CIFAR10's U-Net fits configs/cifar10.py; the four 256x256
+  # models share one U-Net, told apart by the data named in the repo id.
+  config = cifar10_diffusers_config()
+  if expected != 'cifar10':
+    config.update(
+      sample_size=256,
+      block_out_channels=[128, 128, 256, 256, 512, 512],
+      down_block_types=['DownBlock2D'] * 4 + ['AttnDownBlock2D', 'DownBlock2D'],
+      up_block_types=['UpBlock2D', 'AttnUpBlock2D'] + ['UpBlock2D'] * 4,
+    )
+  model_config = pretrained.model_config_from_diffusers(config)
+  assert pretrained.shipped_config(model_config, repo_id) == expected
