@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -220,8 +221,18 @@ class _PreemptionWatch:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (or resumes training) until `config.training.num_train_steps`; returns the state."""
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  report: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainState:
+  """Trains (or resumes training) until `config.training.num_train_steps`; returns the state.
+
+  `report(step, metrics)`, if given, is called on process 0 with what is logged every
+  `log_every_steps` steps (the mean loss, grad_norm and learning_rate since the last log, and
+  steps_per_sec): e.g. for a progress bar and a loss plot in a notebook.
+  """
   training = config.training
   # ---------------------------------------------------------------------------------------------
   # Check everything that can be checked before compiling.
@@ -420,6 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
     summary['steps_per_sec'] = steps_per_sec
     writer.write_scalars(step, summary)
+    if report is not None and jax.process_index() == 0:
+      report(step, summary)
     eta = (training.num_train_steps - step) / max(steps_per_sec, 1e-9)
     logging.info(
       'step %d/%d  loss %.5f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %s',

@@ -43,10 +43,19 @@ def test_digits_run_writes_checkpoints_logs_and_samples(tmp_path):
   config = tiny_digits_config(
     6, **{'training.sample_every_steps': 6, 'training.learning_rate': 1e-3}
   )
-  state = train.train_and_evaluate(config, str(tmp_path))
+  reported = {}
+  state = train.train_and_evaluate(
+    config, str(tmp_path), report=lambda step, metrics: reported.update({step: metrics})
+  )
   assert int(state.step) == 6
   assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [5, 6]
-  assert sorted(logged_scalars(tmp_path)) == [1, 2, 3, 4, 5, 6]
+  losses = logged_scalars(tmp_path)
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+  # `report` gets what is logged, step by step.
+  assert sorted(reported) == sorted(losses)
+  np.testing.assert_allclose(
+    [reported[s]['loss'] for s in sorted(losses)], [losses[s] for s in sorted(losses)], rtol=1e-6
+  )
   png = tmp_path / 'samples' / 'step_00000006.png'
   assert png.is_file() and png.stat().st_size > 0
   # The original's warmup: lr(step) = 1e-3 * min(step / 2, 1) at the update of `step`.
