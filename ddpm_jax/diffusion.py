@@ -508,7 +508,13 @@ class GaussianDiffusion:
     """The process on the subsequence S = `sampler_timesteps('respaced', T, K)` (improved DDPM,
     Nichol & Dhariwal 2021, sec. 4): abar'_k = abar_{S_k}, beta'_k = 1 - abar_{S_k} / abar_{S_{k-1}}
     (abar_{S_{-1}} = 1), and every table recomputed from these betas (float64, from the float32
-    betas of this process, which must be concrete). Its index k stands for timestep S_k here."""
+    betas of this process, which must be concrete). Its index k stands for timestep S_k here.
+    Raises ValueError for model_var_type 'learned', which has no respaced counterpart."""
+    if self.model_var_type == 'learned':
+      raise ValueError(
+        "The respaced sampler cannot use model_var_type 'learned': its output is the variance "
+        "of one step of T; use 'learned_range', a fixed variance, or another sampler."
+      )
     timesteps = sampler_timesteps('respaced', self.num_timesteps, num_steps)
     log_alphas = np.log1p(-np.asarray(self.betas, np.float64))
     # log(abar_{S_k} / abar_{S_{k-1}}): the sum of log(1 - beta_j) over S_{k-1} < j <= S_k.
@@ -532,11 +538,6 @@ class GaussianDiffusion:
     the posterior variance), or improved DDPM's learned_range interpolation of the two, and the
     noise of `fold_in(loop_rng, t)`; none at k = 0, whose mean is the predicted x_0.
     """
-    if self.model_var_type == 'learned':
-      raise ValueError(
-        "The respaced sampler cannot use model_var_type 'learned': its output is the variance "
-        "of one step of T; use 'learned_range', a fixed variance, or another sampler."
-      )
     respaced = self.respaced(num_steps)
     timesteps = jnp.asarray(sampler_timesteps('respaced', self.num_timesteps, num_steps))
 

@@ -578,11 +578,11 @@ def derived_config(model_config: ml_collections.ConfigDict, source: str) -> str:
   """The text of a config file for weights that no shipped config fits: the shipped config of the
   same image size and channels with the U-Net of `model_config`. Raises ValueError when no
   shipped config has those images, or the model has a learned variance."""
+  images = (model_config.image_size, model_config.num_channels)
   bases = [
     name
-    for name in SHIPPED_CONFIGS
-    if (_load_shipped(name).data.image_size, _load_shipped(name).data.num_channels)
-    == (model_config.image_size, model_config.num_channels)
+    for name, config in ((name, _load_shipped(name)) for name in SHIPPED_CONFIGS)
+    if (config.data.image_size, config.data.num_channels) == images
   ]
   if not bases or model_config.out_ch != model_config.num_channels:
     raise ValueError(

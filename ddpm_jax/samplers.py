@@ -163,11 +163,8 @@ def validate_sampler(
     f'config.sampling.thresholding = {sampling.thresholding!r} is for dpm_solver++; '
     f'{sampling.sampler} clips the predicted x_0 to [-1, 1] (static) as the paper does.',
   )
-  validation.require(
-    sampling.sampler != 'respaced' or diffusion.model_var_type != 'learned',
-    "The respaced sampler cannot use model_var_type 'learned' (a variance of one of the T "
-    'steps); use another sampler, or learned_range.',
-  )
+  if sampling.sampler == 'respaced':
+    diffusion.respaced(sampling.steps)  # Raises for a variance type it cannot respace.
 
 
 def make_model_fn(
