@@ -47,6 +47,9 @@ class Ref:
     self.betas = np.asarray(betas, np.float64)
     self.abar = np.cumprod(1.0 - self.betas)
     self.abar_prev = np.concatenate([[1.0], self.abar[:-1]])
+    # Eq. (7): mu_tilde_t = post_coef1 x_0 + post_coef2 x_t.
+    self.post_coef1 = np.sqrt(self.abar_prev) * self.betas / (1 - self.abar)
+    self.post_coef2 = np.sqrt(1 - self.betas) * (1 - self.abar_prev) / (1 - self.abar)
     # Eq. (7): beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
     self.post_var = (1.0 - self.abar_prev) / (1.0 - self.abar) * self.betas
 
@@ -57,11 +60,7 @@ class Ref:
     return np.sqrt(self.b(self.abar, t)) * x0 + np.sqrt(1.0 - self.b(self.abar, t)) * noise
 
   def post_mean(self, x0, xt, t):  # Eq. (7): mu_tilde_t.
-    abar, abar_prev, beta = self.b(self.abar, t), self.b(self.abar_prev, t), self.b(self.betas, t)
-    alpha = 1.0 - beta
-    return (np.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (
-      np.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
-    ) * xt
+    return self.b(self.post_coef1, t) * x0 + self.b(self.post_coef2, t) * xt
 
   def post_logvar_clipped(self, t):
     clipped = self.post_var.copy()
@@ -87,10 +86,7 @@ class Ref:
     elif mean_type == 'xstart':
       x0 = out
     else:  # Eq. (7) solved for x0.
-      abar_prev, beta = self.b(self.abar_prev, t), self.b(self.betas, t)
-      c1 = np.sqrt(abar_prev) * beta / (1 - abar)
-      c2 = np.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
-      x0 = (out - c2 * xt) / c1
+      x0 = (out - self.b(self.post_coef2, t) * xt) / self.b(self.post_coef1, t)
     return np.clip(x0, -1, 1) if clip else x0
 
   def p_mean_var(self, mean_type, var_type, xt, t, model_out, clip):
@@ -474,8 +470,7 @@ def sampler_model(ref, mean_type, seed=11):
   rng = np.random.default_rng(seed)
   c = SAMPLER_SHAPE[-1]
   w, b = rng.normal(size=(c, c)) * 0.8, rng.normal(size=(c,)) * 0.2
-  c1 = np.sqrt(ref.abar_prev) * ref.betas / (1 - ref.abar)
-  c2 = np.sqrt(1 - ref.betas) * (1 - ref.abar_prev) / (1 - ref.abar)
+  c1, c2 = ref.post_coef1, ref.post_coef2
 
   def make(xp, table, z_of):
     def fn(x, t):
@@ -715,8 +710,8 @@ def test_exact_model_of_a_single_point_recovers_it(sampler, settings, mean_type,
   point = np.random.default_rng(18).uniform(-0.9, 0.9, size=(1, *SAMPLER_SHAPE[1:]))
   alpha = jnp.asarray(np.sqrt(ref.abar), jnp.float32)
   sigma = jnp.asarray(np.sqrt(1 - ref.abar), jnp.float32)  # float64 1 - abar: 1e-4 at t = 0.
-  c1 = jnp.asarray(np.sqrt(ref.abar_prev) * ref.betas / (1 - ref.abar), jnp.float32)
-  c2 = jnp.asarray(np.sqrt(1 - ref.betas) * (1 - ref.abar_prev) / (1 - ref.abar), jnp.float32)
+  c1 = jnp.asarray(ref.post_coef1, jnp.float32)
+  c2 = jnp.asarray(ref.post_coef2, jnp.float32)
   x_star = jnp.asarray(point, jnp.float32)
 
   def exact(x, t):

@@ -89,6 +89,19 @@ def test_cifar10_matches_diffusers():
     assert err <= 1e-5
 
 
+def diffusers_256_config():
+  """The diffusers config of the four 256x256 models (REFERENCE.md): block_out_channels
+  [128, 128, 256, 256, 512, 512] with attention in down block 4 (256 / 16)."""
+  config = cifar10_diffusers_config()
+  config.update(
+    sample_size=256,
+    block_out_channels=[128, 128, 256, 256, 512, 512],
+    down_block_types=['DownBlock2D'] * 4 + ['AttnDownBlock2D', 'DownBlock2D'],
+    up_block_types=['UpBlock2D', 'AttnUpBlock2D'] + ['UpBlock2D'] * 4,
+  )
+  return config
+
+
 def test_model_config_from_diffusers_published_configs():
   # REFERENCE.md: CIFAR10 is ch 128, ch_mult (1, 2, 2, 2), attention at 16; the 256 models have
   # block_out_channels [128, 128, 256, 256, 512, 512] with attention in down block 4 (256 / 16).
@@ -105,14 +118,7 @@ def test_model_config_from_diffusers_published_configs():
     image_size=32,
     num_channels=3,
   )
-  church = cifar10_diffusers_config()
-  church.update(
-    sample_size=256,
-    block_out_channels=[128, 128, 256, 256, 512, 512],
-    down_block_types=['DownBlock2D'] * 4 + ['AttnDownBlock2D', 'DownBlock2D'],
-    up_block_types=['UpBlock2D', 'AttnUpBlock2D'] + ['UpBlock2D'] * 4,
-  )
-  church = pretrained.model_config_from_diffusers(church)
+  church = pretrained.model_config_from_diffusers(diffusers_256_config())
   assert (church.ch_mult, church.attn_resolutions, church.image_size) == (
     (1, 1, 2, 2, 4, 4),
     (16,),
@@ -596,13 +602,6 @@ def test_hub_repo_errors_say_what_to_do(monkeypatch):
 def test_published_models_name_their_shipped_config(repo_id, expected):
   # REFERENCE.md's published configs: CIFAR10's U-Net fits configs/cifar10.py; the four 256x256
   # models share one U-Net, told apart by the data named in the repo id.
-  config = cifar10_diffusers_config()
-  if expected != 'cifar10':
-    config.update(
-      sample_size=256,
-      block_out_channels=[128, 128, 256, 256, 512, 512],
-      down_block_types=['DownBlock2D'] * 4 + ['AttnDownBlock2D', 'DownBlock2D'],
-      up_block_types=['UpBlock2D', 'AttnUpBlock2D'] + ['UpBlock2D'] * 4,
-    )
+  config = cifar10_diffusers_config() if expected == 'cifar10' else diffusers_256_config()
   model_config = pretrained.model_config_from_diffusers(config)
   assert pretrained.shipped_config(model_config, repo_id) == expected
