@@ -403,3 +403,33 @@ def test_conv_gradients_are_jaxs_bit_for_bit(strides, size, padding):
   np.testing.assert_array_equal(y, expected_y)
   np.testing.assert_array_equal(dx, expected_dx)
   np.testing.assert_array_equal(dw, expected_dw)
+
+
+@pytest.mark.parametrize('platform, plain_form', [('cpu', True), ('tpu', False), ('cuda', False)])
+def test_conv_gradient_form_is_chosen_by_the_platform_lowered_for(platform, plain_form):
+  # The plain-gradient form is for XLA:CPU's loop bodies. It is chosen by the platform a program is
+  # lowered for, not by this host's default backend (cpu here): a TPU or GPU program lowered on a
+  # CPU host, as ahead-of-time compilation does, gets JAX's own gradients. The plain form fences
+  # its transposes with optimization barriers, which nothing else in this function has.
+  from ddpm_jax.models.unet import conv_general_dilated
+
+  x = jax.ShapeDtypeStruct((2, 8, 8, 16), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, 16, 24), jnp.float32)
+  dimension_numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+
+  def loss(x, w):
+    y = conv_general_dilated(
+      x,
+      w,
+      (1, 1),
+      'SAME',
+      lhs_dilation=(1, 1),
+      rhs_dilation=(1, 1),
+      dimension_numbers=dimension_numbers,
+    )
+    return jnp.sum(y * jnp.cos(y))
+
+  lowered = jax.jit(jax.grad(loss, (0, 1))).trace(x, w).lower(lowering_platforms=(platform,))
+  text = lowered.as_text()
+  assert ('optimization_barrier' in text) == plain_form
+  assert text.count('stablehlo.convolution') == 3  # The forward and both gradients.

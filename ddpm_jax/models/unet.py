@@ -130,34 +130,35 @@ def conv_general_dilated(
 ):
   """The U-Net's convolution: `lax.conv_general_dilated` as `nn.Conv` calls it, NHWC x HWIO.
 
-  On CPU its gradients take the form of `_conv_with_plain_gradients` (same values); elsewhere
-  (GPU, TPU) it is `lax.conv_general_dilated` itself, whose gradients those backends handle
-  natively.
+  In a program lowered for the CPU its gradients take the form of `_conv_with_plain_gradients`
+  (same values); in one lowered for any other platform (GPU, TPU) it is `lax.conv_general_dilated`
+  itself, whose gradients those backends handle natively. The choice is made by the platform the
+  program is compiled for (`lax.platform_dependent`), not by the host's default backend, so a TPU
+  program compiled ahead of time on a CPU host (benchmarks/tpu_aot.py) gets the TPU form.
   """
-  plain = (
-    jax.default_backend() == 'cpu'
-    and feature_group_count == 1
+  native = functools.partial(
+    lax.conv_general_dilated,
+    window_strides=window_strides,
+    padding=padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    precision=precision,
+  )
+  plain_form_applies = (
+    feature_group_count == 1
     and precision is None
     and set(lhs_dilation or (1,)) == set(rhs_dilation or (1,)) == {1}
     and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
   )
-  if not plain:
-    return lax.conv_general_dilated(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      precision=precision,
-    )
+  if not plain_form_applies:
+    return native(lhs, rhs)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  return _conv_with_plain_gradients(
-    lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding)
-  )
+  strides, pads = tuple(window_strides), tuple(tuple(p) for p in padding)
+  plain = lambda x, w: _conv_with_plain_gradients(x, w, strides, pads)
+  return lax.platform_dependent(lhs, rhs, cpu=plain, default=native)
 
 
 def _conv(features: int, name: str, dtype: Any, *, strides: int = 1, init_scale: float = 1.0):
