@@ -5,6 +5,7 @@ are sharded along it (data parallelism). `gather` brings sharded results to ever
 `progress` shows a progress bar on process 0 only.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -14,8 +15,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
-def create_mesh() -> Mesh:
-  return Mesh(np.array(jax.devices()), ('data',))
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The one 'data' axis over `devices`: by default all devices of all processes; for
+  ahead-of-time compilation, those of a TPU topology (benchmarks/tpu_aot.py)."""
+  return Mesh(np.array(jax.devices() if devices is None else devices), ('data',))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
