@@ -6,7 +6,13 @@ import shutil
 import sys
 import tempfile
 
-import jax
+# The tests run on the CPU backend. libtpu (requirements-test.txt, for the TPU compilation tests)
+# would otherwise make JAX look for a TPU first; compiling for a TPU topology needs no TPU backend.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+import jax  # noqa: E402
 
 # One persistent compilation cache for the whole test session, in this process, in the pytest-xdist
 # workers and in the `main.py` subprocesses (whose --compilation_cache_dir defaults to
