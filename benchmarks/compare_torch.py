@@ -25,6 +25,10 @@ import statistics
 
 from absl import app, flags
 
+# A comparison on this CPU: with libtpu installed (requirements-test.txt) JAX would also look for
+# a TPU at start-up, in every worker.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 8, 'Images per step, both sides.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype, both sides.')
