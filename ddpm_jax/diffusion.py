@@ -27,6 +27,8 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 MODEL_MEAN_TYPES = ('eps', 'xstart', 'xprev')
 MODEL_VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
+# The variance types for which the network also outputs a (log-)variance: 2C channels, not C.
+LEARNED_VAR_TYPES = ('learned', 'learned_range')
 LOSS_TYPES = ('mse', 'kl', 'hybrid')
 BETA_SCHEDULES = ('linear', 'quad', 'warmup10', 'warmup50', 'const', 'jsd', 'cosine')
 
@@ -254,7 +256,7 @@ class GaussianDiffusion:
     _check_choice('model_mean_type', model_mean_type, MODEL_MEAN_TYPES)
     _check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
     _check_choice('loss_type', loss_type, LOSS_TYPES)
-    learned_var = model_var_type in ('learned', 'learned_range')
+    learned_var = model_var_type in LEARNED_VAR_TYPES
     if loss_type == 'mse' and learned_var:
       raise ValueError(
         f"loss_type 'mse' cannot train a learned variance (model_var_type {model_var_type!r}); "
@@ -322,7 +324,7 @@ class GaussianDiffusion:
   @property
   def learned_variance(self) -> bool:
     """Whether the network emits 2C channels, the second half a variance output."""
-    return self.model_var_type in ('learned', 'learned_range')
+    return self.model_var_type in LEARNED_VAR_TYPES
 
   # --- The forward process q. ----------------------------------------------------------------
 

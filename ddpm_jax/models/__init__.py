@@ -8,16 +8,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddpm_jax import diffusion
 from ddpm_jax.models.unet import UNet
-
-# Variance types for which the network also outputs a (log-)variance: 2C channels instead of C.
-_LEARNED_VAR_TYPES = ('learned', 'learned_range')
 
 
 def create_model(config: ml_collections.ConfigDict) -> UNet:
   """The U-Net for `config.model`, sized for `config.data` and `config.diffusion.model_var_type`."""
   num_channels = config.data.num_channels
-  learned_var = config.diffusion.model_var_type in _LEARNED_VAR_TYPES
+  learned_var = config.diffusion.model_var_type in diffusion.LEARNED_VAR_TYPES
   return UNet(
     ch=config.model.ch,
     out_ch=2 * num_channels if learned_var else num_channels,
