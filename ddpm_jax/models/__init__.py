@@ -1,5 +1,6 @@
-"""Networks. `create_model(config)` builds the U-Net that a project config describes;
-`param_shapes` gives the shapes of its parameters."""
+"""Networks. `create_model(config)` builds the U-Net that a project config describes,
+`check_config(config)` checks that description, and `param_shapes` gives the shapes of its
+parameters."""
 
 import functools
 from typing import Any
@@ -30,6 +31,38 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
   )
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError when the U-Net of `config.model` cannot process `config.data` images."""
+  image_size = config.data.image_size
+  ch_mult = tuple(config.model.ch_mult)
+  if not ch_mult:
+    raise ValueError('config.model.ch_mult must name at least one level.')
+  factor = 2 ** (len(ch_mult) - 1)
+  if image_size % factor:
+    raise ValueError(
+      f'config.data.image_size = {image_size} is not divisible by 2^(len(ch_mult) - 1) = '
+      f'{factor}: the U-Net halves the resolution {len(ch_mult) - 1} times '
+      f'(ch_mult = {ch_mult}).'
+    )
+  resolutions = [image_size // 2**level for level in range(len(ch_mult))]
+  unreached = [r for r in config.model.attn_resolutions if r not in resolutions]
+  if unreached:
+    raise ValueError(
+      f'config.model.attn_resolutions {tuple(config.model.attn_resolutions)} include '
+      f'{unreached}, which the network never reaches; its resolutions are {resolutions}.'
+    )
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(
+      f"config.model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}."
+    )
+  if config.model.attention_impl not in (None, 'xla', 'cudnn'):
+    raise ValueError(
+      "config.model.attention_impl must be None, 'xla' or 'cudnn' (the implementation of "
+      'jax.nn.dot_product_attention), '
+      f'got {config.model.attention_impl!r}.'
+    )
+
+
 def param_shapes(model: UNet, image_size: int, num_channels: int) -> Any:
   """The parameters of `model` for images [B, image_size, image_size, num_channels], as a tree of
   jax.ShapeDtypeStruct: traced with jax.eval_shape, no arrays, no compute."""
@@ -41,4 +74,4 @@ def param_shapes(model: UNet, image_size: int, num_channels: int) -> Any:
   )['params']
 
 
-__all__ = ['UNet', 'create_model', 'param_shapes']
+__all__ = ['UNet', 'check_config', 'create_model', 'param_shapes']
