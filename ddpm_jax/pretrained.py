@@ -29,14 +29,14 @@ shape, and every model tensor in the source must be used; anything else raises a
 names the tensors.
 """
 
-import importlib
+import glob
+import importlib.util
 import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -45,16 +45,16 @@ from ml_collections import config_flags
 from safetensors import numpy as safetensors_numpy
 
 from ddpm_jax import checkpoints, models, tensors, tf_support
-from ddpm_jax.models.unet import UNet
 
 # A parameter's path in our tree, e.g. ('down_0', 'block_1', 'conv1', 'kernel').
 ParamPath = tuple[str, ...]
 
-# Architecture fields shared by UNet and an imported model config, in the order errors list them.
+# The attributes of the UNet that `models.create_model` builds which the weights fix, in the order
+# errors list them.
 _ARCH_FIELDS = ('ch', 'out_ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'resamp_with_conv')
 
 
-def make_model_config(
+def _unet_config(
   *,
   ch: int,
   out_ch: int,
@@ -66,34 +66,48 @@ def make_model_config(
   dropout: float = 0.0,
   resamp_with_conv: bool = True,
 ) -> ml_collections.ConfigDict:
-  """The architecture of a set of weights: the UNet fields plus the image shape they expect."""
+  """The U-Net of a set of weights, described as a project config describes one: the `model`
+  section of configs/default.py with the `data` image shape and the `diffusion.model_var_type`,
+  the fields that `models.create_model` reads.
+
+  The output channels tell only whether the variance is learned (2 * num_channels) or not
+  (num_channels); which fixed or learned variance is a sampling setting, here 'fixedlarge' or
+  'learned', and the U-Net is the same for either.
+
+  Raises:
+    ValueError: when out_ch is neither num_channels nor 2 * num_channels.
+  """
+  if out_ch not in (num_channels, 2 * num_channels):
+    raise ValueError(
+      f'The weights output {out_ch} channels for {num_channels}-channel images; the U-Net outputs '
+      f'{num_channels} (a fixed variance) or {2 * num_channels} (a learned variance).'
+    )
   return ml_collections.ConfigDict(
     dict(
-      ch=ch,
-      out_ch=out_ch,
-      ch_mult=tuple(ch_mult),
-      num_res_blocks=num_res_blocks,
-      attn_resolutions=tuple(attn_resolutions),
-      dropout=dropout,
-      resamp_with_conv=resamp_with_conv,
-      dtype='float32',
-      image_size=image_size,
-      num_channels=num_channels,
+      data=dict(image_size=image_size, num_channels=num_channels),
+      model=dict(
+        ch=ch,
+        ch_mult=tuple(ch_mult),
+        num_res_blocks=num_res_blocks,
+        attn_resolutions=tuple(attn_resolutions),
+        dropout=dropout,
+        resamp_with_conv=resamp_with_conv,
+        dtype='float32',
+        remat=False,
+        attention_impl=None,
+      ),
+      diffusion=dict(model_var_type='fixedlarge' if out_ch == num_channels else 'learned'),
     )
   )
 
 
-def build_unet(model_config: ml_collections.ConfigDict) -> UNet:
-  """The UNet that a model config (`make_model_config`) describes."""
-  fields = {field: model_config[field] for field in (*_ARCH_FIELDS, 'dropout')}
-  return UNet(**fields, dtype=jnp.dtype(model_config.dtype))
-
-
-def param_shapes(model_config: ml_collections.ConfigDict) -> dict[ParamPath, jax.ShapeDtypeStruct]:
-  """Flat {path: ShapeDtypeStruct} of the UNet's parameters (`models.param_shapes`)."""
-  shapes = models.param_shapes(
-    build_unet(model_config), model_config.image_size, model_config.num_channels
-  )
+def flat_param_shapes(
+  config: ml_collections.ConfigDict,
+) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+  """Flat {path: ShapeDtypeStruct} of the parameters of `models.create_model(config)` for
+  `config.data` images (`models.param_shapes`, flattened)."""
+  model = models.create_model(config)
+  shapes = models.param_shapes(model, config.data.image_size, config.data.num_channels)
   return traverse_util.flatten_dict(shapes)
 
 
@@ -248,7 +262,8 @@ _DIFFUSERS_REQUIRED = (
 
 
 def model_config_from_diffusers(config: Mapping) -> ml_collections.ConfigDict:
-  """Our model config (see `make_model_config`) for a UNet2DModel `config.json`.
+  """The U-Net of a UNet2DModel `config.json`, as the model, data and diffusion fields of a
+  project config (`_unet_config`).
 
   Raises:
     ValueError: listing every setting our UNet cannot represent (multi-head attention, cos-first
@@ -304,7 +319,7 @@ def model_config_from_diffusers(config: Mapping) -> ml_collections.ConfigDict:
   if problems:
     raise ValueError('Unsupported diffusers UNet2DModel config: ' + '; '.join(problems))
 
-  return make_model_config(
+  return _unet_config(
     ch=ch,
     out_ch=get('out_channels'),
     ch_mult=[width // ch for width in widths],
@@ -323,13 +338,13 @@ def params_from_diffusers(
 
   Args:
     state_dict: tensor name -> array in torch layout (any float dtype).
-    model_config: the architecture (`make_model_config` / `model_config_from_diffusers`).
+    model_config: the U-Net's config (`model_config_from_diffusers`).
 
   Returns:
     The params tree for `model.apply({'params': params}, ...)`, float32 NumPy arrays.
   """
-  shapes = param_shapes(model_config)
-  sources = _diffusers_sources(shapes, len(model_config.ch_mult))
+  shapes = flat_param_shapes(model_config)
+  sources = _diffusers_sources(shapes, len(model_config.model.ch_mult))
   available = {name: tuple(np.shape(value)) for name, value in state_dict.items()}
   return _assemble(sources, available, state_dict.__getitem__, 'diffusers weights')
 
@@ -341,7 +356,7 @@ def load_diffusers_model(folder: str) -> tuple[ml_collections.ConfigDict, dict]:
   no torch, no pickle.
 
   Returns:
-    (model config as in `make_model_config`, params).
+    (the U-Net's config as in `model_config_from_diffusers`, params).
   """
   if not os.path.exists(os.path.join(folder, 'config.json')):
     folder = os.path.join(folder, 'unet')
@@ -407,7 +422,8 @@ def _count_consecutive(names: Mapping[str, object], pattern: str) -> int:
 def model_config_from_tf_checkpoint(
   path: str, *, image_size: int, use_ema: bool = True
 ) -> ml_collections.ConfigDict:
-  """The architecture of an original TF checkpoint, read from its tensor names and shapes.
+  """The U-Net of an original TF checkpoint, read from its tensor names and shapes, as the model,
+  data and diffusion fields of a project config (`_unet_config`).
 
   The checkpoint stores no config and a conv net's weights do not fix the image size, so the
   caller gives `image_size`; attention resolutions follow from the levels that have `attn_0`.
@@ -423,7 +439,7 @@ def model_config_from_tf_checkpoint(
   widths = [shapes[f'model/down_{i}/block_0/conv1/W'][-1] for i in range(num_levels)]
   if any(width % ch for width in widths):
     raise ValueError(f'{path}: level widths {widths} are not multiples of ch={ch}')
-  return make_model_config(
+  return _unet_config(
     ch=ch,
     out_ch=shapes['model/conv_out/W'][-1],
     ch_mult=[width // ch for width in widths],
@@ -444,7 +460,7 @@ def params_from_tf_checkpoint(
 
   Args:
     path: checkpoint prefix or directory.
-    model_config: the architecture (`make_model_config` / `model_config_from_tf_checkpoint`).
+    model_config: the U-Net's config (`model_config_from_tf_checkpoint`).
     use_ema: take the `/ExponentialMovingAverage` copies (the weights the paper samples from);
       False takes the raw training weights.
 
@@ -453,7 +469,7 @@ def params_from_tf_checkpoint(
     dense / nin W [in, out].
   """
   prefix, reader = _load_tf_checkpoint(path)
-  shapes = param_shapes(model_config)
+  shapes = flat_param_shapes(model_config)
   kinds = _module_kinds(shapes)
   suffix = _EMA_SUFFIX if use_ema else ''
   sources = {}
@@ -471,24 +487,25 @@ def params_from_tf_checkpoint(
 # ---------------------------------------------------------------------------------------------
 
 
-def check_architecture(
+def check_weights_match_config(
   model_config: ml_collections.ConfigDict, config: ml_collections.ConfigDict
 ) -> None:
   """Raises a ValueError listing each field where the weights differ from the project config.
 
-  Compares image size and channels with `config.data` and the U-Net that `create_model(config)`
-  builds (ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv). Dropout is
-  not compared: it does not change the function used for sampling.
+  `model_config` is the weights' U-Net (`model_config_from_diffusers`, ...). Compares image size
+  and channels of the two `data` sections and the U-Nets that `models.create_model` builds from
+  both (ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv). Dropout is not
+  compared: it does not change the function used for sampling.
   """
-  model = models.create_model(config)
+  weights, model = models.create_model(model_config), models.create_model(config)
   fields = [
-    ('data.image_size', model_config.image_size, config.data.image_size),
-    ('data.num_channels', model_config.num_channels, config.data.num_channels),
+    ('data.image_size', model_config.data.image_size, config.data.image_size),
+    ('data.num_channels', model_config.data.num_channels, config.data.num_channels),
   ]
   for field in _ARCH_FIELDS:
     name = 'out_ch (from data.num_channels, diffusion.model_var_type)'
     name = name if field == 'out_ch' else f'model.{field}'
-    fields.append((name, model_config[field], getattr(model, field)))
+    fields.append((name, getattr(weights, field), getattr(model, field)))
   mismatches = [
     f'{name}: weights have {found!r}, config has {wanted!r}'
     for name, found, wanted in fields
@@ -508,15 +525,17 @@ _HUB_PATTERNS = [
   for folder in ('', 'unet/')
   for name in ('config.json', 'diffusion_pytorch_model.safetensors')
 ]
-# The shipped configs an imported model may match, by the keyword that names its data in a Hub
-# repo id (google/ddpm-cifar10-32, google/ddpm-church-256, ...).
-SHIPPED_CONFIGS = {
-  'cifar10': 'cifar10',
-  'celebahq256': 'celebahq',
-  'lsun_church256': 'church',
-  'lsun_bedroom256': 'bedroom',
-  'lsun_cat256': 'cat',
-  'digits': 'digits',
+# The folder of the shipped configs, relative to the working directory: the repository root,
+# where main.py runs with the path that `convert` returns.
+SHIPPED_CONFIGS_DIR = 'configs'
+# How the Hub repo ids of the published weights name their data (google/ddpm-celebahq-256,
+# google/ddpm-church-256, ...), by the `data.dataset` of the shipped configs they fit; other
+# datasets by their own name (google/ddpm-cifar10-32).
+_HUB_DATA_NAMES = {
+  'celeb_a_hq/256': 'celebahq',
+  'lsun/church_outdoor': 'church',
+  'lsun/bedroom': 'bedroom',
+  'lsun/cat': 'cat',
 }
 
 
@@ -556,41 +575,77 @@ def fetch_from_hub(repo_id: str, revision: str | None = None) -> str:
     ) from None
 
 
-def shipped_config(model_config: ml_collections.ConfigDict, source: str) -> str | None:
-  """The name of the config in configs/ whose U-Net and images are those of `model_config`; of
-  several, the one whose data keyword the source's name contains. None when none fits."""
+def load_shipped_configs() -> dict[str, ml_collections.ConfigDict]:
+  """{name: config} of the dataset configs in configs/ (configs/cifar10.py -> 'cifar10'), by
+  name; the bases that they build on (default.py, default256.py) are left out.
+
+  Each file is read by its path, as main.py's --config reads one; the files import their bases
+  from configs/ (`from configs import default`), so the repository root is on sys.path, as it is
+  for main.py and `python -m ddpm_jax.pretrained` run there.
+  """
+  paths = sorted(
+    path
+    for path in glob.glob(os.path.join(SHIPPED_CONFIGS_DIR, '*.py'))
+    if not os.path.basename(path).startswith(('_', 'default'))
+  )
+  if not paths:
+    raise FileNotFoundError(
+      f'No config files in {SHIPPED_CONFIGS_DIR}/ of the working directory: run in the '
+      'repository root, or pass --config, the config these weights were trained with.'
+    )
+  configs = {}
+  for path in paths:
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f'shipped_config_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    configs[name] = module.get_config()
+  return configs
+
+
+def shipped_config(
+  model_config: ml_collections.ConfigDict,
+  source: str,
+  shipped: Mapping[str, ml_collections.ConfigDict],
+) -> str | None:
+  """The name of the shipped config (`load_shipped_configs`) whose U-Net and images are those of
+  `model_config`; of several, the first whose data the source's name names. None when none
+  fits."""
   fits = []
-  for name in SHIPPED_CONFIGS:
+  for name, config in shipped.items():
     try:
-      check_architecture(model_config, _load_shipped(name))
+      check_weights_match_config(model_config, config)
     except ValueError:
       continue
     fits.append(name)
-  named = [name for name in fits if SHIPPED_CONFIGS[name] in os.path.basename(source.rstrip('/'))]
+  basename = os.path.basename(source.rstrip('/'))
+  datasets = {name: shipped[name].data.dataset for name in fits}
+  named = [name for name in fits if _HUB_DATA_NAMES.get(datasets[name], datasets[name]) in basename]
   return (named or fits or [None])[0]
 
 
-def _load_shipped(name: str) -> ml_collections.ConfigDict:
-  return importlib.import_module(f'configs.{name}').get_config()
-
-
-def derived_config(model_config: ml_collections.ConfigDict, source: str) -> str:
-  """The text of a config file for weights that no shipped config fits: the shipped config of the
-  same image size and channels with the U-Net of `model_config`. Raises ValueError when no
-  shipped config has those images, or the model has a learned variance."""
-  images = (model_config.image_size, model_config.num_channels)
+def derived_config(
+  model_config: ml_collections.ConfigDict,
+  source: str,
+  shipped: Mapping[str, ml_collections.ConfigDict],
+) -> str:
+  """The text of a config file for weights that no shipped config fits: the first shipped config
+  (`load_shipped_configs`) of the same image size and channels with the U-Net of `model_config`.
+  Raises ValueError when no shipped config has those images, or the model has a learned
+  variance."""
+  image_size, num_channels = model_config.data.image_size, model_config.data.num_channels
   bases = [
     name
-    for name, config in ((name, _load_shipped(name)) for name in SHIPPED_CONFIGS)
-    if (config.data.image_size, config.data.num_channels) == images
+    for name, config in shipped.items()
+    if (config.data.image_size, config.data.num_channels) == (image_size, num_channels)
   ]
-  if not bases or model_config.out_ch != model_config.num_channels:
+  out_ch = models.create_model(model_config).out_ch
+  if not bases or out_ch != num_channels:
     raise ValueError(
-      f'No config in configs/ is for {model_config.image_size}x{model_config.image_size}x'
-      f'{model_config.num_channels} images and {model_config.out_ch} output channels: pass '
-      '--config, the config these weights were trained with.'
+      f'No config in configs/ is for {image_size}x{image_size}x{num_channels} images and '
+      f'{out_ch} output channels: pass --config, the config these weights were trained with.'
     )
-  values = {name: model_config[name] for name in _ARCH_FIELDS if name != 'out_ch'}
+  values = {name: model_config.model[name] for name in _ARCH_FIELDS if name != 'out_ch'}
   values = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in values.items()}
   lines = [f'  config.model.{name} = {value!r}' for name, value in values.items()]
   return (
@@ -626,8 +681,8 @@ def convert(
 
   Args:
     config: the project config the weights will be used with; None (diffusers weights only):
-      the shipped config that fits their config.json (`shipped_config`), else a config written
-      to `<workdir>/config.py` (`derived_config`).
+      the shipped config in configs/ that fits their config.json (`shipped_config`), else a
+      config written to `<workdir>/config.py` (`derived_config`).
     source: a diffusers folder, a Hub model repo id ('google/ddpm-cifar10-32', fetched with
       `fetch_from_hub`), or a TF checkpoint prefix/directory.
     source_format: 'diffusers' or 'tf'.
@@ -645,21 +700,24 @@ def convert(
     folder = fetch_from_hub(source, revision) if is_hub_id(source) else source
     model_config, params = load_diffusers_model(folder)
     if config is None:
-      name = shipped_config(model_config, source)
+      shipped = load_shipped_configs()
+      name = shipped_config(model_config, source, shipped)
       if name is None:
-        config_text = derived_config(model_config, source)
+        config_text = derived_config(model_config, source, shipped)
         config_path = os.path.join(workdir, 'config.py')
       else:
-        config, config_path = _load_shipped(name), os.path.join('configs', f'{name}.py')
+        config, config_path = shipped[name], os.path.join(SHIPPED_CONFIGS_DIR, f'{name}.py')
     if config is not None:
-      check_architecture(model_config, config)
+      check_weights_match_config(model_config, config)
   elif config is None:
     raise ValueError('TF checkpoints carry no model config: pass --config.')
   elif source_format == 'tf':
     model_config = model_config_from_tf_checkpoint(
       source, image_size=config.data.image_size, use_ema=use_ema
     )
-    check_architecture(model_config, config)  # Before the import, whose errors are less direct.
+    check_weights_match_config(
+      model_config, config
+    )  # Before the import, whose errors are less direct.
     params = params_from_tf_checkpoint(source, model_config, use_ema=use_ema)
   else:
     raise ValueError(f'Unknown format {source_format!r}; expected diffusers or tf')

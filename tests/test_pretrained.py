@@ -78,7 +78,7 @@ def test_cifar10_matches_diffusers():
   model_config = pretrained.model_config_from_diffusers(cifar10_diffusers_config(128))
   params = pretrained.params_from_diffusers(numpy_state_dict(model), model_config)
   assert sum(p.size for p in jax.tree.leaves(params)) == 35_746_307  # REFERENCE.md.
-  apply = jax.jit(functools.partial(pretrained.build_unet(model_config).apply, train=False))
+  apply = jax.jit(functools.partial(models.create_model(model_config).apply, train=False))
   rng = np.random.default_rng(0)
   for t in ([0, 17], [500, 999]):
     x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
@@ -102,11 +102,24 @@ def diffusers_256_config():
   return config
 
 
+def unet_fields(model_config):
+  """The U-Net of a model config in one flat dict: the fields of the UNet that `create_model`
+  builds, its compute dtype and the image shape."""
+  unet = models.create_model(model_config)
+  fields = ('ch', 'out_ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'dropout')
+  return {
+    **{field: getattr(unet, field) for field in (*fields, 'resamp_with_conv')},
+    'dtype': model_config.model.dtype,
+    'image_size': model_config.data.image_size,
+    'num_channels': model_config.data.num_channels,
+  }
+
+
 def test_model_config_from_diffusers_published_configs():
   # REFERENCE.md: CIFAR10 is ch 128, ch_mult (1, 2, 2, 2), attention at 16; the 256 models have
   # block_out_channels [128, 128, 256, 256, 512, 512] with attention in down block 4 (256 / 16).
   cifar10 = pretrained.model_config_from_diffusers(cifar10_diffusers_config())
-  assert cifar10.to_dict() == dict(
+  assert unet_fields(cifar10) == dict(
     ch=128,
     out_ch=3,
     ch_mult=(1, 2, 2, 2),
@@ -119,12 +132,12 @@ def test_model_config_from_diffusers_published_configs():
     num_channels=3,
   )
   church = pretrained.model_config_from_diffusers(diffusers_256_config())
-  assert (church.ch_mult, church.attn_resolutions, church.image_size) == (
+  assert (church.model.ch_mult, church.model.attn_resolutions, church.data.image_size) == (
     (1, 1, 2, 2, 4, 4),
     (16,),
     256,
   )
-  shapes = pretrained.param_shapes(church)
+  shapes = pretrained.flat_param_shapes(church)
   assert sum(s.size for s in shapes.values()) == 113_673_219  # REFERENCE.md.
 
 
@@ -532,7 +545,7 @@ def test_hub_id_converts_from_the_cache_with_a_written_config(small, small_param
   spec.loader.exec_module(written)
   config = written.get_config()
   assert (config.model.ch, config.data.dataset) == (32, 'cifar10')
-  pretrained.check_architecture(model_config, config)
+  pretrained.check_weights_match_config(model_config, config)
   abstract = models.param_shapes(models.create_model(config), 32, 3)
   step, params = checkpoints.restore_ema_params(str(workdir), checkpoints.abstract_like(abstract))
   assert step == 0
@@ -604,4 +617,5 @@ def test_published_models_name_their_shipped_config(repo_id, expected):
   # models share one U-Net, told apart by the data named in the repo id.
   config = cifar10_diffusers_config() if expected == 'cifar10' else diffusers_256_config()
   model_config = pretrained.model_config_from_diffusers(config)
-  assert pretrained.shipped_config(model_config, repo_id) == expected
+  shipped = pretrained.load_shipped_configs()
+  assert pretrained.shipped_config(model_config, repo_id, shipped) == expected
