@@ -2,7 +2,7 @@
 
 A PixelCNN++-style U-Net: ResNet blocks conditioned on a sinusoidal timestep embedding, single-head
 self-attention at chosen resolutions, GroupNorm, swish. The parameter tree mirrors the original
-variable scopes so that official weights map over by name (`ddpm_jax/pretrained.py`):
+variable scopes so that official weights map over by name (`ddpm_jax/pretrained/`):
 
   temb/dense{0,1}, conv_in,
   down_{i}/block_{j}/{norm1, conv1, temb_proj, norm2, conv2, nin_shortcut},

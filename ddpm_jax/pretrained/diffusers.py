@@ -1,0 +1,216 @@
+"""The diffusers ports of the official weights (UNet2DModel: `config.json` and
+`diffusion_pytorch_model.safetensors`; REFERENCE.md, "Official weights", "Keys") as our params."""
+
+import json
+import os
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from safetensors import numpy as safetensors_numpy
+
+from ddpm_jax.pretrained import architecture
+
+# Our layer name -> diffusers layer names, newest first (older files name attention layers
+# query/key/value/proj_attn).
+_DIFFUSERS_LAYERS = {
+  'norm1': ('norm1',),
+  'conv1': ('conv1',),
+  'temb_proj': ('time_emb_proj',),
+  'norm2': ('norm2',),
+  'conv2': ('conv2',),
+  'nin_shortcut': ('conv_shortcut',),
+  'norm': ('group_norm',),
+  'q': ('to_q', 'query'),
+  'k': ('to_k', 'key'),
+  'v': ('to_v', 'value'),
+  'proj_out': ('to_out.0', 'proj_attn'),
+}
+_DIFFUSERS_TOP = {
+  ('temb', 'dense0'): 'time_embedding.linear_1',
+  ('temb', 'dense1'): 'time_embedding.linear_2',
+  ('conv_in',): 'conv_in',
+  ('norm_out',): 'conv_norm_out',
+  ('conv_out',): 'conv_out',
+}
+_DIFFUSERS_MID = {'block_1': 'resnets.0', 'attn_1': 'attentions.0', 'block_2': 'resnets.1'}
+
+
+def _diffusers_modules(module: architecture.ParamPath, num_levels: int) -> tuple[str, ...]:
+  """Candidate diffusers names of one of our modules; up level i is up_blocks.{L - 1 - i}."""
+  if module in _DIFFUSERS_TOP:
+    return (_DIFFUSERS_TOP[module],)
+  scope, part, layer = module
+  if scope == 'mid':
+    prefix = f'mid_block.{_DIFFUSERS_MID[part]}'
+  else:
+    direction, level = scope.split('_')
+    level = int(level) if direction == 'down' else num_levels - 1 - int(level)
+    blocks = f'{direction}_blocks.{level}'
+    if part in ('downsample', 'upsample'):
+      return (f'{blocks}.{part}rs.0.conv',)
+    kind, index = part.split('_')
+    prefix = f'{blocks}.{"resnets" if kind == "block" else "attentions"}.{index}'
+  return tuple(f'{prefix}.{name}' for name in _DIFFUSERS_LAYERS[layer])
+
+
+def _diffusers_sources(
+  shapes: Mapping[architecture.ParamPath, jax.ShapeDtypeStruct], num_levels: int
+) -> dict[architecture.ParamPath, architecture.Source]:
+  """Where each of our parameters lives in a UNet2DModel state dict, and its torch layout."""
+  kinds = architecture.module_kinds(shapes)
+  sources = {}
+  for path, shape in shapes.items():
+    module, leaf = path[:-1], path[-1]
+    names = _diffusers_modules(module, num_levels)
+    names = tuple(f'{name}.{"bias" if leaf == "bias" else "weight"}' for name in names)
+    if leaf != 'kernel':
+      sources[path] = (names, shape.shape, lambda w: w)
+    elif kinds[module] == 'conv':  # torch [out, in, kh, kw] -> [kh, kw, in, out]
+      kh, kw, c_in, c_out = shape.shape
+      sources[path] = (names, (c_out, c_in, kh, kw), lambda w: w.transpose(2, 3, 1, 0))
+    elif module[-1] == 'nin_shortcut':  # torch 1x1 conv [out, in, 1, 1] -> [in, out]
+      c_in, c_out = shape.shape
+      sources[path] = (names, (c_out, c_in, 1, 1), lambda w: w[:, :, 0, 0].T)
+    else:  # torch linear [out, in] -> [in, out]
+      c_in, c_out = shape.shape
+      sources[path] = (names, (c_out, c_in), lambda w: w.T)
+  return sources
+
+
+# UNet2DModel.__init__ defaults, which apply to keys a config.json omits.
+_DIFFUSERS_DEFAULTS = {
+  'in_channels': 3,
+  'out_channels': 3,
+  'layers_per_block': 2,
+  'dropout': 0.0,
+  'attention_head_dim': 8,
+}
+# Settings that the original network fixes: (key, UNet2DModel default, required value).
+_DIFFUSERS_REQUIRED = (
+  ('time_embedding_type', 'positional', 'positional'),
+  ('flip_sin_to_cos', True, False),
+  ('freq_shift', 0, 1),
+  ('center_input_sample', False, False),
+  ('downsample_padding', 1, 0),
+  ('downsample_type', 'conv', 'conv'),
+  ('upsample_type', 'conv', 'conv'),
+  ('mid_block_type', 'UNetMidBlock2D', 'UNetMidBlock2D'),
+  ('mid_block_scale_factor', 1, 1),
+  ('add_attention', True, True),
+  ('norm_num_groups', 32, 32),
+  ('attn_norm_num_groups', None, None),
+  ('norm_eps', 1e-5, 1e-6),
+  ('resnet_time_scale_shift', 'default', 'default'),
+  ('class_embed_type', None, None),
+  ('num_class_embeds', None, None),
+)
+
+
+def model_config_from_diffusers(config: Mapping) -> ml_collections.ConfigDict:
+  """The U-Net of a UNet2DModel `config.json`, as the model, data and diffusion fields of a
+  project config (`architecture.unet_config`).
+
+  Raises:
+    ValueError: listing every setting our UNet cannot represent (multi-head attention, cos-first
+      timestep embedding, symmetric downsample padding, ...).
+  """
+  get = lambda key: config.get(key, _DIFFUSERS_DEFAULTS.get(key))
+  problems = []
+  if config.get('_class_name', 'UNet2DModel') != 'UNet2DModel':
+    problems.append(f'_class_name is {config["_class_name"]!r}, expected UNet2DModel')
+  for key in ('block_out_channels', 'down_block_types', 'up_block_types', 'sample_size'):
+    if key not in config:
+      raise ValueError(f'diffusers config has no {key!r}')
+  for key, default, required in _DIFFUSERS_REQUIRED:
+    if config.get(key, default) != required:
+      problems.append(f'{key} is {config.get(key, default)!r}, expected {required!r}')
+  if config.get('act_fn', 'silu') not in ('silu', 'swish'):
+    problems.append(f'act_fn is {config["act_fn"]!r}, expected silu')
+
+  widths = list(config['block_out_channels'])
+  ch = widths[0]
+  if config.get('time_embedding_dim') not in (None, 4 * ch):
+    problems.append(f'time_embedding_dim is {config["time_embedding_dim"]}, expected {4 * ch}')
+  if any(width % ch for width in widths):
+    problems.append(f'block_out_channels {widths} are not multiples of {ch}')
+  sample_size = config['sample_size']
+  if not isinstance(sample_size, int):
+    height, width = sample_size
+    if height != width:
+      problems.append(f'sample_size {sample_size} is not square')
+    sample_size = height
+
+  down_types, up_types = list(config['down_block_types']), list(config['up_block_types'])
+  if not len(widths) == len(down_types) == len(up_types):
+    problems.append(
+      f'{len(widths)} block_out_channels for {len(down_types)} down and {len(up_types)} up blocks'
+    )
+  down_attn = {'DownBlock2D': False, 'AttnDownBlock2D': True}
+  up_attn = {'UpBlock2D': False, 'AttnUpBlock2D': True}
+  if not set(down_types) <= set(down_attn) or not set(up_types) <= set(up_attn):
+    problems.append(
+      f'block types {down_types} / {up_types} are not DownBlock2D/AttnDownBlock2D and '
+      'UpBlock2D/AttnUpBlock2D'
+    )
+  elif [up_attn[u] for u in reversed(up_types)] != [down_attn[d] for d in down_types]:
+    problems.append(f'attention in up_block_types {up_types} does not mirror {down_types}')
+  attn_levels = [i for i, d in enumerate(down_types) if down_attn.get(d)]
+
+  # One head: attention_head_dim null (head dim = channels) or equal to every attention width.
+  head_dim = get('attention_head_dim')
+  attn_widths = {widths[i] for i in attn_levels} | {widths[-1]}
+  if head_dim is not None and attn_widths != {head_dim}:
+    problems.append(f'attention_head_dim {head_dim} means several heads at widths {attn_widths}')
+  if problems:
+    raise ValueError('Unsupported diffusers UNet2DModel config: ' + '; '.join(problems))
+
+  return architecture.unet_config(
+    ch=ch,
+    out_ch=get('out_channels'),
+    ch_mult=[width // ch for width in widths],
+    num_res_blocks=get('layers_per_block'),
+    attn_resolutions=[sample_size // 2**i for i in attn_levels],
+    image_size=sample_size,
+    num_channels=get('in_channels'),
+    dropout=get('dropout'),
+  )
+
+
+def params_from_diffusers(
+  state_dict: Mapping[str, np.ndarray], model_config: ml_collections.ConfigDict
+) -> dict:
+  """Our params from a UNet2DModel state dict of NumPy arrays (to_q... or query... naming).
+
+  Args:
+    state_dict: tensor name -> array in torch layout (any float dtype).
+    model_config: the U-Net's config (`model_config_from_diffusers`).
+
+  Returns:
+    The params tree for `model.apply({'params': params}, ...)`, float32 NumPy arrays.
+  """
+  shapes = architecture.flat_param_shapes(model_config)
+  sources = _diffusers_sources(shapes, len(model_config.model.ch_mult))
+  available = {name: tuple(np.shape(value)) for name, value in state_dict.items()}
+  return architecture.assemble(sources, available, state_dict.__getitem__, 'diffusers weights')
+
+
+def load_diffusers_model(folder: str) -> tuple[ml_collections.ConfigDict, dict]:
+  """Reads a local diffusers UNet2DModel folder (config.json, diffusion_pytorch_model.safetensors).
+
+  `folder` may also be a pipeline folder whose U-Net is in `unet/`. Only safetensors are read:
+  no torch, no pickle.
+
+  Returns:
+    (the U-Net's config as in `model_config_from_diffusers`, params).
+  """
+  if not os.path.exists(os.path.join(folder, 'config.json')):
+    folder = os.path.join(folder, 'unet')
+  weights = os.path.join(folder, 'diffusion_pytorch_model.safetensors')
+  if not os.path.exists(weights):
+    raise FileNotFoundError(f'{weights} not found (only safetensors weights are read)')
+  with open(os.path.join(folder, 'config.json')) as f:
+    model_config = model_config_from_diffusers(json.load(f))
+  state_dict = safetensors_numpy.load_file(weights)
+  return model_config, params_from_diffusers(state_dict, model_config)
