@@ -8,7 +8,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from ddpm_jax import diffusion, input_pipeline
+from ddpm_jax import data, diffusion
 
 
 def require(condition: bool, message: str) -> None:
@@ -56,7 +56,7 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError for data, model or diffusion settings that cannot work together."""
-  input_pipeline.get_dataset_info(config)
+  data.check_config(config)
   validate_model_config(config)
   diffusion.GaussianDiffusion.from_config(config.diffusion)
 
