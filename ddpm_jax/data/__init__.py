@@ -17,7 +17,6 @@ The entry points, from `pipeline`: `check_config`, `get_dataset_info`, `create_s
 """
 
 from ddpm_jax.data.pipeline import (
-  DATASETS,
   check_config,
   create_source,
   eval_batches,
@@ -27,7 +26,6 @@ from ddpm_jax.data.pipeline import (
 )
 
 __all__ = [
-  'DATASETS',
   'check_config',
   'create_source',
   'eval_batches',

@@ -1,8 +1,8 @@
 """The entry points: the config check, the dataset's info, its splits, and batches to train on.
 
-`config.data.dataset` picks the source module: 'digits' (`digits`), 'folder' (`folder`), any
-other name TFDS (`tfds`). Every batch is uint8 `[B_local, H, W, C]` in 0..255, in the order of
-`order.train_indices` for training, read ahead on a thread (`prefetch`).
+`config.data.dataset` picks the source module: 'digits' (`digits`), 'folder' (`folder`), and
+any other name a TFDS dataset (`tfds`). Every batch is uint8 `[B_local, H, W, C]` in 0..255,
+in the order of `order.train_indices` for training, read ahead on a thread (`prefetch`).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> core.DatasetInfo:
   """Validates `config.data` against the dataset it names and returns that dataset's info.
 
   Call it at startup, before anything is compiled. It reads no examples and downloads nothing:
-  for a TFDS dataset not in `DATASETS` it reads the dataset's metadata (TFDS's code, or the
-  prepared dataset's), for a folder it looks for one image file. The eval split is
+  for a TFDS dataset not in `tfds.PAPER_DATASETS` it reads the dataset's metadata (TFDS's code,
+  or the prepared dataset's), for a folder it looks for one image file. The eval split is
   `config.data.eval_split`, or where that is None the dataset's 'test', else its 'validation',
   else none (`core.held_out_split`).
 
