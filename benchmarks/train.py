@@ -21,7 +21,7 @@ one line per figure:
               larger of the variants of one run: measure memory one variant per run.
 
 --data=synthetic (default) feeds one batch of random uint8 images that stays on the device, which
-isolates the step; --data=pipeline reads every batch through `input_pipeline.train_batches` (the
+isolates the step; --data=pipeline reads every batch through `ddpm_jax.data.train_batches` (the
 dataset of the config; digits need no download) and sends it to the device as the training loop
 does, to show whether the input is ever the bottleneck.
 """
@@ -109,9 +109,9 @@ def train_runner(
     )
     next_images = lambda: images
   else:
-    from ddpm_jax import input_pipeline
+    from ddpm_jax import data as data_lib
 
-    batches = input_pipeline.train_batches(
+    batches = data_lib.train_batches(
       config,
       global_batch_size=batch_size,
       start_step=0,

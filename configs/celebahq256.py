@@ -3,7 +3,7 @@
 The 256x256 setup of configs/default256.py, random flips. TFDS needs the
 CelebA-HQ files downloaded by hand first. Run with
   python main.py --config=configs/celebahq256.py --mode=train --workdir=/tmp/ddpm_celebahq256
-The first run then prepares the data (see ddpm_jax/input_pipeline.py).
+The first run then prepares the data (see ddpm_jax/data/tfds.py).
 """
 
 from configs import default256

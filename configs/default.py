@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # Data (ddpm_jax/input_pipeline.py says how each dataset is read). `dataset` is 'digits'
+  # Data (ddpm_jax/data/ says how each dataset is read). `dataset` is 'digits'
   # (embedded, no download), 'folder' (the PNG / JPEG files under `image_dir`) or a TFDS name:
   # the paper's ('cifar10', 'celeb_a_hq/256', 'lsun/church_outdoor', ...) or any other TFDS image
   # dataset ('mnist', 'oxford_flowers102', ...).

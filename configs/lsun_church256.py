@@ -2,7 +2,7 @@
 
 The 256x256 setup of configs/default256.py, random flips. Run with
   python main.py --config=configs/lsun_church256.py --mode=train --workdir=/tmp/ddpm_lsun_church256
-The first run downloads and prepares the data (see ddpm_jax/input_pipeline.py).
+The first run downloads and prepares the data (see ddpm_jax/data/tfds.py).
 """
 
 from configs import default256

@@ -57,10 +57,10 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import (
   checkpoints,
+  data,
   digits_classifier,
   image_io,
   inception_weights,
-  input_pipeline,
   metrics,
   models,
   samplers,
@@ -138,7 +138,7 @@ def evaluate_bpd(
   KL terms L_1..L_{T-1}; writes the per-t means (`bpd_terms.npz`) and their plot
   (`bpd_terms.png`).
   """
-  info = input_pipeline.get_dataset_info(config)
+  info = data.get_dataset_info(config)
   if info.eval_split is None:
     logging.warning('%s has no held-out split: bits/dim is not evaluated.', info.name)
     return {}
@@ -150,7 +150,7 @@ def evaluate_bpd(
     'num_images': num_images,
     'batch_size': batch_size,
     'seed': config.seed,
-    'eval_data': input_pipeline.split_settings(config, info.eval_split),
+    'eval_data': data.split_settings(config, info.eval_split),
     **network_settings(config),
   }
   state_path = eval_dir / f'bpd_partial_{settings_key(settings)}.npz'
@@ -169,7 +169,7 @@ def evaluate_bpd(
 
   bpd_fn = create_bpd_fn(diffusion, model, mesh)
   num_batches = math.ceil(num_images / batch_size)
-  batches = input_pipeline.eval_batches(
+  batches = data.eval_batches(
     config, split=info.eval_split, global_batch_size=batch_size, num_examples=num_images
   )
   with batches, mesh_lib.progress(num_batches, 'bits/dim batches', initial=next_batch) as bar:
@@ -284,11 +284,11 @@ def reference_statistics(
   config, variables, split: str, *, weights_sha256: str, mesh, cache_dir: epath.Path
 ) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of the Inception pool features of a whole split, cached in `cache_dir`, keyed
-  by the images (`input_pipeline.split_settings`), their number and the Inception weights'
+  by the images (`data.split_settings`), their number and the Inception weights'
   digest."""
-  source = input_pipeline.create_source(config, split)
+  source = data.create_source(config, split)
   settings = {
-    **input_pipeline.split_settings(config, split),
+    **data.split_settings(config, split),
     'num_images': len(source),
     'inception_weights_sha256': weights_sha256,
   }
@@ -324,7 +324,7 @@ def inception_quality(config, samples: np.ndarray, *, mesh, cache_dir) -> dict[s
   )
   mu, sigma = metrics.feature_statistics(features['pool'])
   results = {}
-  info = input_pipeline.get_dataset_info(config)
+  info = data.get_dataset_info(config)
   for split in (config.data.split, info.eval_split):
     if split is not None:
       ref = reference_statistics(
@@ -345,8 +345,8 @@ def inception_quality(config, samples: np.ndarray, *, mesh, cache_dir) -> dict[s
 
 def digits_quality(config, samples: np.ndarray, *, seed: int, cache_dir) -> dict[str, Any]:
   """The digits measure (module docstring); the classifier is trained once and cached."""
-  train = input_pipeline.create_source(config, 'train')
-  test = input_pipeline.create_source(config, 'test')
+  train = data.create_source(config, 'train')
+  test = data.create_source(config, 'test')
   path = cache_dir / f'digits_classifier_seed{seed}.msgpack'
   if path.exists():
     template = digits_classifier.DigitsClassifier().init(jax.random.key(0), train.images[:1])

@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import checkpoints, image_io, input_pipeline, models, samplers, validation
+from ddpm_jax import checkpoints, data, image_io, models, samplers, validation
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import mesh as mesh_lib
 
@@ -242,8 +242,8 @@ def load_test_images(config: ml_collections.ConfigDict) -> np.ndarray:
   ValueError for an odd count or an index out of range.
   """
   indices = tuple(config.sampling.interpolation_images)
-  split = input_pipeline.get_dataset_info(config).eval_split or 'train'
-  source = input_pipeline.create_source(config, split)
+  split = data.get_dataset_info(config).eval_split or 'train'
+  source = data.create_source(config, split)
   validation.require(
     bool(indices) and len(indices) % 2 == 0,
     f'config.sampling.interpolation_images = {indices} must list pairs: an even, positive count.',

@@ -28,8 +28,8 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import (
   checkpoints,
+  data,
   image_io,
-  input_pipeline,
   models,
   samplers,
   tf_support,
@@ -381,7 +381,7 @@ def train_and_evaluate(
   # ---------------------------------------------------------------------------------------------
   preemption = _PreemptionWatch()
   # Two calls' worth of batches read ahead on the host.
-  batches = input_pipeline.train_batches(
+  batches = data.train_batches(
     config,
     global_batch_size=training.batch_size,
     start_step=start_step,

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from ddpm_jax import diffusion, input_pipeline, models
+from ddpm_jax import data, diffusion, models
 
 
 def require(condition: bool, message: str) -> None:
@@ -24,7 +24,7 @@ def is_int(value) -> bool:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError for data, model or diffusion settings that cannot work together."""
-  input_pipeline.get_dataset_info(config)
+  data.check_config(config)
   models.check_config(config)
   diffusion.GaussianDiffusion.from_config(config.diffusion)
 

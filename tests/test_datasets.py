@@ -3,9 +3,9 @@
 Expected values come from the examples themselves, put through independent references:
 `tfds.testing.mock_data` gives deterministic random examples of a dataset's features (sides 5..49
 where a side is variable; any split name is accepted), and the folder tests write their own PNG
-and JPEG files. Resizing is checked against `reference_resize` (tests/test_input_pipeline.py:
+and JPEG files. Resizing is checked against `reference_resize` (tests/test_data.py:
 PIL's antialiased Lanczos-3 filter re-derived in float64), greyscale against the ITU-R 601-2 luma
-in float64 and PIL's `convert('L')`, the order against the one ddpm_jax/input_pipeline.py
+in float64 and PIL's `convert('L')`, the order against the one ddpm_jax/data/order.py
 specifies (a folder: sorted relative paths; batches: `train_indices`). Two tests prepare a tiny
 mnist for real with TFDS's own writer (its download replaced by examples made here).
 """
@@ -23,7 +23,7 @@ from absl import flags
 from helpers import REPO
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
-from test_input_pipeline import (
+from test_data import (
   assert_close_to_reference,
   make_config,
   reference_center_crop,
@@ -31,8 +31,10 @@ from test_input_pipeline import (
   take,
 )
 
-from ddpm_jax import input_pipeline as ip
+from ddpm_jax import data as data_lib
 from ddpm_jax import validation
+from ddpm_jax.data.images import convert_channels, to_luma
+from ddpm_jax.data.order import train_indices
 
 
 def mocked_images(name, num):
@@ -47,8 +49,8 @@ def mocked_images(name, num):
 def test_mnist_greyscale_28_is_resized_to_32_and_made_rgb():
   config = make_config('mnist', 32, 3)
   with tfds.testing.mock_data(num_examples=6):
-    info = ip.get_dataset_info(config)
-    source = ip.create_source(config, 'train')
+    info = data_lib.get_dataset_info(config)
+    source = data_lib.create_source(config, 'train')
     images = source[np.arange(6)]
     raw = mocked_images('mnist', 6)
   # mnist's TFDS feature is 'image': Image(shape=(28, 28, 1), dtype=uint8).
@@ -64,8 +66,8 @@ def test_mnist_greyscale_28_is_resized_to_32_and_made_rgb():
 def test_flowers_of_varying_size_are_cropped_resized_and_made_grey():
   config = make_config('oxford_flowers102', 16, 1)
   with tfds.testing.mock_data(num_examples=5):
-    info = ip.get_dataset_info(config)
-    images = ip.create_source(config, 'train')[np.arange(5)]
+    info = data_lib.get_dataset_info(config)
+    images = data_lib.create_source(config, 'train')[np.arange(5)]
     raw = mocked_images('oxford_flowers102', 5)
   # Image(shape=(None, None, 3)): no fixed size; the mocked sides vary, so each is cropped.
   assert (info.image_key, info.image_size, info.num_channels) == ('image', None, 3)
@@ -82,7 +84,7 @@ def test_luma_is_itu_r_601_2_as_pil_computes_it():
   rgb = np.concatenate(
     [rng.integers(0, 256, (4000, 3)), [[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 0, 255]]]
   ).astype(np.uint8)[None]
-  luma = ip.to_luma(rgb)
+  luma = to_luma(rgb)
   assert luma.shape == (1, 4004, 1) and luma.dtype == np.uint8
   # ITU-R 601-2: L = 0.299 R + 0.587 G + 0.114 B, rounded; PIL's 16-bit fixed-point weights are
   # within 6e-6 of these, which moves the value by less than 0.004 before rounding.
@@ -93,22 +95,22 @@ def test_luma_is_itu_r_601_2_as_pil_computes_it():
   np.testing.assert_array_equal(luma[..., 0], np.asarray(PIL.Image.fromarray(rgb).convert('L')))
   # Alpha is dropped; grey -> RGB repeats.
   rgba = np.concatenate([rgb, np.full_like(rgb[..., :1], 7)], axis=-1)
-  np.testing.assert_array_equal(ip.convert_channels(rgba, 3), rgb)
-  np.testing.assert_array_equal(ip.convert_channels(rgba, 1), luma)
-  np.testing.assert_array_equal(ip.convert_channels(luma, 3), np.repeat(luma, 3, axis=-1))
+  np.testing.assert_array_equal(convert_channels(rgba, 3), rgb)
+  np.testing.assert_array_equal(convert_channels(rgba, 1), luma)
+  np.testing.assert_array_equal(convert_channels(luma, 3), np.repeat(luma, 3, axis=-1))
 
 
 def test_tfds_order_is_deterministic_and_resumable():
   config = make_config('tf_flowers', 8, 3)
   kwargs = dict(global_batch_size=4, seed=5, process_index=0, process_count=1)
   with tfds.testing.mock_data(num_examples=7):
-    source = ip.create_source(config, 'train')
-    uninterrupted = take(ip.train_batches(config, start_step=0, **kwargs), 5)
-    resumed = take(ip.train_batches(config, start_step=3, **kwargs), 2)
+    source = data_lib.create_source(config, 'train')
+    uninterrupted = take(data_lib.train_batches(config, start_step=0, **kwargs), 5)
+    resumed = take(data_lib.train_batches(config, start_step=3, **kwargs), 2)
     for step, batch in uninterrupted:
       # Batch s is examples train_indices(s) of the split (positions 4 s .. 4 s + 3 of the
       # stream of per-epoch permutations of 7 examples; steps 1 and 3 straddle epochs).
-      indices = ip.train_indices(step=step, num_examples=7, **kwargs)
+      indices = train_indices(step=step, num_examples=7, **kwargs)
       np.testing.assert_array_equal(batch, source[indices])
   for (_, expected), (_, actual) in zip(uninterrupted[3:], resumed, strict=True):
     np.testing.assert_array_equal(actual, expected)
@@ -131,7 +133,7 @@ def test_first_use_prepares_on_process_0_while_the_others_wait(monkeypatch, proc
     tfds.testing.mock_data(num_examples=3),
     mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare', download_and_prepare),
   ):
-    assert len(ip.create_source(make_config('mnist', 28, 1), 'train')) == 3
+    assert len(data_lib.create_source(make_config('mnist', 28, 1), 'train')) == 3
   assert prepared == ([('mnist', 'array_record')] if process_index == 0 else [])
   assert barriers == ['ddpm_jax: TFDS dataset mnist prepared']
 
@@ -145,13 +147,13 @@ def test_download_false_neither_prepares_nor_waits(monkeypatch):
     tfds.testing.mock_data(num_examples=3),
     mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare', fail),
   ):
-    assert len(ip.create_source(make_config('mnist', 28, 1, download=False), 'train')) == 3
+    assert len(data_lib.create_source(make_config('mnist', 28, 1, download=False), 'train')) == 3
 
 
 def test_download_false_and_unprepared_names_the_prepare_command(tmp_path):
   config = make_config('mnist', 28, 1, data_dir=str(tmp_path), download=False)
   with pytest.raises(FileNotFoundError, match='config.data.download = False') as error:
-    ip.create_source(config, 'train')
+    data_lib.create_source(config, 'train')
   assert (
     f"tfds.data_source('mnist', data_dir='{tmp_path}', "
     "builder_kwargs={'file_format': 'array_record'})"
@@ -166,7 +168,7 @@ def test_other_process_finding_no_data_says_data_dir_must_be_shared(tmp_path, mo
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   monkeypatch.setattr(multihost_utils, 'sync_global_devices', lambda name: None)
   with pytest.raises(FileNotFoundError, match='storage that all of them see'):
-    ip.create_source(make_config('mnist', 28, 1, data_dir=str(tmp_path)), 'train')
+    data_lib.create_source(make_config('mnist', 28, 1, data_dir=str(tmp_path)), 'train')
 
 
 def test_missing_manual_download_says_where_it_goes(tmp_path):
@@ -174,7 +176,7 @@ def test_missing_manual_download_says_where_it_goes(tmp_path):
   # AssertionError about the empty manual directory), and the error says what to put where.
   config = make_config('celeb_a_hq/256', 256, 3, data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match='without its manual download') as error:
-    ip.create_source(config, 'train')
+    data_lib.create_source(config, 'train')
   assert "the data<size>x<size>.tar files made with ProGAN's dataset tool" in str(error.value)
   assert "'file_format': 'array_record'" in str(error.value)
 
@@ -212,14 +214,14 @@ def test_first_use_prepares_for_real_and_then_knows_the_eval_split(
   images = prepare_mnist_for_real(monkeypatch, splits)
   config = make_config('mnist', 28, 1, data_dir=str(tmp_path))
   # Unprepared, TFDS does not know the split names yet.
-  assert ip.get_dataset_info(config).splits == ()
-  source = ip.create_source(config, 'train')  # Prepares the dataset (download = True).
+  assert data_lib.get_dataset_info(config).splits == ()
+  source = data_lib.create_source(config, 'train')  # Prepares the dataset (download = True).
   assert any(tmp_path.glob('mnist/*/*.array_record*'))
   read = source[np.arange(4)]
   # TFDS shuffles examples when it writes them: compare as sets of images.
   assert sorted(x.tobytes() for x in read) == sorted(x.tobytes() for x in images['train'])
   # Prepared, the eval split is 'test', else 'validation', else none (the module docstring).
-  info = ip.get_dataset_info(config)
+  info = data_lib.get_dataset_info(config)
   assert sorted(info.splits) == sorted(splits) and info.eval_split == eval_split
 
 
@@ -235,7 +237,7 @@ def test_first_use_prepares_for_real_and_then_knows_the_eval_split(
 def test_unknown_tfds_name_suggests_the_closest(name, closest):
   # difflib.get_close_matches over tfds.list_builders() ranks `closest` first.
   with pytest.raises(ValueError, match=f"Unknown dataset '{name}'.* Closest names: {closest}\\b"):
-    ip.get_dataset_info(make_config(name, 32, 3))
+    data_lib.get_dataset_info(make_config(name, 32, 3))
 
 
 @pytest.mark.parametrize(
@@ -248,12 +250,12 @@ def test_unknown_tfds_name_suggests_the_closest(name, closest):
 )
 def test_tfds_dataset_without_one_image_feature_is_rejected(name, message):
   with pytest.raises(ValueError, match=message):
-    ip.get_dataset_info(make_config(name, 32, 3))
+    data_lib.get_dataset_info(make_config(name, 32, 3))
 
 
 def test_of_several_image_features_the_one_named_image_is_read():
   # oxford_iiit_pet has Image features 'image' and 'segmentation_mask'.
-  assert ip.get_dataset_info(make_config('oxford_iiit_pet', 32, 3)).image_key == 'image'
+  assert data_lib.get_dataset_info(make_config('oxford_iiit_pet', 32, 3)).image_key == 'image'
 
 
 def test_image_size_the_unet_cannot_halve_is_rejected_before_compiling():
@@ -274,13 +276,13 @@ def test_bad_channels_and_splits_are_rejected(dataset, data, message):
   config = make_config(dataset, 32, 3)
   config.data.update(data)
   with pytest.raises(ValueError, match=message):
-    ip.get_dataset_info(config)
+    data_lib.get_dataset_info(config)
 
 
 def test_eval_split_override():
   config = make_config('cifar10', 32, 3, eval_split='train')
-  assert ip.get_dataset_info(config).eval_split == 'train'
-  assert ip.get_dataset_info(make_config('cifar10', 32, 3)).eval_split == 'test'
+  assert data_lib.get_dataset_info(config).eval_split == 'train'
+  assert data_lib.get_dataset_info(make_config('cifar10', 32, 3)).eval_split == 'test'
 
 
 def test_data_fields_can_be_set_on_the_command_line():
@@ -351,7 +353,7 @@ FOLDER_ORDER = ['a.jpg', 'a/c/y.JPEG', 'b/x.png', 'b/z.PNG']
 
 def test_folder_images_are_found_sorted_cropped_resized_and_converted(image_folder):
   directory, decoded = image_folder
-  source = ip.create_source(make_config('folder', 16, 3, image_dir=directory), 'train')
+  source = data_lib.create_source(make_config('folder', 16, 3, image_dir=directory), 'train')
   assert source.paths == FOLDER_ORDER and len(source) == 4
   images = source[np.arange(4)]
   assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
@@ -361,7 +363,7 @@ def test_folder_images_are_found_sorted_cropped_resized_and_converted(image_fold
   np.testing.assert_array_equal(images[2], rgba[..., :3])
   assert_close_to_reference(images[3], reference_resize(tall[5:25], 16))
   # Greyscale: the luma of the RGB files (PIL's conversion), then the crop and resize.
-  grey_source = ip.create_source(make_config('folder', 16, 1, image_dir=directory), 'train')
+  grey_source = data_lib.create_source(make_config('folder', 16, 1, image_dir=directory), 'train')
   images = grey_source[np.array([3, 0])]
   assert images.shape == (2, 16, 16, 1)
   luma = np.asarray(PIL.Image.fromarray(tall).convert('L'))[..., None]
@@ -372,22 +374,22 @@ def test_folder_images_are_found_sorted_cropped_resized_and_converted(image_fold
 def test_folder_order_is_deterministic_resumable_and_shared_by_processes(image_folder):
   directory, _ = image_folder
   config = make_config('folder', 8, 3, image_dir=directory)
-  source = ip.create_source(config, 'train')
+  source = data_lib.create_source(config, 'train')
   kwargs = dict(global_batch_size=4, seed=2)
   single = take(
-    ip.train_batches(config, start_step=0, process_index=0, process_count=1, **kwargs), 4
+    data_lib.train_batches(config, start_step=0, process_index=0, process_count=1, **kwargs), 4
   )
   resumed = take(
-    ip.train_batches(config, start_step=2, process_index=0, process_count=1, **kwargs), 2
+    data_lib.train_batches(config, start_step=2, process_index=0, process_count=1, **kwargs), 2
   )
   shares = [
-    take(ip.train_batches(config, start_step=0, process_index=p, process_count=2, **kwargs), 4)
+    take(
+      data_lib.train_batches(config, start_step=0, process_index=p, process_count=2, **kwargs), 4
+    )
     for p in range(2)
   ]
   for step, batch in single:
-    indices = ip.train_indices(
-      step=step, num_examples=4, process_index=0, process_count=1, **kwargs
-    )
+    indices = train_indices(step=step, num_examples=4, process_index=0, process_count=1, **kwargs)
     np.testing.assert_array_equal(batch, source[indices])
     np.testing.assert_array_equal(np.concatenate([s[step][1] for s in shares]), batch)
   for (_, expected), (_, actual) in zip(single[2:], resumed, strict=True):
@@ -397,26 +399,26 @@ def test_folder_order_is_deterministic_resumable_and_shared_by_processes(image_f
 def test_folder_splits(image_folder, tmp_path):
   directory, _ = image_folder
   config = make_config('folder', 16, 3, image_dir=directory)
-  info = ip.get_dataset_info(config)
+  info = data_lib.get_dataset_info(config)
   assert (info.splits, info.eval_split) == (('train',), None)
   with pytest.raises(ValueError, match="'folder' has no split 'test'"):
-    ip.create_source(config, 'test')
+    data_lib.create_source(config, 'test')
   # eval_image_dir is split 'test', and then the eval split.
   test_dir = tmp_path / 'test_images'
   test_images = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), np.uint8)
   for i, image in enumerate(test_images):
     save(test_dir / f'{i}.png', image)
   config.data.eval_image_dir = str(test_dir)
-  info = ip.get_dataset_info(config)
+  info = data_lib.get_dataset_info(config)
   assert (info.splits, info.eval_split) == (('train', 'test'), 'test')
-  np.testing.assert_array_equal(ip.create_source(config, 'test')[np.arange(2)], test_images)
+  np.testing.assert_array_equal(data_lib.create_source(config, 'test')[np.arange(2)], test_images)
   # Results computed from a split (ddpm_jax/evaluation.py) are keyed by its folder.
-  assert ip.split_settings(config, 'train')['directory'] == directory
-  assert ip.split_settings(config, 'test')['directory'] == str(test_dir)
+  assert data_lib.split_settings(config, 'train')['directory'] == directory
+  assert data_lib.split_settings(config, 'test')['directory'] == str(test_dir)
   # config.data.split names the split training reads.
   config.data.split = 'test'
   [(_, batch)] = take(
-    ip.train_batches(config, global_batch_size=2, start_step=0, seed=0, process_count=1), 1
+    data_lib.train_batches(config, global_batch_size=2, start_step=0, seed=0, process_count=1), 1
   )
   np.testing.assert_array_equal(np.sort(batch, axis=0), np.sort(test_images, axis=0))
 
@@ -429,7 +431,7 @@ def test_unreadable_image_error_names_the_file(image_folder):
   (root / 'c' / 'truncated.jpg').write_bytes((root / 'a' / 'c' / 'y.JPEG').read_bytes()[:300])
   save(root / 'deep.png', np.zeros((4, 4), np.uint16))  # 16-bit greyscale.
   config = make_config('folder', 16, 3, image_dir=directory)
-  source = ip.create_source(config, 'train')
+  source = data_lib.create_source(config, 'train')
   for relative, reason in [
     ('bad.png', 'cannot identify image file'),
     ('c/truncated.jpg', '[Tt]runcated'),
@@ -439,7 +441,9 @@ def test_unreadable_image_error_names_the_file(image_folder):
     with pytest.raises(ValueError, match=f'Cannot read image file {root / relative}: .*{reason}'):
       source[np.array([index])]
   # Read on the prefetch thread, the error reaches the training loop: batch 0 holds all 7 files.
-  batches = ip.train_batches(config, global_batch_size=7, start_step=0, seed=0, process_count=1)
+  batches = data_lib.train_batches(
+    config, global_batch_size=7, start_step=0, seed=0, process_count=1
+  )
   with batches, pytest.raises(ValueError, match=f'Cannot read image file {directory}/'):
     next(batches)
 
@@ -463,4 +467,4 @@ def test_folder_config_errors(tmp_path):
     ),
   ]:
     with pytest.raises(error, match=message):
-      ip.get_dataset_info(make_config('folder', 16, 3, **data))
+      data_lib.get_dataset_info(make_config('folder', 16, 3, **data))

@@ -18,13 +18,13 @@ import pytest
 import scipy.ndimage
 
 from configs import digits
-from ddpm_jax import digits_classifier, input_pipeline
+from ddpm_jax import data, digits_classifier
 
 
 @pytest.fixture(scope='module')
 def splits():
   config = digits.get_config()
-  return input_pipeline.create_source(config, 'train'), input_pipeline.create_source(config, 'test')
+  return data.create_source(config, 'train'), data.create_source(config, 'test')
 
 
 @pytest.fixture(scope='module')

@@ -15,11 +15,11 @@ from helpers import tiny_digits_config
 
 from ddpm_jax import (
   checkpoints,
+  data,
   diffusion,
   evaluation,
   image_io,
   inception_weights,
-  input_pipeline,
   metrics,
   models,
   samplers,
@@ -73,7 +73,7 @@ def test_bpd_equals_calc_bpd_loop_and_its_terms(trained_workdir, tmp_path):
   diff = diffusion.GaussianDiffusion.from_config(config.diffusion)
   model = models.create_model(config)
   step, params = checkpoints.restore_ema_params(str(workdir), models.param_shapes(model, 8, 1))
-  images = input_pipeline.create_source(config, 'test')[np.arange(10)]
+  images = data.create_source(config, 'test')[np.arange(10)]
   totals, terms = [], []
   for k, start in enumerate(range(0, 10, 4)):
     out = diff.calc_bpd_loop(
@@ -205,7 +205,7 @@ def test_fid_and_inception_score_on_mock_cifar10(tmp_path):
   checkpoints.save_imported(str(workdir), params=params['params'], step=2)
   with tfds.testing.mock_data(num_examples=12):
     results = evaluation.evaluate(config, str(workdir))
-    train_images = input_pipeline.create_source(config, 'train')[np.arange(12)]
+    train_images = data.create_source(config, 'train')[np.arange(12)]
   assert len(list((workdir / 'eval').glob('inception_stats_cifar10_train_32_*.npz'))) == 1
   assert len(list((workdir / 'eval').glob('inception_stats_cifar10_test_32_*.npz'))) == 1
 
@@ -362,7 +362,7 @@ def test_other_inception_weights_recompute_the_reference_statistics(tmp_path, mo
 
   monkeypatch.setattr(inception, 'compute_features', fake_features)
   config = eval_config()
-  test_means = input_pipeline.create_source(config, 'test').images.mean(axis=(1, 2, 3))
+  test_means = data.create_source(config, 'test').images.mean(axis=(1, 2, 3))
 
   def stats(scale, weights_sha256):
     mu, _ = evaluation.reference_statistics(

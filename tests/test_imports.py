@@ -58,8 +58,8 @@ def test_imports_and_reads_digits_without_tensorflow():
       importlib.import_module(module)
 
     from configs import digits
-    from ddpm_jax import input_pipeline
-    with input_pipeline.train_batches(
+    from ddpm_jax import data
+    with data.train_batches(
       digits.get_config(), global_batch_size=8, start_step=0, seed=0
     ) as batches:
       step, images = next(batches)

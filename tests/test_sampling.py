@@ -30,8 +30,8 @@ from helpers import (
   tiny_digits_config,
 )
 
+from ddpm_jax import data, models, samplers, sampling, train
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import input_pipeline, models, samplers, sampling, train
 from ddpm_jax import mesh as mesh_lib
 
 # Every kind, at sizes that pad differently on 1 and 8 devices: the figures' batches of 6 (6
@@ -270,7 +270,7 @@ def test_sample_writes_npz_and_png_grids(one_device_run):
   for name, (rows, cols) in layouts.items():
     assert outputs[name].shape == (8 * (9 * rows + 1), 8 * (9 * cols + 1)), name
   # The figures show the test images they interpolate, at the ends of each row.
-  source = input_pipeline.create_source(sample_config(), 'test')
+  source = data.create_source(sample_config(), 'test')
   grid = outputs[f'interpolation_{SUFFIX}.png'][::8, ::8]
   np.testing.assert_array_equal(grid[1:9, 1:9], source[np.array([0])][0, ..., 0])
   np.testing.assert_array_equal(grid[10:18, 37:45], source[np.array([3])][0, ..., 0])

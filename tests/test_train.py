@@ -18,7 +18,7 @@ from helpers import (
   train_step_setup,
 )
 
-from ddpm_jax import checkpoints, image_io, input_pipeline, train
+from ddpm_jax import checkpoints, data, image_io, train
 
 
 def test_one_step_on_mock_cifar10(tmp_path):
@@ -267,7 +267,7 @@ def test_bfloat16_training_lowers_the_loss_like_float32():
       np.dtype(np.float32),
       np.dtype(np.int32),
     }
-    images = input_pipeline.create_source(config, 'test')[np.arange(64)]
+    images = data.create_source(config, 'test')[np.arange(64)]
     x_start = image_io.to_model_range(images)
     t = jnp.arange(64) * diffusion.num_timesteps // 64
     noise = jax.random.normal(jax.random.key(1), x_start.shape)
@@ -278,7 +278,7 @@ def test_bfloat16_training_lowers_the_loss_like_float32():
       return jnp.mean(diffusion.training_losses(model_fn, x_start, t, noise))
 
     initial = float(eval_loss(state.params))
-    with input_pipeline.train_batches(config, global_batch_size=8, start_step=0, seed=0) as batches:
+    with data.train_batches(config, global_batch_size=8, start_step=0, seed=0) as batches:
       for _ in range(60):
         state, _ = step(state, next(batches)[1])
     assert {x.dtype for x in jax.tree.leaves(state.ema_params)} == {np.dtype(np.float32)}

@@ -1,13 +1,14 @@
-"""Tests of ddpm_jax.input_pipeline on the embedded digits and on TFDS's mocked data sources.
+"""Tests of ddpm_jax.data on the embedded digits and on TFDS's mocked data sources.
 
 Expected values come from scikit-learn's `load_digits` (1,797 examples, values 0..16), the split
-sizes the module documents (1,497 train / 300 test), and the order the lead specified: global
-batch s is positions [s * B, (s + 1) * B) of the concatenated per-epoch permutations, each
-process reading a contiguous share. TFDS datasets are replaced by `tfds.testing.mock_data`, which
-also mocks `tfds.data_source` (deterministic random examples, any split name accepted), except in
-one test that writes a tiny real cifar10 in ArrayRecord format with TFDS's own writer. The crop and
-resize are checked against `reference_resize`, PIL's antialiased Lanczos-3 filter re-derived in
-float64 from its documented algorithm. tests/test_datasets.py tests the other datasets.
+sizes ddpm_jax/data/digits.py documents (1,497 train / 300 test), and the order the lead
+specified: global batch s is positions [s * B, (s + 1) * B) of the concatenated per-epoch
+permutations, each process reading a contiguous share. TFDS datasets are replaced by
+`tfds.testing.mock_data`, which also mocks `tfds.data_source` (deterministic random examples, any
+split name accepted), except in one test that writes a tiny real cifar10 in ArrayRecord format
+with TFDS's own writer. The crop and resize are checked against `reference_resize`, PIL's
+antialiased Lanczos-3 filter re-derived in float64 from its documented algorithm.
+tests/test_datasets.py tests the other datasets.
 """
 
 import threading
@@ -19,7 +20,10 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
 from configs import default
-from ddpm_jax import input_pipeline as ip
+from ddpm_jax import data as data_lib
+from ddpm_jax.data.images import center_crop_and_resize
+from ddpm_jax.data.order import train_indices
+from ddpm_jax.data.prefetch import PrefetchIterator
 
 
 def make_config(dataset='digits', image_size=8, num_channels=1, **data):
@@ -39,7 +43,7 @@ def take(iterator, num):
 
 
 def prefetch_threads():
-  return [t for t in threading.enumerate() if t.name == 'input_pipeline_prefetch']
+  return [t for t in threading.enumerate() if t.name == 'data_prefetch']
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,7 +52,10 @@ def prefetch_threads():
 
 
 def test_digits_shapes_dtype_and_values():
-  train, test = ip.create_source(make_config(), 'train'), ip.create_source(make_config(), 'test')
+  train, test = (
+    data_lib.create_source(make_config(), 'train'),
+    data_lib.create_source(make_config(), 'test'),
+  )
   # Split sizes: the module docstring (1,497 + 300 = 1,797, the size of load_digits).
   assert (len(train), len(test)) == (1497, 300)
   assert train.images.shape == (1497, 8, 8, 1) and test.images.shape == (300, 8, 8, 1)
@@ -65,7 +72,10 @@ def test_digits_shapes_dtype_and_values():
 
 
 def test_digits_splits_are_disjoint_cover_all_and_fixed():
-  train, test = ip.create_source(make_config(), 'train'), ip.create_source(make_config(), 'test')
+  train, test = (
+    data_lib.create_source(make_config(), 'train'),
+    data_lib.create_source(make_config(), 'test'),
+  )
   # Rows (image bytes + label) of train + test, as a multiset, equal scikit-learn's 1,797 rows.
   digits = load_digits()
   expected = np.round(digits.images * 255 / 16).astype(np.uint8).reshape(1797, 64)
@@ -80,7 +90,7 @@ def test_digits_splits_are_disjoint_cover_all_and_fixed():
   )
   assert ours == rows(expected, digits.target)
   # The split is fixed: a second call gives the same test set.
-  np.testing.assert_array_equal(ip.create_source(make_config(), 'test').images, test.images)
+  np.testing.assert_array_equal(data_lib.create_source(make_config(), 'test').images, test.images)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,24 +101,25 @@ def test_digits_splits_are_disjoint_cover_all_and_fixed():
 def test_resumed_run_sees_the_same_batches():
   # B = 200 over 1,497 examples: step 7 (positions 1400..1599) straddles the first epoch boundary.
   kwargs = dict(global_batch_size=200, seed=3, process_index=0, process_count=1)
-  uninterrupted = take(ip.train_batches(make_config(), start_step=0, **kwargs), 10)
-  resumed = take(ip.train_batches(make_config(), start_step=7, **kwargs), 3)
+  uninterrupted = take(data_lib.train_batches(make_config(), start_step=0, **kwargs), 10)
+  resumed = take(data_lib.train_batches(make_config(), start_step=7, **kwargs), 3)
   assert [step for step, _ in uninterrupted] == list(range(10))
   assert [step for step, _ in resumed] == [7, 8, 9]
   for (_, expected), (_, actual) in zip(uninterrupted[7:], resumed, strict=True):
     assert actual.shape == (200, 8, 8, 1) and actual.dtype == np.uint8
     np.testing.assert_array_equal(actual, expected)
   # A different seed gives a different order.
-  other = take(ip.train_batches(make_config(), start_step=7, **{**kwargs, 'seed': 4}), 1)
+  other = take(data_lib.train_batches(make_config(), start_step=7, **{**kwargs, 'seed': 4}), 1)
   assert not np.array_equal(other[0][1], resumed[0][1])
 
 
 def test_global_batch_does_not_depend_on_process_count():
   config = make_config()
   kwargs = dict(global_batch_size=200, start_step=5, seed=0)
-  single = take(ip.train_batches(config, process_index=0, process_count=1, **kwargs), 4)
+  single = take(data_lib.train_batches(config, process_index=0, process_count=1, **kwargs), 4)
   shares = [
-    take(ip.train_batches(config, process_index=p, process_count=4, **kwargs), 4) for p in range(4)
+    take(data_lib.train_batches(config, process_index=p, process_count=4, **kwargs), 4)
+    for p in range(4)
   ]
   for step in range(4):
     assert all(share[step][1].shape == (50, 8, 8, 1) for share in shares)
@@ -125,7 +136,7 @@ def test_every_example_once_per_epoch(num_examples, global_batch_size, process_c
   num_steps = -(-num_epochs * num_examples // global_batch_size)
   stream = np.concatenate(
     [
-      ip.train_indices(
+      train_indices(
         step=step,
         num_examples=num_examples,
         global_batch_size=global_batch_size,
@@ -146,11 +157,11 @@ def test_every_example_once_per_epoch(num_examples, global_batch_size, process_c
 
 def test_batch_not_divisible_by_process_count_raises():
   with pytest.raises(ValueError, match=r'global batch size \(130\).*processes \(4\)'):
-    ip.train_batches(
+    data_lib.train_batches(
       make_config(), global_batch_size=130, start_step=0, seed=0, process_index=0, process_count=4
     )
   with pytest.raises(ValueError, match='multiple of the number of processes'):
-    ip.eval_batches(
+    data_lib.eval_batches(
       make_config(), split='test', global_batch_size=6, process_index=0, process_count=4
     )
 
@@ -164,7 +175,7 @@ def test_unknown_dataset_lists_the_known_ones():
   # 'mnistt' is neither in DATASETS, nor 'folder', nor a TFDS name; difflib ranks TFDS's 'mnist'
   # closest to it.
   with pytest.raises(ValueError, match="Unknown dataset 'mnistt'") as error:
-    ip.get_dataset_info(make_config(dataset='mnistt'))
+    data_lib.get_dataset_info(make_config(dataset='mnistt'))
   for name in ('digits', 'cifar10', 'celeb_a_hq/256', 'lsun/church_outdoor', 'lsun/cat', 'folder'):
     assert name in str(error.value)
   assert 'Closest names: mnist,' in str(error.value)
@@ -180,16 +191,16 @@ def test_unknown_dataset_lists_the_known_ones():
 )
 def test_inconsistent_image_shape_raises(dataset, image_size, num_channels, message):
   with pytest.raises(ValueError, match=message):
-    ip.get_dataset_info(make_config(dataset, image_size, num_channels))
+    data_lib.get_dataset_info(make_config(dataset, image_size, num_channels))
 
 
 def test_dataset_info_and_missing_split():
-  info = ip.get_dataset_info(make_config('lsun/church_outdoor', 256, 3))
+  info = data_lib.get_dataset_info(make_config('lsun/church_outdoor', 256, 3))
   assert (info.image_size, info.eval_split) == (None, 'validation')
   with pytest.raises(
     ValueError, match="'celeb_a_hq/256' has no split 'test'; its splits are: train"
   ):
-    ip.create_source(make_config('celeb_a_hq/256', 256, 3), 'test')
+    data_lib.create_source(make_config('celeb_a_hq/256', 256, 3), 'test')
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
@@ -197,7 +208,7 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
   # command that does (the one test_cifar10_from_real_array_record_files runs).
   config = make_config('cifar10', 32, 3, data_dir=str(tmp_path), download=False)
   with pytest.raises(FileNotFoundError, match="'file_format': 'array_record'") as error:
-    ip.create_source(config, 'test')
+    data_lib.create_source(config, 'test')
   assert 'config.data.download = False' in str(error.value)
   assert f"tfds.data_source('cifar10', data_dir='{tmp_path}'" in str(error.value)
   assert not any(tmp_path.iterdir())  # Nothing downloaded.
@@ -211,7 +222,7 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
 def test_cifar10_through_mocked_data_source():
   config = make_config('cifar10', 32, 3)
   with tfds.testing.mock_data(num_examples=12):
-    source = ip.create_source(config, 'train')
+    source = data_lib.create_source(config, 'train')
     reference = tfds.data_source('cifar10', split='train')
     assert len(source) == 12
     images = source[np.array([5, 2])]
@@ -219,12 +230,12 @@ def test_cifar10_through_mocked_data_source():
     np.testing.assert_array_equal(images, np.stack([reference[5]['image'], reference[2]['image']]))
     # Process 1 of 2 reads rows 4..7 of global batch 3 (B = 8).
     [(step, batch)] = take(
-      ip.train_batches(
+      data_lib.train_batches(
         config, global_batch_size=8, start_step=3, seed=0, process_index=1, process_count=2
       ),
       1,
     )
-    expected = ip.train_indices(
+    expected = train_indices(
       step=3, num_examples=12, global_batch_size=8, seed=0, process_index=1, process_count=2
     )
     assert step == 3 and batch.shape == (4, 32, 32, 3)
@@ -251,7 +262,7 @@ def test_cifar10_from_real_array_record_files(tmp_path):
     tfds.data_source(
       'cifar10', data_dir=str(tmp_path), builder_kwargs={'file_format': 'array_record'}
     )
-  source = ip.create_source(make_config('cifar10', 32, 3, data_dir=str(tmp_path)), 'test')
+  source = data_lib.create_source(make_config('cifar10', 32, 3, data_dir=str(tmp_path)), 'test')
   read = source[np.arange(3)]
   assert len(source) == 3 and read.dtype == np.uint8
   # TFDS shuffles examples when it writes them: compare as sets of images.
@@ -316,7 +327,7 @@ def assert_close_to_reference(actual, expected):
 def test_lsun_images_are_center_cropped_and_resized():
   config = make_config('lsun/church_outdoor', 16, 3)
   with tfds.testing.mock_data(num_examples=4):
-    source = ip.create_source(config, 'validation')
+    source = data_lib.create_source(config, 'validation')
     raw = [
       tfds.data_source('lsun/church_outdoor', split='validation')[i]['image'] for i in range(4)
     ]
@@ -337,7 +348,7 @@ def test_center_crop_and_resize_matches_an_independent_lanczos(shape, size):
   # shows): the central square, offset (61 - 40) // 2 = 10 along the longer side, downscaled
   # 40 -> 16 and 33 -> 7 (antialiased) and upscaled 28 -> 32, against the float64 reference.
   image = np.random.default_rng(sum(shape)).integers(0, 256, shape, np.uint8)
-  actual = ip.center_crop_and_resize(image, size)
+  actual = center_crop_and_resize(image, size)
   assert actual.shape == (size, size, shape[2]) and actual.dtype == np.uint8
   assert_close_to_reference(actual, reference_resize(reference_center_crop(image), size))
 
@@ -349,10 +360,10 @@ def test_center_crop_and_resize_matches_an_independent_lanczos(shape, size):
 
 def test_eval_batches_pad_the_last_batch_and_mask_it():
   config = make_config()
-  test = ip.create_source(config, 'test')
+  test = data_lib.create_source(config, 'test')
   # 150 examples in batches of 64: 64 + 64 + 22 real rows, the last batch padded by 42 zero rows.
   batches = list(
-    ip.eval_batches(
+    data_lib.eval_batches(
       config, split='test', global_batch_size=64, num_examples=150, process_index=0, process_count=1
     )
   )
@@ -366,7 +377,7 @@ def test_eval_batches_pad_the_last_batch_and_mask_it():
   # Four processes: the same number of batches each, and their shares make up the same batches.
   shares = [
     list(
-      ip.eval_batches(
+      data_lib.eval_batches(
         config,
         split='test',
         global_batch_size=64,
@@ -385,7 +396,7 @@ def test_eval_batches_pad_the_last_batch_and_mask_it():
 
 def test_eval_num_examples_out_of_range_raises():
   with pytest.raises(ValueError, match=r'num_examples must be in \[1, 300\]'):
-    ip.eval_batches(make_config(), split='test', global_batch_size=8, num_examples=301)
+    data_lib.eval_batches(make_config(), split='test', global_batch_size=8, num_examples=301)
 
 
 def test_prefetch_reraises_errors_and_shuts_down():
@@ -394,13 +405,13 @@ def test_prefetch_reraises_errors_and_shuts_down():
     yield 2
     raise RuntimeError('bad record')
 
-  with ip.PrefetchIterator(failing()) as iterator:
+  with PrefetchIterator(failing()) as iterator:
     assert [next(iterator), next(iterator)] == [1, 2]
     with pytest.raises(RuntimeError, match='bad record'):
       next(iterator)
   # An endless iterator, closed while its thread is blocked on a full buffer.
   before = set(prefetch_threads())
-  iterator = ip.train_batches(make_config(), global_batch_size=8, start_step=0, seed=0)
+  iterator = data_lib.train_batches(make_config(), global_batch_size=8, start_step=0, seed=0)
   next(iterator)
   assert len(set(prefetch_threads()) - before) == 1
   iterator.close()

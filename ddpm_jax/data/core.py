@@ -1,0 +1,89 @@
+"""What every source of images offers the pipeline: its `DatasetInfo`, and random access.
+
+A source module (`digits`, `tfds`, `folder`) holds one `Dataset` class, built from `config.data`
+without reading anything. `Dataset.info()` checks the config against the dataset and says its
+splits; `Dataset.open(info, split)` gives a `Source`, random access to the images of the split;
+`Dataset.content_key(split)` names what, beyond `config.data`'s name, split and image shape,
+fixes those images (evaluation's cache key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import ml_collections
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the pipeline knows about a dataset before reading it.
+
+  Attributes:
+    name: as in `config.data.dataset`: 'digits', 'folder' or a TFDS name.
+    image_size: side of the stored square images, or None when they vary in size or are not
+      square; images are center-cropped and resized to `config.data.image_size`.
+    num_channels: channels of the stored images (1 or 3; 4 for RGBA), or None when they vary (a
+      folder); images are converted to `config.data.num_channels`.
+    splits: the split names the dataset has; empty for a TFDS dataset that is not prepared yet.
+    eval_split: the held-out split for evaluation (bits/dim), or None when there is none. A
+      source leaves it None: `data.get_dataset_info` sets it, from `config.data.eval_split` or
+      the splits (`held_out_split`), the one rule for every dataset.
+    manual_download: whether TFDS needs the source files downloaded by hand first.
+    image_key: the TFDS feature that holds the image.
+  """
+
+  name: str
+  image_size: int | None
+  num_channels: int | None
+  splits: tuple[str, ...]
+  eval_split: str | None = None
+  manual_download: bool = False
+  image_key: str = 'image'
+
+
+def held_out_split(splits: tuple[str, ...]) -> str | None:
+  """A dataset's own eval split: 'test' if it has one, else 'validation', else None."""
+  return next((split for split in ('test', 'validation') if split in splits), None)
+
+
+def check_stored_shape(info: DatasetInfo, data: ml_collections.ConfigDict) -> None:
+  """Raises ValueError unless `config.data` asks for the channels (and, where the dataset has one
+  size, the size) of a dataset whose images are read as stored: the paper's datasets."""
+  if data.num_channels != info.num_channels:
+    raise ValueError(
+      f'config.data.num_channels = {data.num_channels}, but {info.name!r} images have '
+      f'{info.num_channels} channel(s).'
+    )
+  if info.image_size is not None and data.image_size != info.image_size:
+    raise ValueError(
+      f'config.data.image_size = {data.image_size}, but {info.name!r} images are '
+      f'{info.image_size}x{info.image_size} (only LSUN images are resized).'
+    )
+
+
+class Source(Protocol):
+  """Random access to one split: `len(source)` examples, `source[indices]` their images."""
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+    """indices: int [n] in [0, len(self)) -> uint8 [n, H, W, C] in 0..255."""
+    ...
+
+
+class Dataset(Protocol):
+  """One dataset named by `config.data.dataset`, built from `config.data` without I/O."""
+
+  def info(self) -> DatasetInfo:
+    """Checks `config.data` against the dataset (reading metadata, never examples)."""
+    ...
+
+  def open(self, info: DatasetInfo, split: str) -> Source:
+    """The images of `split`, H = W = config.data.image_size, C = config.data.num_channels."""
+    ...
+
+  def content_key(self, split: str) -> dict[str, Any]:
+    """JSON-serializable settings that, with the name, split and image shape, fix the images."""
+    ...

@@ -1,0 +1,242 @@
+"""The entry points: the config check, the dataset's info, its splits, and batches to train on.
+
+`config.data.dataset` picks the source module: 'digits' (`digits`), 'folder' (`folder`), and
+any other name a TFDS dataset (`tfds`). Every batch is uint8 `[B_local, H, W, C]` in 0..255,
+in the order of `order.train_indices` for training, read ahead on a thread (`prefetch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ddpm_jax import validation
+from ddpm_jax.data import core, digits, folder, order, prefetch
+from ddpm_jax.data import tfds as tfds_data
+
+# The paper's datasets (and the digits), named first in the error for an unknown name.
+DATASETS = (digits.NAME, *tfds_data.PAPER_DATASETS)
+
+
+def _dataset(data: ml_collections.ConfigDict) -> core.Dataset:
+  """The `core.Dataset` that `config.data.dataset` names (built without any I/O)."""
+  if data.dataset == digits.NAME:
+    return digits.Digits(data)
+  if data.dataset == folder.NAME:
+    return folder.Folder(data)
+  return tfds_data.Tfds(data)
+
+
+def _checked_dataset(
+  config: ml_collections.ConfigDict,
+) -> tuple[core.Dataset, core.DatasetInfo]:
+  """`config.data` checked against its dataset: the dataset and its info (`get_dataset_info`)."""
+  data = config.data
+  image_size = data.image_size
+  validation.require(
+    validation.is_int(image_size) and image_size >= 1,
+    f'config.data.image_size must be a positive int, got {image_size!r}.',
+  )
+  dataset = _dataset(data)
+  try:
+    info = dataset.info()
+  except tfds_data.NotTfdsError as e:
+    close = difflib.get_close_matches(
+      tfds_data.base_name(data.dataset), [*DATASETS, folder.NAME, *e.tfds_names], n=5
+    )
+    suggestion = f' Closest names: {", ".join(close)}.' if close else ''
+    raise ValueError(
+      f'Unknown dataset {data.dataset!r}: not one of {", ".join(DATASETS)}, nor {folder.NAME!r} '
+      f'(the images under config.data.image_dir), nor a TFDS dataset.{suggestion}'
+    ) from None
+  validation.require(
+    data.num_channels in (1, 3),
+    f'config.data.num_channels must be 1 (greyscale) or 3 (RGB), got {data.num_channels!r}.',
+  )
+  for field in ('split', 'eval_split'):
+    split = data[field]
+    validation.require(
+      split is None or not info.splits or split in info.splits,
+      f'config.data.{field} = {split!r}, but {info.name!r} has the splits: '
+      f'{", ".join(info.splits)}.',
+    )
+  eval_split = data.eval_split if data.eval_split is not None else core.held_out_split(info.splits)
+  return dataset, dataclasses.replace(info, eval_split=eval_split)
+
+
+def get_dataset_info(config: ml_collections.ConfigDict) -> core.DatasetInfo:
+  """Validates `config.data` against the dataset it names and returns that dataset's info.
+
+  Call it at startup, before anything is compiled. It reads no examples and downloads nothing:
+  for a TFDS dataset not in `tfds.PAPER_DATASETS` it reads the dataset's metadata (TFDS's code,
+  or the prepared dataset's), for a folder it looks for one image file. The eval split is
+  `config.data.eval_split`, or where that is None the dataset's 'test', else its 'validation',
+  else none (`core.held_out_split`).
+
+  Raises:
+    ValueError: for an unknown dataset name (the message lists the known ones and the closest
+      TFDS names), a TFDS dataset without a uint8 image feature or with several, a folder without
+      images, an `image_size` / `num_channels` that the dataset cannot produce, or a `split` /
+      `eval_split` that it does not have.
+    FileNotFoundError: for a folder that does not exist.
+  """
+  return _checked_dataset(config)[1]
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Runs every check of `config.data` (those of `get_dataset_info`), raising as it does."""
+  _checked_dataset(config)
+
+
+def create_source(config: ml_collections.ConfigDict, split: str) -> core.Source:
+  """Random access to `split` of `config.data.dataset`.
+
+  For a TFDS dataset not prepared yet this downloads and prepares it, on process 0, unless
+  `config.data.download` is False: call it on all processes at the same point.
+
+  Returns:
+    An object with `len(source)` and `source[indices]` -> uint8 [n, H, W, C] in 0..255 for int
+    indices [n], H = W = config.data.image_size, C = config.data.num_channels. For 'digits' it
+    is a `digits.InMemorySource`, which also has `images` and `labels`; for a folder a
+    `folder.FolderSource`, which also has `paths`.
+
+  Raises:
+    ValueError: for an invalid `config.data` (see `get_dataset_info`) or a split the dataset does
+      not have.
+    FileNotFoundError: for a TFDS dataset not prepared in ArrayRecord format (and not downloaded).
+  """
+  dataset, info = _checked_dataset(config)
+  validation.require(
+    not info.splits or split in info.splits,
+    f'{info.name!r} has no split {split!r}; its splits are: {", ".join(info.splits)}.',
+  )
+  return dataset.open(info, split)
+
+
+def split_settings(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
+  """What fixes the images `create_source(config, split)` yields, JSON-serializable: the key of
+  results computed from them (ddpm_jax/evaluation.py). A folder is named by its absolute path."""
+  data = config.data
+  return {
+    'dataset': data.dataset,
+    'split': split,
+    'image_size': data.image_size,
+    'num_channels': data.num_channels,
+    **_dataset(data).content_key(split),
+  }
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(p, P), defaulting to this JAX process; tests pass them to simulate several processes."""
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  return process_index, process_count
+
+
+def train_batches(
+  config: ml_collections.ConfigDict,
+  *,
+  global_batch_size: int,
+  start_step: int,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  buffer_size: int = 2,
+) -> prefetch.PrefetchIterator[tuple[int, np.ndarray]]:
+  """Endless training batches of split `config.data.split`, from `start_step` on.
+
+  Reads `buffer_size` steps ahead on a background thread.
+
+  Args:
+    config: the experiment config; reads `config.data`.
+    global_batch_size: B, summed over all processes; P must divide it.
+    start_step: the first step to yield (0, or the restored step when resuming).
+    seed: the data-order seed; the batches are a function of (seed, step) only.
+    process_index: p; None means `jax.process_index()`.
+    process_count: P; None means `jax.process_count()`.
+    buffer_size: how many steps are read ahead.
+
+  Returns:
+    A `PrefetchIterator` yielding `(step, images)` for step = start_step, start_step + 1, ...,
+    images uint8 [B / P, H, W, C] in 0..255: this process's share of global batch `step`
+    (`order.train_indices`).
+  """
+  process_index, process_count = _process(process_index, process_count)
+  order.local_batch_size(global_batch_size, process_count)  # Raise here, not on the thread.
+  source = create_source(config, config.data.split)
+
+  def batches() -> Iterator[tuple[int, np.ndarray]]:
+    step = start_step
+    while True:
+      indices = order.train_indices(
+        step=step,
+        num_examples=len(source),
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+      )
+      yield step, source[indices]
+      step += 1
+
+  return prefetch.PrefetchIterator(batches(), buffer_size)
+
+
+def eval_batches(
+  config: ml_collections.ConfigDict,
+  *,
+  split: str,
+  global_batch_size: int,
+  num_examples: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  buffer_size: int = 2,
+) -> prefetch.PrefetchIterator[tuple[np.ndarray, np.ndarray]]:
+  """The first `num_examples` examples of `split`, in order, in padded batches of one shape.
+
+  Global batch k is examples [k * B, (k + 1) * B), of which process p reads its contiguous share
+  of B / P rows; rows past `num_examples` (in the last batch) are zeros with mask False. Every
+  process yields the same number of batches, ceil(num_examples / B).
+
+  Args:
+    config: the experiment config; reads `config.data`.
+    split: e.g. `get_dataset_info(config).eval_split`.
+    global_batch_size: B, summed over all processes; P must divide it.
+    num_examples: how many examples to evaluate; None means the whole split.
+    process_index: p; None means `jax.process_index()`.
+    process_count: P; None means `jax.process_count()`.
+    buffer_size: how many batches are read ahead.
+
+  Returns:
+    A `PrefetchIterator` yielding `(images, mask)`: images uint8 [B / P, H, W, C] in 0..255,
+    mask bool [B / P], True for real examples.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  size = order.local_batch_size(global_batch_size, process_count)
+  source = create_source(config, split)
+  if num_examples is None:
+    num_examples = len(source)
+  validation.require(
+    0 < num_examples <= len(source),
+    f'num_examples must be in [1, {len(source)}] for split {split!r}, got {num_examples}.',
+  )
+  shape = (size, config.data.image_size, config.data.image_size, config.data.num_channels)
+
+  def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for batch in range(-(-num_examples // global_batch_size)):
+      start = batch * global_batch_size + process_index * size
+      positions = np.arange(start, start + size)
+      mask = positions < num_examples
+      images = np.zeros(shape, np.uint8)
+      images[mask] = source[positions[mask]]
+      yield images, mask
+
+  return prefetch.PrefetchIterator(batches(), buffer_size)
