@@ -1,11 +1,11 @@
 """The samplers, one definition each, and the checks of `config.sampling`.
 
-A sampler is a frozen dataclass of its settings (everything about how samples are drawn but the
-seed), registered in `SAMPLERS` under its `config.sampling.sampler` name. Its definition holds
-all there is to know about it outside the math: its name, its valid step range, how it reads
-`config.sampling` (`from_config`) and checks it (`check`), its `StepFn` (the math, with its
-timesteps, is in `ddpm_jax/diffusion.py`), and the settings and file tag recorded with its
-results. Adding a sampler is adding a definition here (and its step function there).
+A sampler is a frozen dataclass of its settings (a `Sampler`: everything about how samples are
+drawn but the seed), registered in `SAMPLERS` under its `config.sampling.sampler` name. Its
+definition holds all there is to know about it outside the math: its name, its valid step range,
+how it reads `config.sampling` (`from_config`) and checks it (`check`), its `StepFn` (the math,
+with its timesteps, is in `ddpm_jax/diffusion.py`), and the settings and file tag recorded with
+its results. Adding a sampler is adding a definition here (and its step function there).
 
   ancestral     the paper's Algorithm 2, all T steps (`GaussianDiffusion.ancestral_step`);
   ddim          DDIM (Song et al. 2021) with `ddim_eta` (`ddim_step`, `ddim_timesteps`);
@@ -33,22 +33,30 @@ from ddpm_jax import validation
 
 # The kinds of output of --mode=sample (`ddpm_jax/generate.py`).
 KINDS = ('samples', 'progressive', 'denoising_chain', 'interpolation')
+# The type of each `config.sampling` field that a sampler's settings may hold.
+SETTING_TYPES = {'steps': int, 'ddim_eta': float, 'thresholding': str}
 
 
 @dataclasses.dataclass(frozen=True)
-class Ancestral:
-  """The paper's Algorithm 2: all T steps, T network evaluations."""
+class Sampler:
+  """A sampler and its settings: everything about how samples are drawn but the seed.
 
-  name: ClassVar[str] = 'ancestral'
+  Its settings are its fields, named and typed as the `config.sampling` fields they come from
+  (`SETTING_TYPES`); `settings()` (for results and cache keys) and `tag` (for file names, from
+  `tag_format`) are made of them. Subclassed by each sampler, registered in `SAMPLERS`.
+  """
+
+  name: ClassVar[str]
+  tag_format: ClassVar[str]
   # The thresholdings of the predicted x_0 it can use: all samplers but DPM-Solver++ clip it to
   # [-1, 1] as the paper does.
   thresholdings: ClassVar[tuple[str, ...]] = ('static',)
 
   @classmethod
-  def from_config(cls, sampling: ml_collections.ConfigDict) -> Ancestral:
+  def from_config(cls, sampling: ml_collections.ConfigDict) -> Sampler:
     """The sampler that `config.sampling` describes (checked first with `check`)."""
-    del sampling
-    return cls()
+    fields = (f.name for f in dataclasses.fields(cls))
+    return cls(**{field: SETTING_TYPES[field](sampling[field]) for field in fields})
 
   @classmethod
   def check(
@@ -66,25 +74,35 @@ class Ancestral:
     self, diffusion: diffusion_lib.GaussianDiffusion, model_fn: diffusion_lib.ModelFn
   ) -> diffusion_lib.StepFn:
     """The sampler's `StepFn` on `diffusion` with the network `model_fn`."""
-    return diffusion.ancestral_step(model_fn)
+    raise NotImplementedError
 
   @property
   def tag(self) -> str:
-    """A short name for file names."""
-    return self.name
+    """A short name for file names: 'ancestral', 'ddim50_eta0', 'respaced100',
+    'dpm_solver++20_static'."""
+    return self.tag_format.format(name=self.name, **dataclasses.asdict(self))
 
   def settings(self) -> dict[str, Any]:
     """The settings that determine the samples, for results and cache keys."""
-    return {'sampler': self.name}
+    return {'sampler': self.name, **dataclasses.asdict(self)}
 
 
 @dataclasses.dataclass(frozen=True)
-class FastSampler:
-  """What the samplers of K < T (or up to T) network evaluations share: `steps` = K, checked
-  against the range of `step_range`. Not a sampler itself."""
+class Ancestral(Sampler):
+  """The paper's Algorithm 2: all T steps, T network evaluations."""
 
-  name: ClassVar[str]
-  thresholdings: ClassVar[tuple[str, ...]] = ('static',)
+  name: ClassVar[str] = 'ancestral'
+  tag_format: ClassVar[str] = '{name}'
+
+  def step_fn(self, diffusion, model_fn):
+    return diffusion.ancestral_step(model_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class FastSampler(Sampler):
+  """What the samplers of K (at most T) network evaluations share: `steps` = K, checked against
+  the range of `step_range`. Not a sampler itself."""
+
   steps: int
 
   @staticmethod
@@ -113,44 +131,24 @@ class FastSampler:
     check_shared_settings(cls, sampling)
 
   def num_steps(self, num_timesteps: int) -> int:
-    """The steps (network evaluations) of one sample."""
     del num_timesteps
     return self.steps
-
-  def settings(self) -> dict[str, Any]:
-    """The settings that determine the samples, for results and cache keys."""
-    return {'sampler': self.name, 'steps': self.steps}
 
 
 @dataclasses.dataclass(frozen=True)
 class DDIM(FastSampler):
-  """DDIM (Song et al. 2021) on `ddim_timesteps`; eta: the noise scale (0: deterministic)."""
+  """DDIM (Song et al. 2021) on `ddim_timesteps`; ddim_eta: the noise scale (0: deterministic)."""
 
   name: ClassVar[str] = 'ddim'
-  eta: float = 0.0
+  tag_format: ClassVar[str] = '{name}{steps}_eta{ddim_eta:g}'
+  ddim_eta: float = 0.0
 
   @staticmethod
   def step_range(num_timesteps: int) -> tuple[int, int]:
     return 1, num_timesteps
 
-  @classmethod
-  def from_config(cls, sampling: ml_collections.ConfigDict) -> DDIM:
-    """The sampler that `config.sampling` describes (checked first with `check`)."""
-    return cls(int(sampling.steps), float(sampling.ddim_eta))
-
-  def step_fn(
-    self, diffusion: diffusion_lib.GaussianDiffusion, model_fn: diffusion_lib.ModelFn
-  ) -> diffusion_lib.StepFn:
-    """The sampler's `StepFn` on `diffusion` with the network `model_fn`."""
-    return diffusion.ddim_step(model_fn, num_steps=self.steps, eta=self.eta)
-
-  @property
-  def tag(self) -> str:
-    """A short name for file names: 'ddim50_eta0'."""
-    return f'{self.name}{self.steps}_eta{self.eta:g}'
-
-  def settings(self) -> dict[str, Any]:
-    return {**super().settings(), 'ddim_eta': self.eta}
+  def step_fn(self, diffusion, model_fn):
+    return diffusion.ddim_step(model_fn, num_steps=self.steps, eta=self.ddim_eta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +156,11 @@ class Respaced(FastSampler):
   """The paper's ancestral sampler on the K timesteps of `respaced_timesteps` (improved DDPM)."""
 
   name: ClassVar[str] = 'respaced'
+  tag_format: ClassVar[str] = '{name}{steps}'
 
   @staticmethod
   def step_range(num_timesteps: int) -> tuple[int, int]:
     return 2, num_timesteps
-
-  @classmethod
-  def from_config(cls, sampling: ml_collections.ConfigDict) -> Respaced:
-    """The sampler that `config.sampling` describes (checked first with `check`)."""
-    return cls(int(sampling.steps))
 
   @classmethod
   def check(
@@ -176,16 +170,8 @@ class Respaced(FastSampler):
     super().check(sampling, diffusion)
     diffusion.respaced(sampling.steps)  # Raises for a variance type it cannot respace.
 
-  def step_fn(
-    self, diffusion: diffusion_lib.GaussianDiffusion, model_fn: diffusion_lib.ModelFn
-  ) -> diffusion_lib.StepFn:
-    """The sampler's `StepFn` on `diffusion` with the network `model_fn`."""
+  def step_fn(self, diffusion, model_fn):
     return diffusion.respaced_step(model_fn, num_steps=self.steps)
-
-  @property
-  def tag(self) -> str:
-    """A short name for file names: 'respaced100'."""
-    return f'{self.name}{self.steps}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +179,7 @@ class DPMSolver(FastSampler):
   """DPM-Solver++(2M) on `dpm_solver_timesteps`; thresholding: that of the predicted x_0."""
 
   name: ClassVar[str] = 'dpm_solver++'
+  tag_format: ClassVar[str] = '{name}{steps}_{thresholding}'
   thresholdings: ClassVar[tuple[str, ...]] = diffusion_lib.THRESHOLDINGS
   thresholding: str = 'static'
 
@@ -200,27 +187,10 @@ class DPMSolver(FastSampler):
   def step_range(num_timesteps: int) -> tuple[int, int]:
     return 1, num_timesteps - 1
 
-  @classmethod
-  def from_config(cls, sampling: ml_collections.ConfigDict) -> DPMSolver:
-    """The sampler that `config.sampling` describes (checked first with `check`)."""
-    return cls(int(sampling.steps), sampling.thresholding)
-
-  def step_fn(
-    self, diffusion: diffusion_lib.GaussianDiffusion, model_fn: diffusion_lib.ModelFn
-  ) -> diffusion_lib.StepFn:
-    """The sampler's `StepFn` on `diffusion` with the network `model_fn`."""
+  def step_fn(self, diffusion, model_fn):
     return diffusion.dpm_solver_step(model_fn, num_steps=self.steps, thresholding=self.thresholding)
 
-  @property
-  def tag(self) -> str:
-    """A short name for file names: 'dpm_solver++20_static'."""
-    return f'{self.name}{self.steps}_{self.thresholding}'
 
-  def settings(self) -> dict[str, Any]:
-    return {**super().settings(), 'thresholding': self.thresholding}
-
-
-Sampler = Ancestral | DDIM | Respaced | DPMSolver
 SAMPLERS: dict[str, type[Sampler]] = {s.name: s for s in (Ancestral, DDIM, Respaced, DPMSolver)}
 
 

@@ -35,7 +35,7 @@ def test_from_config_reads_only_the_sampler_settings():
     20, 'dynamic'
   )
   assert samplers.DPMSolver(20).thresholding == 'static'
-  assert samplers.DDIM(20).eta == 0.0
+  assert samplers.DDIM(20).ddim_eta == 0.0
 
 
 @pytest.mark.parametrize(
