@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import evaluation, sampling, train
+from ddpm_jax import evaluation, generate, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for all outputs.')
@@ -136,7 +136,7 @@ def main(argv):
   if _MODE.value == 'train':
     train.train_and_evaluate(config, _WORKDIR.value)
   elif _MODE.value == 'sample':
-    sampling.sample(config, _WORKDIR.value)
+    generate.sample(config, _WORKDIR.value)
   else:
     evaluation.evaluate(config, _WORKDIR.value)
 

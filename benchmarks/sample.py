@@ -1,12 +1,12 @@
-"""Speed of ddpm-jax's samplers: the compiled chunked loops of `ddpm_jax/samplers.py`.
+"""Speed of ddpm-jax's samplers: the compiled chunked loops of `ddpm_jax/sample_loop.py`.
 
   python benchmarks/sample.py --config=cifar10 --num_images=256 \
       --sampler=ancestral,ddim,dpm_solver++ --steps=50 --dtype=float32,bfloat16
 
 draws, for each sampler and dtype listed (compiled at once, then timed round by round),
 `--num_images` images (one global batch, sharded over all devices) with random parameters
-(the speed does not depend on their values) through `samplers.create_init_fn` and
-`samplers.create_chunk_fn`, the functions `--mode=sample` runs, all steps in one call, and prints
+(the speed does not depend on their values) through `sample_loop.create_init_fn` and
+`sample_loop.create_chunk_fn`, the functions `--mode=sample` runs, all steps in one call, and prints
 the compile time, then the wall time, images/s and time per step (medians over --windows
 repetitions, with the spread). `--mode=step` times one ancestral step (t = 500) for the batch
 instead: the unit of the comparison with PyTorch (compare_torch.py).
@@ -31,7 +31,7 @@ from train import CONFIGS, load_config  # noqa: E402
 
 from ddpm_jax import diffusion as diffusion_lib  # noqa: E402
 from ddpm_jax import mesh as mesh_lib  # noqa: E402
-from ddpm_jax import models, samplers  # noqa: E402
+from ddpm_jax import models, sample_loop, samplers  # noqa: E402
 
 SAMPLE_T = 500  # The timestep (0-based) of `--mode=step`, as in torch_reference.py.
 
@@ -57,9 +57,9 @@ def sample_runner(
     lambda rng: model.init(rng, x1, t1, train=False)['params'],
     out_shardings=mesh_lib.replicated(mesh),
   )(jax.random.key(0))
-  settings = samplers.Sampler(sampler, steps) if sampler != 'ancestral' else samplers.ANCESTRAL
-  run_chunk = samplers.create_chunk_fn(diffusion, model, mesh, settings)
-  init = samplers.create_init_fn(diffusion, mesh)
+  settings = samplers.Ancestral() if sampler == 'ancestral' else samplers.SAMPLERS[sampler](steps)
+  run_chunk = sample_loop.create_chunk_fn(diffusion, model, mesh, settings)
+  init = sample_loop.create_init_fn(diffusion, mesh)
   x, loop_rng = init((num_images, size, size, channels), jax.random.key(1))
   if one_step:
     start = diffusion.num_timesteps - 1 - SAMPLE_T

@@ -48,7 +48,7 @@ from ml_collections import config_flags  # noqa: E402
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ddpm_jax import checkpoints, evaluation, models, samplers, train  # noqa: E402
+from ddpm_jax import checkpoints, evaluation, models, sample_loop, samplers, train  # noqa: E402
 from ddpm_jax import diffusion as diffusion_lib  # noqa: E402
 from ddpm_jax import mesh as mesh_lib  # noqa: E402
 
@@ -89,17 +89,17 @@ def draw(config, diffusion, model, params, mesh, sampler: samplers.Sampler):
   """(uint8 samples, seconds): the eval's samples, timed after compiling the loop."""
   size, channels = config.data.image_size, config.data.num_channels
   batch_size = min(config.sampling.batch_size, FLAGS.num_samples)
-  init = samplers.create_init_fn(diffusion, mesh)
-  run_chunk = samplers.create_chunk_fn(diffusion, model, mesh, sampler)
+  init = sample_loop.create_init_fn(diffusion, mesh)
+  run_chunk = sample_loop.create_chunk_fn(diffusion, model, mesh, sampler)
   x, loop_rng = init((batch_size, size, size, channels), jax.random.key(0))
   zero = np.int32(0)
   jax.block_until_ready(run_chunk(params, x, jnp.zeros_like(x), loop_rng, zero, zero))
   began = time.perf_counter()
-  images = samplers.draw_samples(
+  images = sample_loop.draw_samples(
     run_chunk,
     init,
     params,
-    batch_rng=samplers.seed_batch_rng(config.seed),
+    batch_rng=sample_loop.seed_batch_rng(config.seed),
     num_samples=FLAGS.num_samples,
     batch_size=batch_size,
     image_shape=(size, size, channels),
@@ -174,7 +174,7 @@ def main(argv):
     step=config.sampling.checkpoint_step,
   )
   variants = [
-    samplers.ANCESTRAL if name == 'ancestral' else samplers.Sampler(name, int(steps))
+    samplers.Ancestral() if name == 'ancestral' else samplers.SAMPLERS[name](int(steps))
     for name in FLAGS.samplers
     for steps in (['T'] if name == 'ancestral' else FLAGS.steps)
   ]

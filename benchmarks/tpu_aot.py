@@ -3,7 +3,7 @@
 Deviceless ahead-of-time compilation: libtpu (`pip install libtpu`, what `jax[tpu]` installs;
 requirements-test.txt pins the one of our jax) describes the devices of a named TPU slice, a
 `jax.sharding.Mesh` over them is the project's mesh (`mesh.create_mesh`), and the very functions
-the loops compile (`train.jit_train_steps`, `samplers.create_chunk_fn`) are lowered for
+the loops compile (`train.jit_train_steps`, `sample_loop.create_chunk_fn`) are lowered for
 ShapeDtypeStructs and compiled by the TPU compiler, here, without a TPU:
 
   python benchmarks/tpu_aot.py --topologies=v4-8,v5e-8,v5p-8,v6e-8,v5e-32 \\
@@ -61,7 +61,7 @@ from train import load_config  # noqa: E402
 
 from ddpm_jax import diffusion as diffusion_lib  # noqa: E402
 from ddpm_jax import mesh as mesh_lib  # noqa: E402
-from ddpm_jax import models, samplers, train  # noqa: E402
+from ddpm_jax import models, sample_loop, samplers, train  # noqa: E402
 
 GiB = 2**30
 
@@ -175,7 +175,7 @@ def lower_train(config_name: str, mesh, *, batch_size: int, **overrides) -> jax.
 def lower_sampler(
   config_name: str, mesh, sampler: samplers.Sampler, num_images: int
 ) -> jax.stages.Lowered:
-  """`samplers.create_chunk_fn` of the config, lowered for `num_images` images: params
+  """`sample_loop.create_chunk_fn` of the config, lowered for `num_images` images: params
   replicated, x and the predicted x_0 sharded over the batch."""
   config = load_config(config_name)
   model = models.create_model(config)
@@ -188,7 +188,7 @@ def lower_sampler(
   x = jax.ShapeDtypeStruct((num_images, size, size, channels), jnp.float32, sharding=batch)
   loop_rng = with_sharding(jax.eval_shape(jax.random.key, 0), replicated)
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-  run_chunk = samplers.create_chunk_fn(diffusion, model, mesh, sampler)
+  run_chunk = sample_loop.create_chunk_fn(diffusion, model, mesh, sampler)
   return run_chunk.lower(params, x, x, loop_rng, step, step)
 
 
@@ -334,7 +334,7 @@ def compile_slice(slice_name: str, FLAGS) -> None:
       record = {'slice': slice_name, 'program': 'max_batch_256', 'remat': remat, 'found': found}
       append_json(FLAGS.json_out, record)
   if 'sample_cifar10' in FLAGS.programs:
-    for sampler in (samplers.ANCESTRAL, samplers.Sampler('dpm_solver++', DPM_SOLVER_STEPS)):
+    for sampler in (samplers.Ancestral(), samplers.DPMSolver(DPM_SOLVER_STEPS)):
       lower = functools.partial(lower_sampler, 'cifar10', mesh, sampler, SAMPLE_IMAGES)
       settings = {'sampler': sampler.tag, 'num_images': SAMPLE_IMAGES}
       # One compiled step does 1 / steps of each image.

@@ -92,9 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 50_000
   training.num_sample_images = 64
 
-  # --mode=sample (ddpm_jax/sampling.py): files in <workdir>/samples/, their paths printed.
+  # --mode=sample (ddpm_jax/generate.py): files in <workdir>/samples/, their paths printed.
   # --mode=eval draws its samples with the same sampler, its settings, batch_size and
-  # checkpoint_step (ddpm_jax/samplers.py).
+  # checkpoint_step (ddpm_jax/sample_loop.py); every field is checked by ddpm_jax/samplers.py.
   config.sampling = sampling = ml_collections.ConfigDict()
   # Comma-separated, any of: 'samples' (num_samples images as .npz and a .png grid),
   # 'progressive' (paper Fig. 6), 'denoising_chain' (Fig. 7), 'interpolation' (Fig. 8).

@@ -146,30 +146,26 @@ THRESHOLDINGS = ('none', 'static', 'dynamic')
 DYNAMIC_THRESHOLDING_QUANTILE = 0.995
 
 
-def sampler_timesteps(sampler: str, num_timesteps: int, num_steps: int) -> np.ndarray:
-  """The K = num_steps timesteps (0-based, increasing) at which a fast sampler calls the network.
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """The K = num_steps timesteps (0-based, increasing) of DDIM: i * (T // K), i < K, the
+  strided "uniform" skip of the DDIM paper (1 <= K <= T)."""
+  return np.arange(num_steps) * (num_timesteps // num_steps)
 
-  ddim          i * (T // K), i < K: the strided "uniform" skip of the DDIM paper.
-  respaced      round(i (T-1) / (K-1)), i < K: K evenly spaced timesteps from 0 to T-1, as
-                improved DDPM's respacing with one section (K >= 2).
-  dpm_solver++  round(i (T-1) / K), 0 < i <= K: DPM-Solver's "time_uniform" spacing (uniform
-                in the time of its discrete-time wrapper; its authors' code recommends it for
-                high-resolution pixel data) rounded onto the model's integer timesteps, with the
-                last point, t = 0, replaced by the data itself (diffusers' "linspace" spacing);
-                K <= T-1, so that the points are distinct.
-  Raises ValueError (naming the range) when K is out of range.
-  """
-  t = num_timesteps
-  low, high = {'ddim': (1, t), 'respaced': (2, t), 'dpm_solver++': (1, t - 1)}[sampler]
-  if not (isinstance(num_steps, int | np.integer) and low <= num_steps <= high):
-    raise ValueError(
-      f'{sampler} takes between {low} and {high} steps for T = {t}, got {num_steps!r}.'
-    )
-  if sampler == 'ddim':
-    return np.arange(num_steps) * (t // num_steps)
-  if sampler == 'respaced':
-    return np.round(np.arange(num_steps) * ((t - 1) / (num_steps - 1))).astype(np.int64)
-  return np.round(np.arange(1, num_steps + 1) * ((t - 1) / num_steps)).astype(np.int64)
+
+def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """The K = num_steps timesteps (0-based, increasing) of the respaced sampler:
+  round(i (T-1) / (K-1)), i < K, K evenly spaced timesteps from 0 to T-1, as improved DDPM's
+  respacing with one section (2 <= K <= T)."""
+  return np.round(np.arange(num_steps) * ((num_timesteps - 1) / (num_steps - 1))).astype(np.int64)
+
+
+def dpm_solver_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """The K = num_steps timesteps (0-based, increasing) at which DPM-Solver++ calls the network:
+  round(i (T-1) / K), 0 < i <= K, DPM-Solver's "time_uniform" spacing (uniform in the time of
+  its discrete-time wrapper; its authors' code recommends it for high-resolution pixel data)
+  rounded onto the model's integer timesteps, with the last point, t = 0, replaced by the data
+  itself (diffusers' "linspace" spacing); 1 <= K <= T-1, so that the points are distinct."""
+  return np.round(np.arange(1, num_steps + 1) * ((num_timesteps - 1) / num_steps)).astype(np.int64)
 
 
 def threshold(pred_xstart: jax.Array, thresholding: str) -> jax.Array:
@@ -197,7 +193,7 @@ def dpm_solver_coefficients(
   for 0 < i < K-1 and 0 for the first-order first and last steps; the last is (0, 1, 0)."""
   alpha = np.asarray(sqrt_alphas_cumprod, np.float64)
   sigma = np.asarray(sqrt_one_minus_alphas_cumprod, np.float64)
-  taus = sampler_timesteps('dpm_solver++', alpha.size, num_steps)[::-1]
+  taus = dpm_solver_timesteps(alpha.size, num_steps)[::-1]
   lam = np.log(alpha[taus]) - np.log(sigma[taus])
   coefficients = np.zeros((num_steps, 3))
   coefficients[-1] = (0.0, 1.0, 0.0)
@@ -473,14 +469,14 @@ class GaussianDiffusion:
   def ddim_step(
     self, model_fn: ModelFn, *, num_steps: int, eta: float = 0.0, clip_denoised: bool = True
   ) -> StepFn:
-    """DDIM (Song et al. 2021, eq. 12) on the `num_steps` timesteps of `sampler_timesteps`.
+    """DDIM (Song et al. 2021, eq. 12) on the `num_steps` timesteps of `ddim_timesteps`.
 
     Step i goes from t = ts[K-1-i] to ts[K-2-i] (to x_0, abar = 1, at the last step). eta = 0 is
     the deterministic sampler, eta = 1 has the variance of the ancestral sampler, with the noise
     of `fold_in(loop_rng, t)`. The predicted x_0 is clipped when `clip_denoised` and the noise
     is recomputed from it.
     """
-    timesteps = jnp.asarray(sampler_timesteps('ddim', self.num_timesteps, num_steps))
+    timesteps = jnp.asarray(ddim_timesteps(self.num_timesteps, num_steps))
 
     def step(i, x, prev_pred_xstart, loop_rng):
       del prev_pred_xstart
@@ -507,7 +503,7 @@ class GaussianDiffusion:
     return step
 
   def respaced(self, num_steps: int) -> GaussianDiffusion:
-    """The process on the subsequence S = `sampler_timesteps('respaced', T, K)` (improved DDPM,
+    """The process on the subsequence S = `respaced_timesteps(T, K)` (improved DDPM,
     Nichol & Dhariwal 2021, sec. 4): abar'_k = abar_{S_k}, beta'_k = 1 - abar_{S_k} / abar_{S_{k-1}}
     (abar_{S_{-1}} = 1), and every table recomputed from these betas (float64, from the float32
     betas of this process, which must be concrete). Its index k stands for timestep S_k here.
@@ -517,7 +513,7 @@ class GaussianDiffusion:
         "The respaced sampler cannot use model_var_type 'learned': its output is the variance "
         "of one step of T; use 'learned_range', a fixed variance, or another sampler."
       )
-    timesteps = sampler_timesteps('respaced', self.num_timesteps, num_steps)
+    timesteps = respaced_timesteps(self.num_timesteps, num_steps)
     log_alphas = np.log1p(-np.asarray(self.betas, np.float64))
     # log(abar_{S_k} / abar_{S_{k-1}}): the sum of log(1 - beta_j) over S_{k-1} < j <= S_k.
     segments = np.add.reduceat(log_alphas, np.concatenate([[0], timesteps[:-1] + 1]))
@@ -541,7 +537,7 @@ class GaussianDiffusion:
     noise of `fold_in(loop_rng, t)`; none at k = 0, whose mean is the predicted x_0.
     """
     respaced = self.respaced(num_steps)
-    timesteps = jnp.asarray(sampler_timesteps('respaced', self.num_timesteps, num_steps))
+    timesteps = jnp.asarray(respaced_timesteps(self.num_timesteps, num_steps))
 
     def step(i, x, prev_pred_xstart, loop_rng):
       del prev_pred_xstart
@@ -564,7 +560,7 @@ class GaussianDiffusion:
   ) -> StepFn:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: multistep, second order, data prediction).
 
-    Time points tau_0 > ... > tau_{K-1}, the timesteps of `sampler_timesteps('dpm_solver++')`
+    Time points tau_0 > ... > tau_{K-1}, the timesteps of `dpm_solver_timesteps`
     in decreasing order, then tau_K = the data (alpha = 1, sigma = 0, lambda = +inf), with
     alpha = sqrt(abar), sigma = sqrt(1 - abar) and lambda = log(alpha / sigma) from this
     process's discrete tables. Step i evaluates x0_i = x0_hat(x, tau_i) (from the model's eps,
@@ -582,7 +578,7 @@ class GaussianDiffusion:
         self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, num_steps
       )
     )
-    timesteps = jnp.asarray(sampler_timesteps('dpm_solver++', self.num_timesteps, num_steps))
+    timesteps = jnp.asarray(dpm_solver_timesteps(self.num_timesteps, num_steps))
 
     def step(i, x, prev_pred_xstart, loop_rng):
       del loop_rng

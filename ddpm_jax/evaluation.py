@@ -63,6 +63,7 @@ from ddpm_jax import (
   inception_weights,
   metrics,
   models,
+  sample_loop,
   samplers,
   tf_support,
   validation,
@@ -112,7 +113,7 @@ def create_bpd_fn(diffusion: diffusion_lib.GaussianDiffusion, model, mesh):
 
   def bpd(params, images, rng):
     x_start = image_io.to_model_range(images)
-    return diffusion.calc_bpd_loop(samplers.make_model_fn(model, params), x_start, rng)
+    return diffusion.calc_bpd_loop(sample_loop.make_model_fn(model, params), x_start, rng)
 
   return jax.jit(
     bpd,
@@ -238,7 +239,7 @@ def draw_eval_samples(
   starts from `fold_in(key(seed), b)`); each batch is saved in the samples directory of these
   settings (module docstring) once drawn. Returns the samples and the settings.
   """
-  sampler = samplers.Sampler.from_config(config)
+  sampler = samplers.from_config(config)
   num_samples = config.eval.num_samples
   batch_size = min(config.sampling.batch_size, mesh_lib.round_up(num_samples, jax.device_count()))
   settings = {
@@ -260,11 +261,11 @@ def draw_eval_samples(
     multihost_utils.sync_global_devices(f'eval_samples_{b}')
 
   size = config.data.image_size
-  samples = samplers.draw_samples(
-    samplers.create_chunk_fn(diffusion, model, mesh, sampler),
-    samplers.create_init_fn(diffusion, mesh),
+  samples = sample_loop.draw_samples(
+    sample_loop.create_chunk_fn(diffusion, model, mesh, sampler),
+    sample_loop.create_init_fn(diffusion, mesh),
     params,
-    batch_rng=samplers.seed_batch_rng(config.seed),
+    batch_rng=sample_loop.seed_batch_rng(config.seed),
     num_samples=num_samples,
     batch_size=batch_size,
     image_shape=(size, size, config.data.num_channels),
@@ -381,7 +382,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validation.validate_config(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   if config.eval.num_samples:
-    samplers.validate_sampler(config, diffusion)  # The samples are drawn as it says.
+    samplers.check_sampler(config, diffusion)  # The samples are drawn as it says.
     validation.validate_batch_size(config.sampling.batch_size, 'config.sampling.batch_size')
   is_digits = config.data.dataset == 'digits'
   if not is_digits and config.eval.num_samples:

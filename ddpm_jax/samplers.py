@@ -1,154 +1,212 @@
-"""The compiled samplers, run in chunks, and the one loop that draws batches of samples.
+"""The samplers, one definition each, and the checks of `config.sampling`.
 
-Training (its sample grids), `--mode=sample` and `--mode=eval` all draw samples here.
+A sampler is a frozen dataclass of its settings (a `Sampler`: everything about how samples are
+drawn but the seed), registered in `SAMPLERS` under its `config.sampling.sampler` name. Its
+definition holds all there is to know about it outside the math: its name, its valid step range,
+how it reads `config.sampling` (`from_config`) and checks it (`check`), its `StepFn` (the math,
+with its timesteps, is in `ddpm_jax/diffusion.py`), and the settings and file tag recorded with
+its results. Adding a sampler is adding a definition here (and its step function there).
 
-Samplers (`config.sampling.sampler`, read by `Sampler.from_config`; the math is in
-`ddpm_jax/diffusion.py`, one `StepFn` each):
   ancestral     the paper's Algorithm 2, all T steps (`GaussianDiffusion.ancestral_step`);
-  ddim          DDIM (Song et al. 2021) with `ddim_eta` (`ddim_step`);
+  ddim          DDIM (Song et al. 2021) with `ddim_eta` (`ddim_step`, `ddim_timesteps`);
   respaced      the paper's ancestral sampler on a subsequence of the T timesteps, with the
                 betas recomputed for it (Nichol & Dhariwal 2021, sec. 4; `respaced_step`);
   dpm_solver++  DPM-Solver++(2M) (Lu et al. 2022), with `thresholding` of the predicted x_0
                 (`dpm_solver_step`).
 All but ancestral make `config.sampling.steps` network evaluations per sample.
 
-Compiled loops. A sampler is one compiled `run_chunk(params, x, pred_xstart, loop_rng, start,
-stop)` that runs its steps [start, stop) in a `lax.fori_loop`; `ChunkedLoop` calls it on
-consecutive ranges sized to take about `SECONDS_PER_CHUNK` each, so that a progress bar moves.
-start and stop are traced (one compilation serves every range), step t draws its noise from
-`fold_in(loop_rng, t)` and the predicted x_0 of the last step is carried from one range to the
-next (DPM-Solver++'s multistep update reads it), so the split does not change the result: it
-equals `GaussianDiffusion.sample_loop` bit for bit.
-
-Sharding. Parameters are replicated and every batch is sharded along its first axis over all
-devices of all processes (`ddpm_jax.mesh`); a batch is padded to a multiple of the device count
-and trimmed after the gather.
-
-Random keys. Batch b of `draw_samples` starts from rng_b = batch_rng(b) (`fold_in(key(seed), b)`
-for --mode=sample and --mode=eval): (init, loop) = split(rng_b), x_T = normal(init, [B, H, W, C]),
-the noise of step t normal(fold_in(loop, t), [B, H, W, C]) (`sample_loop_init`). Each draw is
-made for the whole global batch inside jit and threefry is partitionable, so the images do not
-depend on the number of devices or processes; and threefry counts the elements of a shape in
-row-major order, so a batch padded with more rows has the same first rows: padding does not
-change them either.
+`check_sampler` checks the sampler settings (every mode that samples: the grids of training
+too), `check_config` all of `config.sampling` (--mode=sample), before anything compiles; each
+error names the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
-from flax import linen as nn
-from jax.experimental import multihost_utils
 
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import image_io, validation
-from ddpm_jax import mesh as mesh_lib
+from ddpm_jax import validation
 
-SAMPLERS = ('ancestral', 'ddim', 'respaced', 'dpm_solver++')
-# How long one compiled chunk of steps should take: how often the progress bar moves.
-SECONDS_PER_CHUNK = 2.0
-
-# `run_chunk(params, x, pred_xstart, loop_rng, start, stop) -> (x, pred_xstart)`.
-ChunkFn = Callable[[Any, jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, jax.Array]]
+# The kinds of output of --mode=sample (`ddpm_jax/generate.py`).
+KINDS = ('samples', 'progressive', 'denoising_chain', 'interpolation')
+# The type of each `config.sampling` field that a sampler's settings may hold.
+SETTING_TYPES = {'steps': int, 'ddim_eta': float, 'thresholding': str}
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
   """A sampler and its settings: everything about how samples are drawn but the seed.
 
-  Attributes:
-    name: one of `SAMPLERS`.
-    steps: the network evaluations of one sample, for all but 'ancestral' (which makes T).
-    ddim_eta: for 'ddim', the noise scale eta (0: deterministic).
-    thresholding: for 'dpm_solver++', that of the predicted x_0 (`diffusion.THRESHOLDINGS`).
+  Its settings are its fields, named and typed as the `config.sampling` fields they come from
+  (`SETTING_TYPES`); `settings()` (for results and cache keys) and `tag` (for file names, from
+  `tag_format`) are made of them. Subclassed by each sampler, registered in `SAMPLERS`.
   """
 
-  name: str = 'ancestral'
-  steps: int | None = None
-  ddim_eta: float = 0.0
-  thresholding: str = 'static'
+  name: ClassVar[str]
+  tag_format: ClassVar[str]
+  # The thresholdings of the predicted x_0 it can use: all samplers but DPM-Solver++ clip it to
+  # [-1, 1] as the paper does.
+  thresholdings: ClassVar[tuple[str, ...]] = ('static',)
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> Sampler:
-    """The sampler that `config.sampling` names (check it first with `validate_sampler`)."""
-    sampling = config.sampling
-    if sampling.sampler == 'ancestral':
-      return cls()
-    return cls(
-      sampling.sampler,
-      int(sampling.steps),
-      float(sampling.ddim_eta) if sampling.sampler == 'ddim' else 0.0,
-      sampling.thresholding if sampling.sampler == 'dpm_solver++' else 'static',
-    )
+  def from_config(cls, sampling: ml_collections.ConfigDict) -> Sampler:
+    """The sampler that `config.sampling` describes (checked first with `check`)."""
+    fields = (f.name for f in dataclasses.fields(cls))
+    return cls(**{field: SETTING_TYPES[field](sampling[field]) for field in fields})
+
+  @classmethod
+  def check(
+    cls, sampling: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
+  ) -> None:
+    """Raises ValueError unless `config.sampling` describes a sampler of `diffusion`."""
+    del diffusion
+    check_shared_settings(cls, sampling)
 
   def num_steps(self, num_timesteps: int) -> int:
     """The steps (network evaluations) of one sample."""
-    return num_timesteps if self.name == 'ancestral' else self.steps
+    return num_timesteps
 
   def step_fn(
     self, diffusion: diffusion_lib.GaussianDiffusion, model_fn: diffusion_lib.ModelFn
   ) -> diffusion_lib.StepFn:
     """The sampler's `StepFn` on `diffusion` with the network `model_fn`."""
-    if self.name == 'ddim':
-      return diffusion.ddim_step(model_fn, num_steps=self.steps, eta=self.ddim_eta)
-    if self.name == 'respaced':
-      return diffusion.respaced_step(model_fn, num_steps=self.steps)
-    if self.name == 'dpm_solver++':
-      return diffusion.dpm_solver_step(
-        model_fn, num_steps=self.steps, thresholding=self.thresholding
-      )
-    return diffusion.ancestral_step(model_fn)
+    raise NotImplementedError
 
   @property
   def tag(self) -> str:
     """A short name for file names: 'ancestral', 'ddim50_eta0', 'respaced100',
     'dpm_solver++20_static'."""
-    if self.name == 'ddim':
-      return f'ddim{self.steps}_eta{self.ddim_eta:g}'
-    if self.name == 'dpm_solver++':
-      return f'dpm_solver++{self.steps}_{self.thresholding}'
-    return self.name if self.name == 'ancestral' else f'{self.name}{self.steps}'
+    return self.tag_format.format(name=self.name, **dataclasses.asdict(self))
 
   def settings(self) -> dict[str, Any]:
     """The settings that determine the samples, for results and cache keys."""
-    settings = {'sampler': self.name}
-    if self.name != 'ancestral':
-      settings['steps'] = self.steps
-    if self.name == 'ddim':
-      settings['ddim_eta'] = self.ddim_eta
-    if self.name == 'dpm_solver++':
-      settings['thresholding'] = self.thresholding
-    return settings
+    return {'sampler': self.name, **dataclasses.asdict(self)}
 
 
-ANCESTRAL = Sampler()
+@dataclasses.dataclass(frozen=True)
+class Ancestral(Sampler):
+  """The paper's Algorithm 2: all T steps, T network evaluations."""
+
+  name: ClassVar[str] = 'ancestral'
+  tag_format: ClassVar[str] = '{name}'
+
+  def step_fn(self, diffusion, model_fn):
+    return diffusion.ancestral_step(model_fn)
 
 
-def validate_sampler(
-  config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
-) -> None:
-  """Raises ValueError unless `config.sampling`'s sampler and its settings can draw samples from
-  `diffusion` (checked by every mode that samples: the grids of training too)."""
-  sampling = config.sampling
-  validation.require(
-    sampling.sampler in SAMPLERS,
-    f'Unknown sampler {sampling.sampler!r} (config.sampling.sampler); expected one of '
-    f'{", ".join(SAMPLERS)}.',
-  )
-  if sampling.sampler != 'ancestral':
+@dataclasses.dataclass(frozen=True)
+class FastSampler(Sampler):
+  """What the samplers of K (at most T) network evaluations share: `steps` = K, checked against
+  the range of `step_range`. Not a sampler itself."""
+
+  steps: int
+
+  @staticmethod
+  def step_range(num_timesteps: int) -> tuple[int, int]:
+    """The valid steps K (both ends included) on T = num_timesteps timesteps."""
+    raise NotImplementedError
+
+  @classmethod
+  def check_steps(cls, steps, num_timesteps: int) -> None:
+    """Raises ValueError (naming the range) unless `steps` is an int in `step_range`."""
+    low, high = cls.step_range(num_timesteps)
+    if not (isinstance(steps, int | np.integer) and low <= steps <= high):
+      raise ValueError(
+        f'{cls.name} takes between {low} and {high} steps for T = {num_timesteps}, got {steps!r}.'
+      )
+
+  @classmethod
+  def check(
+    cls, sampling: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
+  ) -> None:
+    """Raises ValueError unless `config.sampling` describes a sampler of `diffusion`."""
     try:
-      diffusion_lib.sampler_timesteps(sampling.sampler, diffusion.num_timesteps, sampling.steps)
+      cls.check_steps(sampling.steps, diffusion.num_timesteps)
     except ValueError as e:
       raise ValueError(f'config.sampling.steps: {e}') from None
+    check_shared_settings(cls, sampling)
+
+  def num_steps(self, num_timesteps: int) -> int:
+    del num_timesteps
+    return self.steps
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIM(FastSampler):
+  """DDIM (Song et al. 2021) on `ddim_timesteps`; ddim_eta: the noise scale (0: deterministic)."""
+
+  name: ClassVar[str] = 'ddim'
+  tag_format: ClassVar[str] = '{name}{steps}_eta{ddim_eta:g}'
+  ddim_eta: float = 0.0
+
+  @staticmethod
+  def step_range(num_timesteps: int) -> tuple[int, int]:
+    return 1, num_timesteps
+
+  def step_fn(self, diffusion, model_fn):
+    return diffusion.ddim_step(model_fn, num_steps=self.steps, eta=self.ddim_eta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Respaced(FastSampler):
+  """The paper's ancestral sampler on the K timesteps of `respaced_timesteps` (improved DDPM)."""
+
+  name: ClassVar[str] = 'respaced'
+  tag_format: ClassVar[str] = '{name}{steps}'
+
+  @staticmethod
+  def step_range(num_timesteps: int) -> tuple[int, int]:
+    return 2, num_timesteps
+
+  @classmethod
+  def check(
+    cls, sampling: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
+  ) -> None:
+    """`FastSampler.check`, and that `diffusion` can be respaced."""
+    super().check(sampling, diffusion)
+    diffusion.respaced(sampling.steps)  # Raises for a variance type it cannot respace.
+
+  def step_fn(self, diffusion, model_fn):
+    return diffusion.respaced_step(model_fn, num_steps=self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolver(FastSampler):
+  """DPM-Solver++(2M) on `dpm_solver_timesteps`; thresholding: that of the predicted x_0."""
+
+  name: ClassVar[str] = 'dpm_solver++'
+  tag_format: ClassVar[str] = '{name}{steps}_{thresholding}'
+  thresholdings: ClassVar[tuple[str, ...]] = diffusion_lib.THRESHOLDINGS
+  thresholding: str = 'static'
+
+  @staticmethod
+  def step_range(num_timesteps: int) -> tuple[int, int]:
+    return 1, num_timesteps - 1
+
+  def step_fn(self, diffusion, model_fn):
+    return diffusion.dpm_solver_step(model_fn, num_steps=self.steps, thresholding=self.thresholding)
+
+
+SAMPLERS: dict[str, type[Sampler]] = {s.name: s for s in (Ancestral, DDIM, Respaced, DPMSolver)}
+
+
+def from_config(config: ml_collections.ConfigDict) -> Sampler:
+  """The sampler that `config.sampling` names (check it first with `check_sampler`)."""
+  return SAMPLERS[config.sampling.sampler].from_config(config.sampling)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before anything compiles.
+# ----------------------------------------------------------------------------------------------
+
+
+def check_shared_settings(sampler: type[Sampler], sampling: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for `config.sampling.ddim_eta` or `thresholding` values that no sampler
+  takes, or a thresholding that `sampler` does not use (checked whatever the sampler)."""
   validation.require(
     sampling.ddim_eta >= 0,
     f'config.sampling.ddim_eta must be non-negative, got {sampling.ddim_eta}.',
@@ -159,159 +217,86 @@ def validate_sampler(
     f'{", ".join(diffusion_lib.THRESHOLDINGS)}.',
   )
   validation.require(
-    sampling.sampler == 'dpm_solver++' or sampling.thresholding == 'static',
-    f'config.sampling.thresholding = {sampling.thresholding!r} is for dpm_solver++; '
-    f'{sampling.sampler} clips the predicted x_0 to [-1, 1] (static) as the paper does.',
-  )
-  if sampling.sampler == 'respaced':
-    diffusion.respaced(sampling.steps)  # Raises for a variance type it cannot respace.
-
-
-def make_model_fn(
-  model: nn.Module, params, sharding: jax.sharding.Sharding | None = None
-) -> diffusion_lib.ModelFn:
-  """The network as `model_fn(x, t)` for the diffusion functions, in inference mode.
-
-  With `sharding` (inside jit), x is constrained to it: the batch stays split over the devices.
-  """
-
-  def model_fn(x, t):
-    if sharding is not None:
-      x = jax.lax.with_sharding_constraint(x, sharding)
-    return model.apply({'params': params}, x, t, train=False)
-
-  return model_fn
-
-
-# ----------------------------------------------------------------------------------------------
-# Compiled loops, and their driver.
-# ----------------------------------------------------------------------------------------------
-
-
-def create_chunk_fn(
-  diffusion: diffusion_lib.GaussianDiffusion,
-  model: nn.Module,
-  mesh: jax.sharding.Mesh,
-  sampler: Sampler = ANCESTRAL,
-) -> ChunkFn:
-  """The compiled `run_chunk(params, x, pred_xstart, loop_rng, start, stop) -> (x, pred_xstart)`.
-
-  Runs steps [start, stop) of the sampler (`GaussianDiffusion.sample_steps` of its `StepFn`) on
-  x, float32 [B, H, W, C] (B a multiple of the device count; the result is sharded along B);
-  pred_xstart is that of step start-1 in, that of step stop-1 out. start and stop are traced:
-  one compilation per batch shape serves every range.
-  """
-  batch_sharding = mesh_lib.batch_sharded(mesh)
-
-  def run_chunk(params, x, pred_xstart, loop_rng, start, stop):
-    step = sampler.step_fn(diffusion, make_model_fn(model, params, batch_sharding))
-    out = diffusion.sample_steps(step, x, pred_xstart, loop_rng, start, stop)
-    return out['sample'], out['pred_xstart']
-
-  return jax.jit(run_chunk, out_shardings=(batch_sharding, batch_sharding))
-
-
-def create_init_fn(
-  diffusion: diffusion_lib.GaussianDiffusion, mesh: jax.sharding.Mesh
-) -> Callable[[tuple[int, ...], jax.Array], tuple[jax.Array, jax.Array]]:
-  """The compiled `init(shape, rng) -> (x_T, loop_rng)` of `sample_loop_init`, x_T sharded."""
-  return jax.jit(
-    diffusion.sample_loop_init,
-    static_argnums=0,
-    out_shardings=(mesh_lib.batch_sharded(mesh), mesh_lib.replicated(mesh)),
+    sampling.thresholding in sampler.thresholdings,
+    f'config.sampling.thresholding = {sampling.thresholding!r} is for {DPMSolver.name}; '
+    f'{sampler.name} clips the predicted x_0 to [-1, 1] (static) as the paper does.',
   )
 
 
-class ChunkedLoop:
-  """Runs a compiled `run_chunk` over ranges of steps that take about SECONDS_PER_CHUNK each.
+def check_sampler(
+  config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
+) -> None:
+  """Raises ValueError unless `config.sampling`'s sampler and its settings can draw samples from
+  `diffusion` (checked by every mode that samples: the grids of training too)."""
+  sampling = config.sampling
+  validation.require(
+    sampling.sampler in SAMPLERS,
+    f'Unknown sampler {sampling.sampler!r} (config.sampling.sampler); expected one of '
+    f'{", ".join(SAMPLERS)}.',
+  )
+  SAMPLERS[sampling.sampler].check(sampling, diffusion)
 
-  The first range is one step (its call may compile); each next one is sized from the time of
-  the last, growing at most fourfold. On several processes all take process 0's size, so that
-  they make the same calls. `bar` (a tqdm bar) advances by the steps done.
+
+def parse_kinds(kinds: str) -> tuple[str, ...]:
+  """'samples,progressive' -> ('samples', 'progressive'); ValueError for unknown names."""
+  parsed = tuple(kind.strip() for kind in kinds.split(',') if kind.strip())
+  unknown = [kind for kind in parsed if kind not in KINDS]
+  if unknown or not parsed:
+    raise ValueError(
+      f'config.sampling.kinds = {kinds!r} names unknown kinds {unknown}; expected comma-separated '
+      f'names among {", ".join(KINDS)}.'
+    )
+  return parsed
+
+
+def check_config(
+  config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
+) -> tuple[str, ...]:
+  """Raises ValueError for a `config.sampling` that cannot be sampled; returns the kinds.
+
+  Every setting is checked, whichever kinds are asked for, except that the figures' settings are
+  checked only for the figures asked for.
   """
-
-  def __init__(self, run_chunk: ChunkFn, params: Any, bar: tqdm.tqdm):
-    self._run_chunk = run_chunk
-    self._params = params
-    self._bar = bar
-    self._chunk_steps = 1
-
-  def run(
-    self, x: jax.Array, loop_rng: jax.Array, start: int, stop: int, keep: Iterable[int] = ()
-  ) -> tuple[jax.Array, dict[int, tuple[jax.Array, jax.Array | None]]]:
-    """Runs steps [start, stop) on x (for a multistep sampler, start is 0).
-
-    Returns the final x and, for each s in `keep` (start <= s <= stop), the state after steps
-    [start, s): `(x, pred_xstart of step s - 1)`, with pred_xstart None for s == start.
-    """
-    kept = {}
-    pred_xstart = jnp.zeros_like(x)
-    step = start
-    for boundary in sorted({*keep, stop}):
-      while step < boundary:
-        size = min(self._chunk_steps, boundary - step)
-        began = time.perf_counter()
-        x, pred_xstart = self._run_chunk(
-          self._params, x, pred_xstart, loop_rng, np.int32(step), np.int32(step + size)
-        )
-        x.block_until_ready()
-        self._resize(size, time.perf_counter() - began)
-        step += size
-        self._bar.update(size)
-      kept[boundary] = (x, pred_xstart if boundary > start else None)
-    return x, kept
-
-  def _resize(self, steps: int, seconds: float) -> None:
-    size = steps * SECONDS_PER_CHUNK / max(seconds, 1e-6)
-    size = int(np.clip(size, 1, 4 * max(steps, self._chunk_steps)))
-    if jax.process_count() > 1:
-      size = int(multihost_utils.broadcast_one_to_all(np.int32(size)))
-    self._chunk_steps = size
-
-
-def seed_batch_rng(seed: int) -> Callable[[int], jax.Array]:
-  """batch_rng of --mode=sample and --mode=eval: batch b starts from fold_in(key(seed), b)."""
-  return lambda b: jax.random.fold_in(jax.random.key(seed), b)
-
-
-def draw_samples(
-  run_chunk: ChunkFn,
-  init: Callable,
-  params: Any,
-  *,
-  batch_rng: Callable[[int], jax.Array],
-  num_samples: int,
-  batch_size: int,
-  image_shape: tuple[int, int, int],
-  num_steps: int,
-  desc: str = 'samples',
-  load: Callable[[int], np.ndarray | None] | None = None,
-  save: Callable[[int, np.ndarray], None] | None = None,
-) -> np.ndarray:
-  """`num_samples` images, uint8 [N, H, W, C] in 0..255, in batches of `batch_size`.
-
-  Batch b starts from `init(shape, batch_rng(b))` and runs `num_steps` steps of `run_chunk`,
-  with a progress bar. When N is below the batch size, the one batch is N rounded up to the
-  device count (the same images: see the module docstring).
-
-  Resuming (eval): `load(b)` returns batch b's images if they were drawn before (else None), and
-  `save(b, images)` is called with every batch drawn, the last one trimmed to N.
-  """
-  batch_size = min(batch_size, mesh_lib.round_up(num_samples, jax.device_count()))
-  num_batches = math.ceil(num_samples / batch_size)
-  batches = []
-  with mesh_lib.progress(num_batches * num_steps, desc, unit='step') as bar:
-    loop = ChunkedLoop(run_chunk, params, bar)
-    for b in range(num_batches):
-      images = load(b) if load is not None else None
-      if images is None:
-        x, loop_rng = init((batch_size, *image_shape), batch_rng(b))
-        x, _ = loop.run(x, loop_rng, 0, num_steps)
-        images = image_io.to_uint8(mesh_lib.gather(x))[: num_samples - b * batch_size]
-        if save is not None:
-          save(b, images)
-      else:
-        bar.update(num_steps)
-      batches.append(images)
-      bar.set_postfix_str(f'{min((b + 1) * batch_size, num_samples)}/{num_samples} images')
-  return np.concatenate(batches)
+  sampling = config.sampling
+  num_timesteps = diffusion.num_timesteps
+  kinds = parse_kinds(sampling.kinds)
+  check_sampler(config, diffusion)
+  validation.validate_batch_size(sampling.batch_size, 'config.sampling.batch_size')
+  validation.require(
+    validation.is_int(sampling.num_samples) and sampling.num_samples >= 1,
+    f'config.sampling.num_samples must be a positive integer, got {sampling.num_samples!r}.',
+  )
+  if 'progressive' in kinds:
+    validation.require(
+      validation.is_int(sampling.progressive_every)
+      and 1 <= sampling.progressive_every <= num_timesteps,
+      f'config.sampling.progressive_every must be in [1, T = {num_timesteps}], got '
+      f'{sampling.progressive_every!r}.',
+    )
+    validation.require(
+      sampling.progressive_images >= 1,
+      f'config.sampling.progressive_images must be positive, got {sampling.progressive_images}.',
+    )
+  if 'denoising_chain' in kinds:
+    ts = tuple(sampling.chain_t)
+    validation.require(
+      bool(ts) and all(validation.is_int(t) and 0 <= t < num_timesteps for t in ts),
+      f'config.sampling.chain_t = {ts} must name timesteps in [0, T = {num_timesteps}) '
+      '(0-based: t = T-1 is pure noise).',
+    )
+    validation.require(
+      sampling.chain_samples >= 1,
+      f'config.sampling.chain_samples must be positive, got {sampling.chain_samples}.',
+    )
+  if 'interpolation' in kinds:
+    t = sampling.interpolation_t
+    validation.require(
+      validation.is_int(t) and 0 <= t < num_timesteps,
+      f'config.sampling.interpolation_t = {t!r} must be in [0, T = {num_timesteps}).',
+    )
+    validation.require(
+      sampling.interpolation_steps >= 2,
+      f'config.sampling.interpolation_steps must be at least 2 (lambda = 0 and 1), got '
+      f'{sampling.interpolation_steps}.',
+    )
+  return kinds

@@ -31,6 +31,7 @@ from ddpm_jax import (
   data,
   image_io,
   models,
+  sample_loop,
   samplers,
   tf_support,
   validation,
@@ -241,7 +242,7 @@ def train_and_evaluate(
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   validation.validate_batch_size(training.batch_size, 'config.training.batch_size')
   validation.validate_batch_size(training.num_sample_images, 'config.training.num_sample_images')
-  samplers.validate_sampler(config, diffusion)  # The sample grids use config.sampling's sampler.
+  samplers.check_sampler(config, diffusion)  # The sample grids use config.sampling's sampler.
   validation.validate_steps_per_call(training.steps_per_call)
   validation.require(
     training.lr_decay in LR_DECAYS,
@@ -330,9 +331,9 @@ def train_and_evaluate(
   train_steps = jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding)
   all_finite = jax.jit(_all_finite)
   size, channels = config.data.image_size, config.data.num_channels
-  sample_init = samplers.create_init_fn(diffusion, mesh)
-  grid_sampler = samplers.Sampler.from_config(config)
-  sample_chunk = samplers.create_chunk_fn(diffusion, model, mesh, grid_sampler)
+  sample_init = sample_loop.create_init_fn(diffusion, mesh)
+  grid_sampler = samplers.from_config(config)
+  sample_chunk = sample_loop.create_chunk_fn(diffusion, model, mesh, grid_sampler)
 
   writer = tf_support.create_metric_writer(str(workdir_path), just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -359,7 +360,7 @@ def train_and_evaluate(
 
   def write_samples(state: TrainState):
     step = int(state.step)
-    images = samplers.draw_samples(
+    images = sample_loop.draw_samples(
       sample_chunk,
       sample_init,
       state.ema_params,

@@ -22,7 +22,7 @@ from ddpm_jax import (
   inception_weights,
   metrics,
   models,
-  samplers,
+  sample_loop,
   train,
 )
 from ddpm_jax.models import inception
@@ -77,7 +77,7 @@ def test_bpd_equals_calc_bpd_loop_and_its_terms(trained_workdir, tmp_path):
   totals, terms = [], []
   for k, start in enumerate(range(0, 10, 4)):
     out = diff.calc_bpd_loop(
-      samplers.make_model_fn(model, params),
+      sample_loop.make_model_fn(model, params),
       image_io.to_model_range(jnp.asarray(images[start : start + 4])),
       jax.random.fold_in(jax.random.key(config.seed), k),
     )
@@ -129,7 +129,7 @@ def test_interrupted_eval_resumes_to_the_same_result(trained_workdir, tmp_path, 
     assert int(state['next_batch']) == 1
 
   # Second run: stopped in the second batch of samples, after the first was saved.
-  run = samplers.ChunkedLoop.run
+  run = sample_loop.ChunkedLoop.run
   calls = []
 
   def failing_run(self, *args, **kwargs):
@@ -138,7 +138,7 @@ def test_interrupted_eval_resumes_to_the_same_result(trained_workdir, tmp_path, 
       raise Interrupt
     return run(self, *args, **kwargs)
 
-  monkeypatch.setattr(samplers.ChunkedLoop, 'run', failing_run)
+  monkeypatch.setattr(sample_loop.ChunkedLoop, 'run', failing_run)
   with pytest.raises(Interrupt):
     evaluation.evaluate(eval_config(), str(workdir))
   monkeypatch.undo()

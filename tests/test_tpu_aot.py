@@ -65,7 +65,7 @@ def test_digits_train_call_compiles_for_a_v5e_8_and_fits(mesh):
 
 
 def test_digits_sampler_chunk_compiles_for_a_v5e_8_and_fits(mesh):
-  sampler = tpu_aot.samplers.Sampler('dpm_solver++', 20)
+  sampler = tpu_aot.samplers.DPMSolver(20)
   lower = functools.partial(tpu_aot.lower_sampler, 'digits', mesh, sampler, 64)
   figures = tpu_aot.compile_for(lower)
   assert tpu_aot.fits(SLICE, figures), figures

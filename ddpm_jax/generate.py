@@ -1,4 +1,4 @@
-"""Sampling: `sample(config, workdir)`, which `main.py --mode=sample` runs, and its parts.
+"""The --mode=sample job: `sample(config, workdir)`, which `main.py --mode=sample` runs.
 
 `sample` restores the EMA parameters of a checkpoint in `<workdir>/checkpoints` (written by
 training, or by the importer of the official weights, `python -m ddpm_jax.pretrained`) and writes
@@ -20,10 +20,10 @@ to `<workdir>/samples/` each of the comma-separated `config.sampling.kinds`:
                    x_0, the decoded images, x_0'.
 The figures use the ancestral sampler and are PNG grids. Every path written is printed.
 
-The samples and figures are drawn by the compiled samplers of `ddpm_jax/samplers.py` (its
+The samples and figures are drawn by the compiled loops of `ddpm_jax/sample_loop.py` (its
 docstring says how they are sharded and why they do not depend on chunking, devices or
 processes). Random keys are functions of `config.seed`: batch b of 'samples' starts from
-fold_in(key(seed), b) (`samplers.seed_batch_rng`), and a figure from
+fold_in(key(seed), b) (`sample_loop.seed_batch_rng`), and a figure from
 fold_in(key(seed), FIGURE_KEYS[kind]), split as its function says.
 """
 
@@ -39,11 +39,10 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import checkpoints, data, image_io, models, samplers, validation
+from ddpm_jax import checkpoints, data, image_io, models, sample_loop, samplers, validation
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import mesh as mesh_lib
 
-KINDS = ('samples', 'progressive', 'denoising_chain', 'interpolation')
 # Key of a figure: fold_in(key(seed), FIGURE_KEYS[kind]), far above any batch index of 'samples'.
 FIGURE_KEYS = {'progressive': 2**30, 'denoising_chain': 2**30 + 1, 'interpolation': 2**30 + 2}
 MAX_GRID_IMAGES = 256  # The PNG grid of 'samples' shows at most this many.
@@ -59,7 +58,7 @@ def figure_rng(seed: int, kind: str) -> jax.Array:
 
 
 def progressive(
-  loop: samplers.ChunkedLoop,
+  loop: sample_loop.ChunkedLoop,
   init: Callable,
   rng: jax.Array,
   *,
@@ -82,7 +81,7 @@ def progressive(
 
 
 def denoising_chain(
-  loop: samplers.ChunkedLoop,
+  loop: sample_loop.ChunkedLoop,
   init: Callable,
   broadcast_first: Callable[[jax.Array], jax.Array],
   rng: jax.Array,
@@ -138,7 +137,7 @@ def interpolation_latents(
 
 
 def interpolation(
-  loop: samplers.ChunkedLoop,
+  loop: sample_loop.ChunkedLoop,
   make_latents: Callable[[np.ndarray, jax.Array], jax.Array],
   images: np.ndarray,
   rng: jax.Array,
@@ -166,73 +165,8 @@ def interpolation(
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks before anything compiles.
+# The test images of the interpolation, checked before anything compiles.
 # ----------------------------------------------------------------------------------------------
-
-
-def parse_kinds(kinds: str) -> tuple[str, ...]:
-  """'samples,progressive' -> ('samples', 'progressive'); ValueError for unknown names."""
-  parsed = tuple(kind.strip() for kind in kinds.split(',') if kind.strip())
-  unknown = [kind for kind in parsed if kind not in KINDS]
-  if unknown or not parsed:
-    raise ValueError(
-      f'config.sampling.kinds = {kinds!r} names unknown kinds {unknown}; expected comma-separated '
-      f'names among {", ".join(KINDS)}.'
-    )
-  return parsed
-
-
-def validate_sampling_config(
-  config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
-) -> tuple[str, ...]:
-  """Raises ValueError for a `config.sampling` that cannot be sampled; returns the kinds.
-
-  Every setting is checked, whichever kinds are asked for, except that the figures' settings are
-  checked only for the figures asked for.
-  """
-  sampling = config.sampling
-  num_timesteps = diffusion.num_timesteps
-  kinds = parse_kinds(sampling.kinds)
-  samplers.validate_sampler(config, diffusion)
-  validation.validate_batch_size(sampling.batch_size, 'config.sampling.batch_size')
-  validation.require(
-    validation.is_int(sampling.num_samples) and sampling.num_samples >= 1,
-    f'config.sampling.num_samples must be a positive integer, got {sampling.num_samples!r}.',
-  )
-  if 'progressive' in kinds:
-    validation.require(
-      validation.is_int(sampling.progressive_every)
-      and 1 <= sampling.progressive_every <= num_timesteps,
-      f'config.sampling.progressive_every must be in [1, T = {num_timesteps}], got '
-      f'{sampling.progressive_every!r}.',
-    )
-    validation.require(
-      sampling.progressive_images >= 1,
-      f'config.sampling.progressive_images must be positive, got {sampling.progressive_images}.',
-    )
-  if 'denoising_chain' in kinds:
-    ts = tuple(sampling.chain_t)
-    validation.require(
-      bool(ts) and all(validation.is_int(t) and 0 <= t < num_timesteps for t in ts),
-      f'config.sampling.chain_t = {ts} must name timesteps in [0, T = {num_timesteps}) '
-      '(0-based: t = T-1 is pure noise).',
-    )
-    validation.require(
-      sampling.chain_samples >= 1,
-      f'config.sampling.chain_samples must be positive, got {sampling.chain_samples}.',
-    )
-  if 'interpolation' in kinds:
-    t = sampling.interpolation_t
-    validation.require(
-      validation.is_int(t) and 0 <= t < num_timesteps,
-      f'config.sampling.interpolation_t = {t!r} must be in [0, T = {num_timesteps}).',
-    )
-    validation.require(
-      sampling.interpolation_steps >= 2,
-      f'config.sampling.interpolation_steps must be at least 2 (lambda = 0 and 1), got '
-      f'{sampling.interpolation_steps}.',
-    )
-  return kinds
 
 
 def load_test_images(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -274,7 +208,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   # ---------------------------------------------------------------------------------------------
   validation.validate_config(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  kinds = validate_sampling_config(config, diffusion)
+  kinds = samplers.check_config(config, diffusion)
   test_images = load_test_images(config) if 'interpolation' in kinds else None
 
   # ---------------------------------------------------------------------------------------------
@@ -305,26 +239,26 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   # ---------------------------------------------------------------------------------------------
   # The compiled loops.
   # ---------------------------------------------------------------------------------------------
-  init = samplers.create_init_fn(diffusion, mesh)
-  ancestral = samplers.create_chunk_fn(diffusion, model, mesh)
+  init = sample_loop.create_init_fn(diffusion, mesh)
+  ancestral = sample_loop.create_chunk_fn(diffusion, model, mesh, samplers.Ancestral())
   num_timesteps = diffusion.num_timesteps
   suffix = f'step_{step:08d}_seed_{config.seed}'
 
   def figure_loop(kind: str, total: int):
     bar = mesh_lib.progress(total, kind, unit='step')
-    return samplers.ChunkedLoop(ancestral, params, bar), bar
+    return sample_loop.ChunkedLoop(ancestral, params, bar), bar
 
   def draw_kind(kind: str) -> dict[str, Callable[[epath.Path], None]]:
     """Samples one kind; returns {file name: function that writes that file to a path}."""
     if kind == 'samples':
-      sampler = samplers.Sampler.from_config(config)
-      images = samplers.draw_samples(
+      sampler = samplers.from_config(config)
+      images = sample_loop.draw_samples(
         ancestral
-        if sampler == samplers.ANCESTRAL
-        else samplers.create_chunk_fn(diffusion, model, mesh, sampler),
+        if sampler == samplers.Ancestral()
+        else sample_loop.create_chunk_fn(diffusion, model, mesh, sampler),
         init,
         params,
-        batch_rng=samplers.seed_batch_rng(config.seed),
+        batch_rng=sample_loop.seed_batch_rng(config.seed),
         num_samples=sampling.num_samples,
         batch_size=sampling.batch_size,
         image_shape=image_shape,

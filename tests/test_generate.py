@@ -1,8 +1,7 @@
-"""Tests of sampling (--mode=sample): the chunked compiled loops of every sampler against the
-diffusion loops and a float64 DDIM recursion, the files written from a tiny trained checkpoint,
-reproducibility over runs, device counts and processes (the samples with DPM-Solver++, whose
-multistep state crosses chunks; the figures with the ancestral sampler), official weights through
-the command line, and the errors for bad input.
+"""Tests of --mode=sample (`ddpm_jax/generate.py`): the files written from a tiny trained
+checkpoint, reproducibility over runs, device counts and processes (the samples with
+DPM-Solver++, whose multistep state crosses chunks; the figures with the ancestral sampler),
+official weights through the command line, and the errors for bad input.
 
 Runs on 8 devices and on 2 processes happen in subprocesses of `main.py` (the device count is
 fixed when JAX starts).
@@ -12,14 +11,11 @@ import shutil
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-import tqdm
 from diffusers import UNet2DModel
 from helpers import (
   REPO,
@@ -30,9 +26,7 @@ from helpers import (
   tiny_digits_config,
 )
 
-from ddpm_jax import data, models, samplers, sampling, train
-from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import mesh as mesh_lib
+from ddpm_jax import data, generate, train
 
 # Every kind, at sizes that pad differently on 1 and 8 devices: the figures' batches of 6 (6
 # progressive rows, 6 chain samples, 2 x 3 interpolation rows) are padded to 8 on 8 devices only;
@@ -110,142 +104,8 @@ def copy_checkpoints(trained_workdir, workdir):
 def one_device_run(trained_workdir, tmp_path_factory):
   """Every kind sampled in this process (1 device): (workdir, paths returned, outputs)."""
   workdir = copy_checkpoints(trained_workdir, tmp_path_factory.mktemp('one_device'))
-  paths = sampling.sample(sample_config(), str(workdir))
+  paths = generate.sample(sample_config(), str(workdir))
   return workdir, paths, read_outputs(workdir)
-
-
-# ----------------------------------------------------------------------------------------------
-# The compiled loops.
-# ----------------------------------------------------------------------------------------------
-
-
-def tiny_model_and_params(config, seed=0):
-  """The tiny U-Net with random weights, perturbed so that no layer starts at zero."""
-  model = models.create_model(config)
-  x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
-  params = model.init(jax.random.key(seed), x, t, train=False)['params']
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-  return model, jax.tree.unflatten(treedef, leaves)
-
-
-CHUNKED_SAMPLERS = [
-  samplers.Sampler('ddim', 20, 0.5),
-  samplers.Sampler('respaced', 17),
-  samplers.Sampler('dpm_solver++', 13),
-  samplers.Sampler('dpm_solver++', 13, thresholding='dynamic'),
-]
-
-
-def test_chunked_loops_equal_the_diffusion_loops():
-  # Expected: GaussianDiffusion.p_sample_loop / _progressive / sample_loop with the same rng and
-  # params, bit for bit, however the steps are split into compiled calls. (A one-level U-Net,
-  # which compiles faster; the loops do not depend on the network.)
-  config = tiny_digits_config(1, **{'model.ch_mult': (1,), 'model.attn_resolutions': ()})
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  model, params = tiny_model_and_params(config)
-  mesh = mesh_lib.create_mesh()
-  init = samplers.create_init_fn(diffusion, mesh)
-  shape, rng = (4, 8, 8, 1), jax.random.key(7)
-
-  @jax.jit
-  def reference_loops(params, rng):
-    model_fn = samplers.make_model_fn(model, params)
-    return (
-      diffusion.p_sample_loop_progressive(model_fn, shape, rng, every=25),
-      [
-        diffusion.sample_loop(sampler.step_fn(diffusion, model_fn), sampler.steps, shape, rng)
-        for sampler in CHUNKED_SAMPLERS
-      ],
-    )
-
-  (samples, snapshots), fast_samples = reference_loops(params, rng)
-  np.testing.assert_array_equal(snapshots['t'], [99, 74, 49, 24])
-
-  def run_in_chunks(run_chunk, bounds):
-    x, loop_rng = init(shape, rng)
-    pred_xstart = jnp.zeros_like(x)
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-      x, pred_xstart = run_chunk(params, x, pred_xstart, loop_rng, np.int32(start), np.int32(stop))
-    return x
-
-  run_chunk = samplers.create_chunk_fn(diffusion, model, mesh)
-  np.testing.assert_array_equal(run_in_chunks(run_chunk, [0, 1, 8, 8, 57, 100]), samples)
-
-  # The driver, keeping the predicted x_0 of steps 0, 25, 50, 75 (the progressive figure).
-  loop = samplers.ChunkedLoop(run_chunk, params, tqdm.tqdm(disable=True))
-  boundaries = [1, 26, 51, 76]
-  x, kept = loop.run(*init(shape, rng), 0, 100, keep=boundaries)
-  np.testing.assert_array_equal(x, samples)
-  for k, boundary in enumerate(boundaries):
-    np.testing.assert_array_equal(kept[boundary][1], snapshots['pred_xstart'][k])
-
-  # Every fast sampler, in ranges that split its multistep pairs (DPM-Solver++ reads the
-  # predicted x_0 of the step before, carried over from the range before).
-  for sampler, expected in zip(CHUNKED_SAMPLERS, fast_samples, strict=True):
-    run_chunk = samplers.create_chunk_fn(diffusion, model, mesh, sampler)
-    k = sampler.steps
-    actual = run_in_chunks(run_chunk, [0, 1, 2, 2, 3, k // 2, k - 1, k])
-    np.testing.assert_array_equal(actual, expected, err_msg=sampler.tag)
-    # The driver: its first range is one step, so the state crosses at least one boundary.
-    loop = samplers.ChunkedLoop(run_chunk, params, tqdm.tqdm(disable=True))
-    x, _ = loop.run(*init(shape, rng), 0, k)
-    np.testing.assert_array_equal(x, expected, err_msg=sampler.tag)
-    assert not np.array_equal(expected, samples)
-
-
-class LinearEps(nn.Module):
-  """eps(x, t) = 0.1 tanh(x W + b + t / T): a smooth model with an exact float64 twin."""
-
-  num_timesteps: int
-
-  @nn.compact
-  def __call__(self, x, t, *, train):
-    del train
-    h = nn.Dense(x.shape[-1], kernel_init=nn.initializers.normal(0.5))(x)
-    return 0.1 * jnp.tanh(h + (t.astype(jnp.float32) / self.num_timesteps)[:, None, None, None])
-
-
-def test_ddim_eta0_all_steps_matches_float64_recursion():
-  # Expected: DDIM eq. (12) with eta = 0 over all T = 1000 timesteps of the paper's schedule,
-  # computed here in float64 with the sampler's clipping of the predicted x_0 (and eps
-  # recomputed from it); float32 through the sampling driver agrees to 1e-5 relative.
-  config = tiny_digits_config(1, **{'diffusion.num_diffusion_timesteps': 1000})
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  num_timesteps = diffusion.num_timesteps
-  model = LinearEps(num_timesteps)
-  shape = (2, 8, 8, 1)
-  params = model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros((2,), jnp.int32), train=False)
-  params = params['params']
-  mesh = mesh_lib.create_mesh()
-  init = samplers.create_init_fn(diffusion, mesh)
-  run_chunk = samplers.create_chunk_fn(
-    diffusion, model, mesh, samplers.Sampler('ddim', num_timesteps)
-  )
-  loop = samplers.ChunkedLoop(run_chunk, params, tqdm.tqdm(disable=True))
-  rng = jax.random.key(3)
-  samples, _ = loop.run(*init(shape, rng), 0, num_timesteps)
-
-  w = np.asarray(params['Dense_0']['kernel'], np.float64)
-  b = np.asarray(params['Dense_0']['bias'], np.float64)
-  betas = diffusion_lib.get_beta_schedule(
-    'linear', beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=num_timesteps
-  )
-  alphas_cumprod = np.cumprod(1.0 - betas)
-  x = np.asarray(jax.random.normal(jax.random.split(rng)[0], shape), np.float64)
-  clipped = 0
-  for t in range(num_timesteps - 1, -1, -1):
-    eps = 0.1 * np.tanh(x @ w + b + t / num_timesteps)
-    abar, abar_prev = alphas_cumprod[t], alphas_cumprod[t - 1] if t > 0 else 1.0
-    x0 = (x - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
-    clipped += np.any(np.abs(x0) > 1)
-    x0 = np.clip(x0, -1, 1)
-    eps = (x / np.sqrt(abar) - x0) / np.sqrt(1 / abar - 1)
-    x = np.sqrt(abar_prev) * x0 + np.sqrt(1 - abar_prev) * eps
-  assert clipped > 0  # The clipping is exercised.
-  samples = np.asarray(samples, np.float64)
-  assert np.linalg.norm(samples - x) / np.linalg.norm(x) < 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +139,7 @@ def test_sample_writes_npz_and_png_grids(one_device_run):
 def test_same_seed_gives_the_same_samples(one_device_run, trained_workdir, tmp_path):
   _, _, first = one_device_run
   workdir = copy_checkpoints(trained_workdir, tmp_path)
-  sampling.sample(sample_config(**{'sampling.kinds': 'samples'}), str(workdir))
+  generate.sample(sample_config(**{'sampling.kinds': 'samples'}), str(workdir))
   name = f'{SAMPLES}.npz'
   np.testing.assert_array_equal(read_outputs(workdir)[name], first[name])
 
@@ -471,21 +331,21 @@ def test_official_weights_converted_and_sampled(tmp_path):
 def test_bad_settings_are_rejected_before_writing(trained_workdir, override, error, message):
   before = all_files(trained_workdir)
   with pytest.raises(error, match=message):
-    sampling.sample(sample_config(**override), str(trained_workdir))
+    generate.sample(sample_config(**override), str(trained_workdir))
   assert all_files(trained_workdir) == before
 
 
 def test_workdir_without_checkpoint(tmp_path):
   config = sample_config()
   with pytest.raises(FileNotFoundError, match='No checkpoint in .*: train first'):
-    sampling.sample(config, str(tmp_path))
+    generate.sample(config, str(tmp_path))
   assert all_files(tmp_path) == []
   with pytest.raises(FileNotFoundError, match='No checkpoint in'):
-    sampling.sample(config, str(tmp_path / 'missing'))
+    generate.sample(config, str(tmp_path / 'missing'))
   assert not (tmp_path / 'missing').exists()
 
 
 def test_batch_not_divisible_by_device_count(trained_workdir, monkeypatch):
   monkeypatch.setattr(jax, 'device_count', lambda: 8)
   with pytest.raises(ValueError, match=r'batch_size = 12 must be a positive multiple .* \(8'):
-    sampling.sample(sample_config(**{'sampling.batch_size': 12}), str(trained_workdir))
+    generate.sample(sample_config(**{'sampling.batch_size': 12}), str(trained_workdir))
