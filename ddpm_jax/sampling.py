@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import checkpoints, image_io, input_pipeline, models, samplers, validation
+from ddpm_jax import checkpoints, image_io, input_pipeline, models, progress, samplers, validation
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import mesh as mesh_lib
 
@@ -311,7 +311,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   suffix = f'step_{step:08d}_seed_{config.seed}'
 
   def figure_loop(kind: str, total: int):
-    bar = mesh_lib.progress(total, kind, unit='step')
+    bar = progress.bar(total, kind, unit='step')
     return samplers.ChunkedLoop(ancestral, params, bar), bar
 
   def draw_kind(kind: str) -> dict[str, Callable[[epath.Path], None]]:
