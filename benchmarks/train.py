@@ -90,7 +90,7 @@ def train_runner(
   steps_per_call = config.training.steps_per_call
   mesh = mesh_lib.create_mesh()
   replicated = mesh_lib.replicated(mesh)
-  batches_sharding = mesh_lib.batches_sharded(mesh)
+  batches_sharding = mesh_lib.stacked_batches_sharded(mesh)
   model = models.create_model(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, schedule = train.create_optimizer(config)

@@ -28,7 +28,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec('data'))
 
 
-def batches_sharded(mesh: Mesh) -> NamedSharding:
+def stacked_batches_sharded(mesh: Mesh) -> NamedSharding:
   """A stack of batches [k, B, ...] (the batches of one train call): B split over all devices."""
   return NamedSharding(mesh, PartitionSpec(None, 'data'))
 

@@ -162,7 +162,7 @@ def jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding
   replicated = mesh_lib.replicated(mesh)
   return jax.jit(
     create_train_steps(create_train_step(config, model, diffusion, tx, schedule)),
-    in_shardings=(state_sharding, mesh_lib.batches_sharded(mesh), replicated),
+    in_shardings=(state_sharding, mesh_lib.stacked_batches_sharded(mesh), replicated),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
   )
@@ -255,7 +255,7 @@ def train_and_evaluate(
   mesh = mesh_lib.create_mesh()
   replicated = mesh_lib.replicated(mesh)
   # The batches of one call, uint8 [k, B, H, W, C]: the batch axis B split over all devices.
-  batches_sharding = mesh_lib.batches_sharded(mesh)
+  batches_sharding = mesh_lib.stacked_batches_sharded(mesh)
   model = models.create_model(config)
   tx, schedule = create_optimizer(config)
 
