@@ -131,8 +131,9 @@ def create_train_step(config, model, diffusion: diffusion_lib.GaussianDiffusion,
   return train_step
 
 
-def create_train_steps(train_step):
-  """`(state, images uint8 [k, B, H, W, C], n) -> (state, metrics, each [k])`: n <= k updates.
+def create_train_call(train_step):
+  """One call of the loop, `(state, images uint8 [k, B, H, W, C], n) -> (state, metrics, each
+  [k])`: n <= k updates of `train_step`, the one pure step of `create_train_step`.
 
   A `fori_loop` of `train_step` over images[0], ..., images[n - 1] (the batches of n consecutive
   steps), so the host dispatches once per n steps; metrics[i] is that of the update of
@@ -143,7 +144,7 @@ def create_train_steps(train_step):
   after a few steps), but the body of a loop of traced trip count the same way for every k.
   """
 
-  def train_steps(state: TrainState, images: jax.Array, num_steps: jax.Array):
+  def train_call(state: TrainState, images: jax.Array, num_steps: jax.Array):
     def body(i, carry):
       state, metrics = carry
       state, step_metrics = train_step(state, images[i])
@@ -153,15 +154,15 @@ def create_train_steps(train_step):
     metrics = jax.tree.map(lambda m: jnp.zeros((images.shape[0], *m.shape), m.dtype), step_metrics)
     return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
 
-  return train_steps
+  return train_call
 
 
-def jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding):
-  """`create_train_steps` of `create_train_step`, jitted as the training loop runs it: state
+def jit_train_call(config, model, diffusion, tx, schedule, mesh, state_sharding):
+  """`create_train_call` of `create_train_step`, jitted as the training loop runs it: state
   replicated and donated, the batches of a call sharded over their batch axis."""
   replicated = mesh_lib.replicated(mesh)
   return jax.jit(
-    create_train_steps(create_train_step(config, model, diffusion, tx, schedule)),
+    create_train_call(create_train_step(config, model, diffusion, tx, schedule)),
     in_shardings=(state_sharding, mesh_lib.stacked_batches_sharded(mesh), replicated),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
@@ -327,7 +328,7 @@ def train_and_evaluate(
   # ---------------------------------------------------------------------------------------------
   # Compiled once: every call, the shorter ones that end where the loop must act (`call_length`)
   # too, has its batches padded to steps_per_call and the number of steps as an argument.
-  train_steps = jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding)
+  train_call = jit_train_call(config, model, diffusion, tx, schedule, mesh, state_sharding)
   all_finite = jax.jit(_all_finite)
   size, channels = config.data.image_size, config.data.num_channels
   sample_init = samplers.create_init_fn(diffusion, mesh)
@@ -452,7 +453,7 @@ def train_and_evaluate(
       images, num_steps = call_batches(step)
     while step < training.num_train_steps:
       # Dispatched: it runs while the host goes on.
-      state, metrics = train_steps(state, images, num_steps)
+      state, metrics = train_call(state, images, num_steps)
       pending_metrics.append((num_steps, metrics))
       step += num_steps
       num_calls += 1
