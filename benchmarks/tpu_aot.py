@@ -155,7 +155,7 @@ def compile_figures(lowered: jax.stages.Lowered) -> Figures:
 
 
 def lower_train(config_name: str, mesh, *, batch_size: int, **overrides) -> jax.stages.Lowered:
-  """`train.jit_train_call` of the config, as `train_and_evaluate` builds it, lowered for
+  """`train.jit_train_call` of the config, as `train.train` builds it, lowered for
   the abstract state and one call's batches [k, B, H, W, C]."""
   config = load_config(config_name, **{'training.batch_size': batch_size}, **overrides)
   model = models.create_model(config)
@@ -165,7 +165,9 @@ def lower_train(config_name: str, mesh, *, batch_size: int, **overrides) -> jax.
   abstract_state = jax.eval_shape(init_fn, train.root_rngs(config.seed)[0])
   replicated = mesh_lib.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  train_call = train.jit_train_call(config, model, diffusion, tx, schedule, mesh, state_sharding)
+  train_call = train.jit_train_call(
+    config, model, diffusion, tx, schedule, mesh, state_sharding, ema_starts_as_copy=True
+  )
   size, channels = config.data.image_size, config.data.num_channels
   k = config.training.steps_per_call
   images = jax.ShapeDtypeStruct((k, batch_size, size, size, channels), jnp.uint8)

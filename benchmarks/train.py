@@ -4,7 +4,7 @@ real input pipeline.
   python benchmarks/train.py --config=cifar10 --batch_size=128 --dtype=float32,bfloat16 \
       --steps_per_call=1,8 --peak_tflops=989
 
-builds, for each dtype and steps_per_call listed, the step exactly as `train_and_evaluate` does
+builds, for each dtype and steps_per_call listed, the step exactly as `train.train` does
 (`train.jit_train_call`: the steps in a loop, state donated, batch sharded over all devices)
 for the named config (configs/<name>.py: cifar10, celebahq256, digits), compiles the variants
 at once, times them round by round (window w of each before window w + 1 of any), and prints
@@ -99,7 +99,9 @@ def train_runner(
   state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn, init_rng))
   state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
 
-  train_call = train.jit_train_call(config, model, diffusion, tx, schedule, mesh, state_sharding)
+  train_call = train.jit_train_call(
+    config, model, diffusion, tx, schedule, mesh, state_sharding, ema_starts_as_copy=True
+  )
   size, channels = config.data.image_size, config.data.num_channels
   shape = (steps_per_call, batch_size, size, size, channels)
 
