@@ -238,6 +238,20 @@ def test_bad_config_is_rejected_before_compiling(tmp_path, override, message):
   assert not (tmp_path / 'checkpoints').exists()
 
 
+@pytest.mark.parametrize(
+  'override, message',
+  [
+    ({'training.num_sample_images': 0}, 'num_sample_images = 0 must be a positive multiple'),
+    ({'training.steps_per_call': 0}, 'steps_per_call must be a positive integer .*, got 0'),
+    ({'training.lr_decay': 'linear'}, "Unknown config.training.lr_decay 'linear'"),
+  ],
+)
+def test_check_config_alone_names_the_training_field(override, message):
+  # What an entry point that checks every section before any work gets: no workdir, no compile.
+  with pytest.raises(ValueError, match=message):
+    train.check_config(tiny_digits_config(1, **override))
+
+
 def test_batch_not_divisible_by_device_count(tmp_path, monkeypatch):
   # Eight devices cannot split a global batch of 12 evenly.
   monkeypatch.setattr(jax, 'device_count', lambda: 8)
