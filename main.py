@@ -134,7 +134,7 @@ def main(argv):
   )
   config = _CONFIG.value
   if _MODE.value == 'train':
-    train.train_and_evaluate(config, _WORKDIR.value)
+    train.train(config, _WORKDIR.value)
   elif _MODE.value == 'sample':
     generate.sample(config, _WORKDIR.value)
   else:

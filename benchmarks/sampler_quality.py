@@ -162,7 +162,7 @@ def main(argv):
     raise app.UsageError('--workdir is required.')
   if not (epath.Path(workdir) / 'checkpoints').exists():
     logging.info('No checkpoint in %s: training %s first.', workdir, config.data.dataset)
-    train.train_and_evaluate(config, workdir)
+    train.train(config, workdir)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   mesh = mesh_lib.create_mesh()
   model = models.create_model(config)

@@ -3,7 +3,7 @@
 Deviceless ahead-of-time compilation: libtpu (`pip install libtpu`, what `jax[tpu]` installs;
 requirements-test.txt pins the one of our jax) describes the devices of a named TPU slice, a
 `jax.sharding.Mesh` over them is the project's mesh (`mesh.create_mesh`), and the very functions
-the loops compile (`train.jit_train_steps`, `sample_loop.create_chunk_fn`) are lowered for
+the loops compile (`train.jit_train_call`, `sample_loop.create_chunk_fn`) are lowered for
 ShapeDtypeStructs and compiled by the TPU compiler, here, without a TPU:
 
   python benchmarks/tpu_aot.py --topologies=v4-8,v5e-8,v5p-8,v6e-8,v5e-32 \\
@@ -155,7 +155,7 @@ def compile_figures(lowered: jax.stages.Lowered) -> Figures:
 
 
 def lower_train(config_name: str, mesh, *, batch_size: int, **overrides) -> jax.stages.Lowered:
-  """`train.jit_train_steps` of the config, as `train_and_evaluate` builds it, lowered for
+  """`train.jit_train_call` of the config, as `train.train` builds it, lowered for
   the abstract state and one call's batches [k, B, H, W, C]."""
   config = load_config(config_name, **{'training.batch_size': batch_size}, **overrides)
   model = models.create_model(config)
@@ -165,11 +165,13 @@ def lower_train(config_name: str, mesh, *, batch_size: int, **overrides) -> jax.
   abstract_state = jax.eval_shape(init_fn, train.root_rngs(config.seed)[0])
   replicated = mesh_lib.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  train_steps = train.jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding)
+  train_call = train.jit_train_call(
+    config, model, diffusion, tx, schedule, mesh, state_sharding, ema_starts_as_copy=True
+  )
   size, channels = config.data.image_size, config.data.num_channels
   k = config.training.steps_per_call
   images = jax.ShapeDtypeStruct((k, batch_size, size, size, channels), jnp.uint8)
-  return train_steps.lower(abstract_state, images, jax.ShapeDtypeStruct((), jnp.int32))
+  return train_call.lower(abstract_state, images, jax.ShapeDtypeStruct((), jnp.int32))
 
 
 def lower_sampler(

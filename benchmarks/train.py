@@ -4,8 +4,8 @@ real input pipeline.
   python benchmarks/train.py --config=cifar10 --batch_size=128 --dtype=float32,bfloat16 \
       --steps_per_call=1,8 --peak_tflops=989
 
-builds, for each dtype and steps_per_call listed, the step exactly as `train_and_evaluate` does
-(`train.jit_train_steps`: the steps in a loop, state donated, batch sharded over all devices)
+builds, for each dtype and steps_per_call listed, the step exactly as `train.train` does
+(`train.jit_train_call`: the steps in a loop, state donated, batch sharded over all devices)
 for the named config (configs/<name>.py: cifar10, celebahq256, digits), compiles the variants
 at once, times them round by round (window w of each before window w + 1 of any), and prints
 one line per figure:
@@ -90,7 +90,7 @@ def train_runner(
   steps_per_call = config.training.steps_per_call
   mesh = mesh_lib.create_mesh()
   replicated = mesh_lib.replicated(mesh)
-  batches_sharding = mesh_lib.batches_sharded(mesh)
+  batches_sharding = mesh_lib.stacked_batches_sharded(mesh)
   model = models.create_model(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, schedule = train.create_optimizer(config)
@@ -99,7 +99,9 @@ def train_runner(
   state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn, init_rng))
   state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
 
-  train_steps = train.jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding)
+  train_call = train.jit_train_call(
+    config, model, diffusion, tx, schedule, mesh, state_sharding, ema_starts_as_copy=True
+  )
   size, channels = config.data.image_size, config.data.num_channels
   shape = (steps_per_call, batch_size, size, size, channels)
 
@@ -125,7 +127,7 @@ def train_runner(
 
   began = time.perf_counter()
   num_steps = np.int32(steps_per_call)
-  compiled = train_steps.lower(state, jax.ShapeDtypeStruct(shape, jnp.uint8), num_steps).compile()
+  compiled = train_call.lower(state, jax.ShapeDtypeStruct(shape, jnp.uint8), num_steps).compile()
   compile_s = time.perf_counter() - began
   # FLOPs of one step: XLA counts the loop's body once (checked on CPU: within 1% of the step
   # compiled alone). Some backends (GPU) have no cost analysis before compilation, so it is

@@ -63,6 +63,7 @@ from ddpm_jax import (
   inception_weights,
   metrics,
   models,
+  progress,
   sample_loop,
   samplers,
   tf_support,
@@ -173,7 +174,7 @@ def evaluate_bpd(
   batches = data.eval_batches(
     config, split=info.eval_split, global_batch_size=batch_size, num_examples=num_images
   )
-  with batches, mesh_lib.progress(num_batches, 'bits/dim batches', initial=next_batch) as bar:
+  with batches, progress.bar(num_batches, 'bits/dim batches', initial=next_batch) as bar:
     for k, (local_images, _) in enumerate(batches):
       if k < next_batch:
         continue

@@ -39,7 +39,16 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import checkpoints, data, image_io, models, sample_loop, samplers, validation
+from ddpm_jax import (
+  checkpoints,
+  data,
+  image_io,
+  models,
+  progress,
+  sample_loop,
+  samplers,
+  validation,
+)
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import mesh as mesh_lib
 
@@ -245,7 +254,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   suffix = f'step_{step:08d}_seed_{config.seed}'
 
   def figure_loop(kind: str, total: int):
-    bar = mesh_lib.progress(total, kind, unit='step')
+    bar = progress.bar(total, kind, unit='step')
     return sample_loop.ChunkedLoop(ancestral, params, bar), bar
 
   def draw_kind(kind: str) -> dict[str, Callable[[epath.Path], None]]:

@@ -1,8 +1,7 @@
 """Devices and processes: the mesh, its shardings, and the host side of a multi-process job.
 
 All devices of all processes form one 'data' axis: parameters are replicated over it and batches
-are sharded along it (data parallelism). `gather` brings sharded results to every host, and
-`progress` shows a progress bar on process 0 only.
+are sharded along it (data parallelism). `gather` brings sharded results to every host.
 """
 
 from collections.abc import Sequence
@@ -10,7 +9,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -30,7 +28,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec('data'))
 
 
-def batches_sharded(mesh: Mesh) -> NamedSharding:
+def stacked_batches_sharded(mesh: Mesh) -> NamedSharding:
   """A stack of batches [k, B, ...] (the batches of one train call): B split over all devices."""
   return NamedSharding(mesh, PartitionSpec(None, 'data'))
 
@@ -44,15 +42,3 @@ def gather(tree: Any) -> Any:
   """Arrays sharded over all processes' devices (a pytree of them), whole on every process as
   NumPy."""
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-
-
-def progress(total: int, desc: str, *, initial: int = 0, unit: str = 'it') -> tqdm.tqdm:
-  """A console progress bar (a context manager) on process 0; a silent one elsewhere."""
-  return tqdm.tqdm(
-    total=total,
-    desc=desc,
-    initial=initial,
-    unit=unit,
-    dynamic_ncols=True,
-    disable=jax.process_index() > 0,
-  )

@@ -39,7 +39,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import image_io, samplers
+from ddpm_jax import image_io, progress, samplers
 from ddpm_jax import mesh as mesh_lib
 
 # How long one compiled chunk of steps should take: how often the progress bar moves.
@@ -177,7 +177,7 @@ def draw_samples(
   batch_size = min(batch_size, mesh_lib.round_up(num_samples, jax.device_count()))
   num_batches = math.ceil(num_samples / batch_size)
   batches = []
-  with mesh_lib.progress(num_batches * num_steps, desc, unit='step') as bar:
+  with progress.bar(num_batches * num_steps, desc, unit='step') as bar:
     loop = ChunkedLoop(run_chunk, params, bar)
     for b in range(num_batches):
       images = load(b) if load is not None else None

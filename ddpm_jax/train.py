@@ -1,9 +1,11 @@
-"""Training: `train_and_evaluate(config, workdir)`, the loop that `main.py --mode=train` runs.
+"""Training: `train(config, workdir)`, the loop that `main.py --mode=train` runs.
 
 Params, EMA params and optimizer state are replicated, and each batch is sharded, over a
-`jax.sharding.Mesh` of all devices of all processes; one pure step does the loss, Adam with the
-original warmup and clipping, and the EMA update, and one `jax.jit`-compiled call runs up to
-`config.training.steps_per_call` of them in a loop, so the host dispatches once per call.
+`jax.sharding.Mesh` of all devices of all processes; one pure step (`create_train_step`) does the
+loss, Adam with the original warmup and clipping, and the EMA update, and one `jax.jit`-compiled
+call (`jit_train_call`) runs up to `config.training.steps_per_call` of them in a loop, so the host
+dispatches once per call. `train` restores or initializes the state, then runs the calls and,
+between them, logs, saves checkpoints and writes sample grids (the functions above it).
 Every random draw is a function of (seed, step) and the data order too, so a run resumed from a
 checkpoint continues exactly as an uninterrupted one would, whatever the number of devices and
 of steps per call.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import functools
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -95,8 +97,19 @@ def preprocess(images: jax.Array, rng: jax.Array, random_flip: bool) -> jax.Arra
   return x
 
 
-def create_train_step(config, model, diffusion: diffusion_lib.GaussianDiffusion, tx, schedule):
-  """The pure update `(state, images) -> (state, metrics)` (to be compiled by the caller)."""
+def create_train_step(
+  config,
+  model,
+  diffusion: diffusion_lib.GaussianDiffusion,
+  tx,
+  schedule,
+  *,
+  ema_starts_as_copy: bool,
+):
+  """The pure update `(state, images uint8 [B, H, W, C]) -> (state, metrics)` (to be compiled by
+  the caller). `ema_starts_as_copy`: whether the update of step 0 makes the EMA a copy of the
+  params, as the original does for a fresh run; a run from `training.init_from` passes False, to
+  continue the EMA it starts from."""
   ema_decay = config.training.ema_decay
 
   def train_step(state: TrainState, images: jax.Array):
@@ -115,9 +128,8 @@ def create_train_step(config, model, diffusion: diffusion_lib.GaussianDiffusion,
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # The original starts the EMA as a copy: decay 1e-10 at the first step; a run from
-    # `training.init_from` continues the EMA it starts from.
-    decay = ema_decay if config.training.init_from else jnp.where(state.step == 0, 1e-10, ema_decay)
+    # The original starts the EMA as a copy: decay 1e-10 at the first step.
+    decay = jnp.where(state.step == 0, 1e-10, ema_decay) if ema_starts_as_copy else ema_decay
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     new_state = TrainState(
       step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
@@ -132,8 +144,9 @@ def create_train_step(config, model, diffusion: diffusion_lib.GaussianDiffusion,
   return train_step
 
 
-def create_train_steps(train_step):
-  """`(state, images uint8 [k, B, H, W, C], n) -> (state, metrics, each [k])`: n <= k updates.
+def create_train_call(train_step):
+  """One call of the loop, `(state, images uint8 [k, B, H, W, C], n) -> (state, metrics, each
+  [k])`: n <= k updates of `train_step`, the one pure step of `create_train_step`.
 
   A `fori_loop` of `train_step` over images[0], ..., images[n - 1] (the batches of n consecutive
   steps), so the host dispatches once per n steps; metrics[i] is that of the update of
@@ -144,7 +157,7 @@ def create_train_steps(train_step):
   after a few steps), but the body of a loop of traced trip count the same way for every k.
   """
 
-  def train_steps(state: TrainState, images: jax.Array, num_steps: jax.Array):
+  def train_call(state: TrainState, images: jax.Array, num_steps: jax.Array):
     def body(i, carry):
       state, metrics = carry
       state, step_metrics = train_step(state, images[i])
@@ -154,16 +167,21 @@ def create_train_steps(train_step):
     metrics = jax.tree.map(lambda m: jnp.zeros((images.shape[0], *m.shape), m.dtype), step_metrics)
     return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
 
-  return train_steps
+  return train_call
 
 
-def jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding):
-  """`create_train_steps` of `create_train_step`, jitted as the training loop runs it: state
+def jit_train_call(
+  config, model, diffusion, tx, schedule, mesh, state_sharding, *, ema_starts_as_copy: bool
+):
+  """`create_train_call` of `create_train_step`, jitted as the training loop runs it: state
   replicated and donated, the batches of a call sharded over their batch axis."""
   replicated = mesh_lib.replicated(mesh)
+  train_step = create_train_step(
+    config, model, diffusion, tx, schedule, ema_starts_as_copy=ema_starts_as_copy
+  )
   return jax.jit(
-    create_train_steps(create_train_step(config, model, diffusion, tx, schedule)),
-    in_shardings=(state_sharding, mesh_lib.batches_sharded(mesh), replicated),
+    create_train_call(train_step),
+    in_shardings=(state_sharding, mesh_lib.stacked_batches_sharded(mesh), replicated),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
   )
@@ -189,8 +207,242 @@ def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
   )
 
 
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+# -------------------------------------------------------------------------------------------------
+# Checks, restore or initialize.
+# -------------------------------------------------------------------------------------------------
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError, naming the field, for a `config.training` that cannot work, before
+  anything compiles: batch sizes that do not split over the devices, the sampler of the sample
+  grids (`config.sampling`'s), steps_per_call, lr_decay. (`validation.validate_config` checks
+  the data, model and diffusion; a checkpoint to resume or start from is checked as it is
+  restored, `restore_or_initialize`.)"""
+  training = config.training
+  validation.validate_batch_size(training.batch_size, 'config.training.batch_size')
+  validation.validate_batch_size(training.num_sample_images, 'config.training.num_sample_images')
+  samplers.check_sampler(config, diffusion_lib.GaussianDiffusion.from_config(config.diffusion))
+  validation.require(
+    validation.is_int(training.steps_per_call) and training.steps_per_call >= 1,
+    'config.training.steps_per_call must be a positive integer (the train steps of one compiled '
+    f'call), got {training.steps_per_call!r}.',
+  )
+  validation.require(
+    training.lr_decay in LR_DECAYS,
+    f'Unknown config.training.lr_decay {training.lr_decay!r}; expected one of {LR_DECAYS}.',
+  )
+
+
+def restore_or_initialize(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  manager,
+  abstract_state: TrainState,
+  initialize: Callable[[], TrainState],
+) -> TrainState:
+  """The state a run starts from: that of the latest readable checkpoint of `workdir` (`resume`);
+  else, with `training.init_from`, a step-0 state with that checkpoint's params and EMA params
+  (`fine_tune`); else `initialize()`, a fresh state (`create_train_state`).
+
+  `abstract_state` holds the jax.ShapeDtypeStruct of every array of the state, with its sharding.
+  Raises ValueError when the latest checkpoint of `workdir` holds imported weights.
+  """
+  latest = manager.latest_step()
+  directory = checkpoints.checkpoint_dir(workdir)
+  if latest is not None and checkpoints.is_imported(directory / str(latest)):
+    raise ValueError(
+      f'The checkpoint at step {latest} in {directory} holds imported weights without optimizer '
+      'state, so a run cannot resume from it. To train from them, start a new workdir with '
+      f'--config.training.init_from={workdir}'
+    )
+  items = {name: getattr(abstract_state, name) for name in ('params', 'ema_params', 'opt_state')}
+  restored = checkpoints.restore(manager, items)
+  if restored is not None:
+    step, items = restored
+    return resume(config, step, items, abstract_state.step.sharding)
+  if config.training.init_from:
+    return fine_tune(config.training.init_from, items['params'], initialize)
+  logging.info('No checkpoint in %s: starting from step 0.', directory)
+  return initialize()
+
+
+def resume(
+  config: ml_collections.ConfigDict, step: int, items: dict[str, Any], step_sharding
+) -> TrainState:
+  """The state of the checkpoint `items` restored at `step`; warns when it was written with
+  another seed or batch size, whose data order and random draws differ."""
+  meta = items['meta']
+  if meta.get('seed') != config.seed or meta.get('batch_size') != config.training.batch_size:
+    logging.warning(
+      'Checkpoint at step %d was written with seed %s and batch size %s; this run has %s and '
+      '%s, so its data order and random draws differ from the uninterrupted run.',
+      step,
+      meta.get('seed'),
+      meta.get('batch_size'),
+      config.seed,
+      config.training.batch_size,
+    )
+  logging.info('Resumed from the checkpoint at step %d.', step)
+  return TrainState(
+    step=jax.device_put(jnp.asarray(step, jnp.int32), step_sharding),
+    params=items['params'],
+    ema_params=items['ema_params'],
+    opt_state=items['opt_state'],
+  )
+
+
+def fine_tune(
+  init_from: str, abstract_params: Any, initialize: Callable[[], TrainState]
+) -> TrainState:
+  """A fresh run from another checkpoint's weights (`training.init_from`): step 0, the params and
+  EMA params of that checkpoint, the optimizer state of a new run."""
+  step_dir, params, ema_params = checkpoints.restore_init_params(init_from, abstract_params)
+  state = initialize().replace(params=params, ema_params=ema_params)
+  logging.info('Starting from step 0 with the params and EMA params of %s.', step_dir)
+  return state
+
+
+# -------------------------------------------------------------------------------------------------
+# What the loop does between calls: send batches, log, save, write sample grids.
+# -------------------------------------------------------------------------------------------------
+
+
+def call_batches(
+  batches: Iterator[tuple[int, np.ndarray]],
+  step: int,
+  training: ml_collections.ConfigDict,
+  sharding: jax.sharding.Sharding,
+) -> tuple[jax.Array, int]:
+  """The batches of the call that starts after `step` updates, on the devices, and their number.
+
+  Returns (images, n): n = `call_length(step)`, and images uint8 [k, B, H, W, C] sharded over
+  B, the batches of steps step, ..., step + n - 1 (the next n of `batches`, (step, images) of
+  this process), then k - n of zeros (k = steps_per_call: one shape for every call). The transfer
+  does not wait for the call that is running: sent right after that call is dispatched, it
+  overlaps that call's compute.
+  """
+  num_steps = call_length(step, training)
+  local_images = []
+  for expected_step in range(step, step + num_steps):
+    batch_step, images = next(batches)
+    assert batch_step == expected_step, (batch_step, expected_step)
+    local_images.append(images)
+  local_images += [np.zeros_like(local_images[0])] * (training.steps_per_call - num_steps)
+  images = jax.make_array_from_process_local_data(sharding, np.stack(local_images))
+  return images, num_steps
+
+
+def log_metrics(
+  pending: list[tuple[int, dict[str, jax.Array]]],
+  step: int,
+  last_log: tuple[int, float],
+  writer,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  report: Callable[[int, dict[str, float]], None] | None,
+) -> tuple[int, float]:
+  """Checks that the loss of every step since the last log is finite, and logs their means.
+
+  pending: (n, metrics [k]) of each call since the last log: its first n values are of its n
+    steps, last_log[0] + 1, ..., `step` in all.
+  last_log: (step, time.time()) of the last log; returns those of this one.
+  Raises FloatingPointError naming the first step whose loss is not finite.
+  """
+  last_log_step, last_log_time = last_log
+  host_metrics = jax.device_get(pending)
+  # {name: [step - last_log_step]}: the values of steps last_log_step + 1, ..., step.
+  metrics = {k: np.concatenate([m[k][:n] for n, m in host_metrics]) for k in host_metrics[0][1]}
+  non_finite = np.flatnonzero(~np.isfinite(metrics['loss']))
+  if non_finite.size:
+    raise FloatingPointError(
+      f'Non-finite loss {metrics["loss"][non_finite[0]]} at step '
+      f'{last_log_step + 1 + non_finite[0]}; stopping. The last good checkpoint in '
+      f'{checkpoints.checkpoint_dir(workdir)} is kept.'
+    )
+  summary = {k: float(np.mean(values)) for k, values in metrics.items()}
+  now = time.time()
+  steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
+  summary['steps_per_sec'] = steps_per_sec
+  writer.write_scalars(step, summary)
+  if report is not None and jax.process_index() == 0:
+    report(step, summary)
+  num_train_steps = config.training.num_train_steps
+  eta = (num_train_steps - step) / max(steps_per_sec, 1e-9)
+  logging.info(
+    'step %d/%d  loss %.5f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %s',
+    step,
+    num_train_steps,
+    summary['loss'],
+    summary['grad_norm'],
+    summary['learning_rate'],
+    steps_per_sec,
+    _format_seconds(eta),
+  )
+  return step, now
+
+
+def save_checkpoint(manager, state: TrainState, config: ml_collections.ConfigDict) -> None:
+  """Saves `state` (asynchronously) at its step; raises FloatingPointError, saving nothing, when
+  its params are not finite."""
+  step = int(state.step)
+  if not bool(_all_finite(state.params)):
+    raise FloatingPointError(
+      f'Parameters are not finite at step {step}; the last good checkpoint is kept.'
+    )
+  checkpoints.save(
+    manager,
+    step,
+    params=state.params,
+    ema_params=state.ema_params,
+    opt_state=state.opt_state,
+    meta={
+      'seed': config.seed,
+      'batch_size': config.training.batch_size,
+      'examples_seen': step * config.training.batch_size,
+    },
+  )
+
+
+def create_sample_grid_fn(
+  config: ml_collections.ConfigDict, diffusion, model, mesh
+) -> Callable[[Any], np.ndarray]:
+  """`ema_params -> grid`: `training.num_sample_images` samples of config.sampling's sampler,
+  from the same x_T at every grid of a run (the seed's sample key), tiled into one uint8 image
+  [rows * (H + 1) + 1, cols * (W + 1) + 1, C] (`image_io.image_grid`)."""
+  sampler = samplers.from_config(config)
+  sample_init = sample_loop.create_init_fn(diffusion, mesh)
+  sample_chunk = sample_loop.create_chunk_fn(diffusion, model, mesh, sampler)
+  sample_rng = root_rngs(config.seed)[2]
+  size, channels = config.data.image_size, config.data.num_channels
+  num_images = config.training.num_sample_images
+
+  def sample_grid(ema_params) -> np.ndarray:
+    images = sample_loop.draw_samples(
+      sample_chunk,
+      sample_init,
+      ema_params,
+      batch_rng=lambda _: sample_rng,
+      num_samples=num_images,
+      batch_size=num_images,
+      image_shape=(size, size, channels),
+      num_steps=sampler.num_steps(diffusion.num_timesteps),
+    )
+    return image_io.image_grid(images)
+
+  return sample_grid
+
+
+def write_samples(
+  grid: np.ndarray, step: int, config: ml_collections.ConfigDict, workdir_path, writer
+) -> None:
+  """Writes the sample grid of the EMA model at `step` (`create_sample_grid_fn`): as
+  samples/step_<step>.png on process 0, and to TensorBoard."""
+  if jax.process_index() == 0:
+    path = workdir_path / 'samples' / f'step_{step:08d}.png'
+    image_io.save_png(path, grid, upscale=image_io.upscale_factor(config.data.image_size))
+    tag = samplers.from_config(config).tag
+    logging.info('Wrote samples of the EMA model (sampler %s) to %s', tag, path)
+  writer.write_images(step, {'samples': grid[None]})
 
 
 class _PreemptionWatch:
@@ -222,7 +474,12 @@ class _PreemptionWatch:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(
+# -------------------------------------------------------------------------------------------------
+# The loop.
+# -------------------------------------------------------------------------------------------------
+
+
+def train(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
@@ -230,40 +487,29 @@ def train_and_evaluate(
 ) -> TrainState:
   """Trains (or resumes training) until `config.training.num_train_steps`; returns the state.
 
+  Writes checkpoints, TensorBoard logs and the sample grids of the EMA model in `workdir`.
   `report(step, metrics)`, if given, is called on process 0 with what is logged every
   `log_every_steps` steps (the mean loss, grad_norm and learning_rate since the last log, and
   steps_per_sec): e.g. for a progress bar and a loss plot in a notebook.
   """
   training = config.training
-  # ---------------------------------------------------------------------------------------------
   # Check everything that can be checked before compiling.
-  # ---------------------------------------------------------------------------------------------
   validation.validate_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  validation.validate_batch_size(training.batch_size, 'config.training.batch_size')
-  validation.validate_batch_size(training.num_sample_images, 'config.training.num_sample_images')
-  samplers.check_sampler(config, diffusion)  # The sample grids use config.sampling's sampler.
-  validation.validate_steps_per_call(training.steps_per_call)
-  validation.require(
-    training.lr_decay in LR_DECAYS,
-    f'Unknown config.training.lr_decay {training.lr_decay!r}; expected one of {LR_DECAYS}.',
-  )
+  check_config(config)
   workdir_path = validation.ensure_writable(workdir)
 
-  # ---------------------------------------------------------------------------------------------
-  # Set up mesh, model, optimizer.
-  # ---------------------------------------------------------------------------------------------
+  # Set up mesh, model, optimizer; restore the latest checkpoint, or start afresh.
   mesh = mesh_lib.create_mesh()
-  replicated = mesh_lib.replicated(mesh)
-  # The batches of one call, uint8 [k, B, H, W, C]: the batch axis B split over all devices.
-  batches_sharding = mesh_lib.batches_sharded(mesh)
   model = models.create_model(config)
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, schedule = create_optimizer(config)
-
   init_fn = functools.partial(create_train_state, config, model, tx)
-  init_rng, _, sample_rng = root_rngs(config.seed)
-  abstract_state = jax.eval_shape(init_fn, init_rng)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  init_rng = root_rngs(config.seed)[0]
+  # Params, EMA params and optimizer state: replicated over all devices.
+  abstract_state = checkpoints.abstract_like(
+    jax.eval_shape(init_fn, init_rng), mesh_lib.replicated(mesh)
+  )
+  state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info(
     'Model: %s parameters; %d devices over %d processes.',
@@ -271,115 +517,29 @@ def train_and_evaluate(
     jax.device_count(),
     jax.process_count(),
   )
-
-  # ---------------------------------------------------------------------------------------------
-  # Restore the latest checkpoint, or start afresh.
-  # ---------------------------------------------------------------------------------------------
   manager = checkpoints.create_manager(workdir, max_to_keep=training.keep_checkpoints)
-  abstract_items = {
-    name: checkpoints.abstract_like(getattr(abstract_state, name), replicated)
-    for name in ('params', 'ema_params', 'opt_state')
-  }
-  latest = manager.latest_step()
-  if latest is not None and checkpoints.is_imported(
-    checkpoints.checkpoint_dir(workdir) / str(latest)
-  ):
-    raise ValueError(
-      f'The checkpoint at step {latest} in {checkpoints.checkpoint_dir(workdir)} holds imported '
-      'weights without optimizer state, so a run cannot resume from it. To train from them, '
-      f'start a new workdir with --config.training.init_from={workdir}'
-    )
-  restored = checkpoints.restore(manager, abstract_items)
-  if restored is None and training.init_from:
-    # A fresh run from another checkpoint's weights: step 0, the optimizer state of a new run.
-    step_dir, params, ema_params = checkpoints.restore_init_params(
-      training.init_from, abstract_items['params']
-    )
-    state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
-    state = state.replace(params=params, ema_params=ema_params)
-    logging.info('Starting from step 0 with the params and EMA params of %s.', step_dir)
-  elif restored is None:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
-    logging.info('No checkpoint in %s: starting from step 0.', checkpoints.checkpoint_dir(workdir))
-  else:
-    step, items = restored
-    meta = items['meta']
-    if meta.get('seed') != config.seed or meta.get('batch_size') != training.batch_size:
-      logging.warning(
-        'Checkpoint at step %d was written with seed %s and batch size %s; this run has %s and '
-        '%s, so its data order and random draws differ from the uninterrupted run.',
-        step,
-        meta.get('seed'),
-        meta.get('batch_size'),
-        config.seed,
-        training.batch_size,
-      )
-    state = TrainState(
-      step=jax.device_put(jnp.asarray(step, jnp.int32), replicated),
-      params=items['params'],
-      ema_params=items['ema_params'],
-      opt_state=items['opt_state'],
-    )
-    logging.info('Resumed from the checkpoint at step %d.', step)
+  initialize = lambda: jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
+  state = restore_or_initialize(config, workdir, manager, abstract_state, initialize)
   start_step = int(state.step)
 
-  # ---------------------------------------------------------------------------------------------
-  # Compile the update steps and the sampler of the sample grids.
-  # ---------------------------------------------------------------------------------------------
   # Compiled once: every call, the shorter ones that end where the loop must act (`call_length`)
   # too, has its batches padded to steps_per_call and the number of steps as an argument.
-  train_steps = jit_train_steps(config, model, diffusion, tx, schedule, mesh, state_sharding)
-  all_finite = jax.jit(_all_finite)
-  size, channels = config.data.image_size, config.data.num_channels
-  sample_init = sample_loop.create_init_fn(diffusion, mesh)
-  grid_sampler = samplers.from_config(config)
-  sample_chunk = sample_loop.create_chunk_fn(diffusion, model, mesh, grid_sampler)
-
+  train_call = jit_train_call(
+    config,
+    model,
+    diffusion,
+    tx,
+    schedule,
+    mesh,
+    state_sharding,
+    ema_starts_as_copy=not training.init_from,
+  )
+  sample_grid = create_sample_grid_fn(config, diffusion, model, mesh)
   writer = tf_support.create_metric_writer(str(workdir_path), just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))
 
-  def save_checkpoint(state: TrainState):
-    step = int(state.step)
-    if not bool(all_finite(state.params)):
-      raise FloatingPointError(
-        f'Parameters are not finite at step {step}; the last good checkpoint is kept.'
-      )
-    checkpoints.save(
-      manager,
-      step,
-      params=state.params,
-      ema_params=state.ema_params,
-      opt_state=state.opt_state,
-      meta={
-        'seed': config.seed,
-        'batch_size': training.batch_size,
-        'examples_seen': step * training.batch_size,
-      },
-    )
-
-  def write_samples(state: TrainState):
-    step = int(state.step)
-    images = sample_loop.draw_samples(
-      sample_chunk,
-      sample_init,
-      state.ema_params,
-      batch_rng=lambda _: sample_rng,
-      num_samples=training.num_sample_images,
-      batch_size=training.num_sample_images,
-      image_shape=(size, size, channels),
-      num_steps=grid_sampler.num_steps(diffusion.num_timesteps),
-    )
-    grid = image_io.image_grid(images)
-    if jax.process_index() == 0:
-      path = workdir_path / 'samples' / f'step_{step:08d}.png'
-      image_io.save_png(path, grid, upscale=image_io.upscale_factor(size))
-      logging.info('Wrote samples of the EMA model (sampler %s) to %s', grid_sampler.tag, path)
-    writer.write_images(step, {'samples': grid[None]})
-
-  # ---------------------------------------------------------------------------------------------
   # Train.
-  # ---------------------------------------------------------------------------------------------
   preemption = _PreemptionWatch()
   # Two calls' worth of batches read ahead on the host.
   batches = data.train_batches(
@@ -389,89 +549,37 @@ def train_and_evaluate(
     seed=config.seed,
     buffer_size=2 * training.steps_per_call,
   )
-  # (n, metrics [k]) of each call since the last flush: its first n values are of its n steps.
-  pending_metrics: list[tuple[int, dict[str, jax.Array]]] = []
-  last_log_time, last_log_step = time.time(), start_step
-
-  def call_batches(step: int) -> tuple[jax.Array, int]:
-    """The batches of the call that starts after `step` updates, on the devices, and their number.
-
-    Returns (images, n): n = `call_length(step)`, and images uint8 [k, B, H, W, C] sharded over
-    B, the batches of steps step, ..., step + n - 1, then k - n of zeros (k = steps_per_call:
-    one shape for every call). The transfer does not wait for the call that is running: sent
-    right after that call is dispatched, it overlaps that call's compute.
-    """
-    num_steps = call_length(step, training)
-    local_images = []
-    for expected_step in range(step, step + num_steps):
-      batch_step, images = next(batches)
-      assert batch_step == expected_step, (batch_step, expected_step)
-      local_images.append(images)
-    local_images += [np.zeros_like(local_images[0])] * (training.steps_per_call - num_steps)
-    images = jax.make_array_from_process_local_data(batches_sharding, np.stack(local_images))
-    return images, num_steps
-
-  def flush_metrics(step: int):
-    """Checks that the loss of every step since the last flush is finite, and logs their mean."""
-    nonlocal last_log_time, last_log_step
-    if not pending_metrics:
-      return
-    host_metrics = jax.device_get(pending_metrics)
-    pending_metrics.clear()
-    # {name: [step - last_log_step]}: the values of steps last_log_step + 1, ..., step.
-    metrics = {k: np.concatenate([m[k][:n] for n, m in host_metrics]) for k in host_metrics[0][1]}
-    non_finite = np.flatnonzero(~np.isfinite(metrics['loss']))
-    if non_finite.size:
-      raise FloatingPointError(
-        f'Non-finite loss {metrics["loss"][non_finite[0]]} at step '
-        f'{last_log_step + 1 + non_finite[0]}; stopping. The last good checkpoint in '
-        f'{checkpoints.checkpoint_dir(workdir)} is kept.'
-      )
-    summary = {k: float(np.mean(values)) for k, values in metrics.items()}
-    now = time.time()
-    steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
-    summary['steps_per_sec'] = steps_per_sec
-    writer.write_scalars(step, summary)
-    if report is not None and jax.process_index() == 0:
-      report(step, summary)
-    eta = (training.num_train_steps - step) / max(steps_per_sec, 1e-9)
-    logging.info(
-      'step %d/%d  loss %.5f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %s',
-      step,
-      training.num_train_steps,
-      summary['loss'],
-      summary['grad_norm'],
-      summary['learning_rate'],
-      steps_per_sec,
-      _format_seconds(eta),
-    )
-    last_log_time, last_log_step = now, step
-
+  # The batches of one call, uint8 [k, B, H, W, C]: the batch axis B split over all devices.
+  batches_sharding = mesh_lib.stacked_batches_sharded(mesh)
+  pending_metrics = []  # (n, metrics [k]) of each call since the last log.
+  last_log = start_step, time.time()
   try:
     step, num_calls = start_step, 0
     if step < training.num_train_steps:
-      images, num_steps = call_batches(step)
+      images, num_steps = call_batches(batches, step, training, batches_sharding)
     while step < training.num_train_steps:
       # Dispatched: it runs while the host goes on.
-      state, metrics = train_steps(state, images, num_steps)
+      state, metrics = train_call(state, images, num_steps)
       pending_metrics.append((num_steps, metrics))
       step += num_steps
       num_calls += 1
       done = step == training.num_train_steps
       if not done:
         # The next call's input, sent before waiting on this call.
-        images, num_steps = call_batches(step)
+        images, num_steps = call_batches(batches, step, training, batches_sharding)
       preempted = preemption.reached(num_calls)
-      if step % training.log_every_steps == 0 or done or preempted:
-        flush_metrics(step)
-      if step % training.checkpoint_every_steps == 0 or done or preempted:
-        flush_metrics(step)
-        save_checkpoint(state)
+      save = step % training.checkpoint_every_steps == 0 or done or preempted
+      if save or step % training.log_every_steps == 0:
+        # Every checkpoint follows the check of the losses before it.
+        last_log = log_metrics(pending_metrics, step, last_log, writer, config, workdir, report)
+        pending_metrics.clear()
+      if save:
+        save_checkpoint(manager, state, config)
       if preempted:
         logging.warning('Asked to stop (SIGTERM): saved the checkpoint at step %d.', step)
         break
       if training.sample_every_steps and (step % training.sample_every_steps == 0 or done):
-        write_samples(state)
+        write_samples(sample_grid(state.ema_params), step, config, workdir_path, writer)
   finally:
     batches.close()
     preemption.close()
@@ -479,6 +587,11 @@ def train_and_evaluate(
     manager.close()
     writer.flush()
   return state
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _format_seconds(seconds: float) -> str:

@@ -50,12 +50,3 @@ def ensure_writable(workdir: str) -> epath.Path:
   except OSError as e:
     raise PermissionError(f'Cannot write to workdir {workdir!r}: {e}') from e
   return path
-
-
-def validate_steps_per_call(steps_per_call) -> None:
-  """Raises ValueError unless `config.training.steps_per_call` is a positive int."""
-  if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
-    raise ValueError(
-      f'config.training.steps_per_call must be a positive integer (the train steps of one '
-      f'compiled call), got {steps_per_call!r}.'
-    )

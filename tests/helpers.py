@@ -54,12 +54,14 @@ def tiny_digits_config(num_steps: int, **extra) -> ml_collections.ConfigDict:
 
 def train_step_setup(config: ml_collections.ConfigDict):
   """(model, diffusion, initial TrainState, jitted one-step update) of a config, as
-  `train.train_and_evaluate` builds them; the init is jitted too (eager Flax init is slower)."""
+  `train.train` builds them; the init is jitted too (eager Flax init is slower)."""
   model = models.create_model(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, schedule = train.create_optimizer(config)
   init = jax.jit(functools.partial(train.create_train_state, config, model, tx))
-  step = jax.jit(train.create_train_step(config, model, diffusion, tx, schedule))
+  step = jax.jit(
+    train.create_train_step(config, model, diffusion, tx, schedule, ema_starts_as_copy=True)
+  )
   return model, diffusion, init(jax.random.key(0)), step
 
 

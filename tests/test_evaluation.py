@@ -50,7 +50,7 @@ def eval_config(**extra):
 def trained_workdir(tmp_path_factory):
   """A digits workdir trained for 2 steps with the tiny config."""
   workdir = tmp_path_factory.mktemp('trained')
-  train.train_and_evaluate(eval_config(), str(workdir))
+  train.train(eval_config(), str(workdir))
   return workdir
 
 

@@ -89,9 +89,7 @@ def all_files(directory) -> list[str]:
 def trained_workdir(tmp_path_factory):
   """A workdir with the checkpoint of 2 real training steps of the tiny digits config."""
   workdir = tmp_path_factory.mktemp('trained')
-  train.train_and_evaluate(
-    tiny_digits_config(STEP, **{'training.checkpoint_every_steps': STEP}), str(workdir)
-  )
+  train.train(tiny_digits_config(STEP, **{'training.checkpoint_every_steps': STEP}), str(workdir))
   return workdir
 
 

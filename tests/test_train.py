@@ -29,7 +29,7 @@ def test_one_step_on_mock_cifar10(tmp_path):
   config.data.num_channels = 3
   config.model.attn_resolutions = (16,)
   with tfds.testing.mock_data(num_examples=16):
-    state = train.train_and_evaluate(config, str(tmp_path))
+    state = train.train(config, str(tmp_path))
   assert int(state.step) == 1
   # A first update at learning rate 0 (the original's warmup) leaves the params as they were,
   # and the EMA (decay 1e-10 at step 0) is their copy.
@@ -44,7 +44,7 @@ def test_digits_run_writes_checkpoints_logs_and_samples(tmp_path):
     6, **{'training.sample_every_steps': 6, 'training.learning_rate': 1e-3}
   )
   reported = {}
-  state = train.train_and_evaluate(
+  state = train.train(
     config, str(tmp_path), report=lambda step, metrics: reported.update({step: metrics})
   )
   assert int(state.step) == 6
@@ -74,7 +74,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     },
   )
   with pytest.raises(FloatingPointError, match=r'Non-finite loss .* at step \d+') as excinfo:
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train(config, str(tmp_path))
   bad_step = int(re.search(r'at step (\d+)', str(excinfo.value)).group(1))
   saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
   assert saved and max(saved) < bad_step
@@ -98,7 +98,7 @@ def test_non_finite_loss_inside_a_call_names_its_step(tmp_path):
     },
   )
   with pytest.raises(FloatingPointError, match=r'Non-finite loss .* at step 3;'):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train(config, str(tmp_path))
   assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [2]
 
 
@@ -138,7 +138,7 @@ def one_step_per_call_run(tmp_path_factory):
   """(final state as host arrays, logged losses) of 8 steps, one step per call."""
   workdir = tmp_path_factory.mktemp('one_step_per_call')
   config = tiny_digits_config(8, **STEPS_PER_CALL_RUN, **{'training.steps_per_call': 1})
-  state = train.train_and_evaluate(config, str(workdir))
+  state = train.train(config, str(workdir))
   return jax.device_get(state), logged_scalars(workdir)
 
 
@@ -153,7 +153,7 @@ def test_steps_per_call_gives_bitwise_the_same_run(tmp_path, one_step_per_call_r
     },
   )
   assert call_ends(config.training) == [4, 8]
-  state = jax.device_get(train.train_and_evaluate(config, str(tmp_path)))
+  state = jax.device_get(train.train(config, str(tmp_path)))
   expected, expected_loss = one_step_per_call_run
   assert int(state.step) == 8
   assert_trees_equal(state.params, expected.params)
@@ -172,11 +172,11 @@ def test_steps_per_call_resumes_bitwise_between_multiples(tmp_path, one_step_per
   # to step 8 (a call of 2 steps): the same as 8 steps of one step per call.
   config = tiny_digits_config(6, **STEPS_PER_CALL_RUN, **{'training.steps_per_call': 4})
   assert call_ends(config.training) == [4, 6]
-  train.train_and_evaluate(config, str(tmp_path))
+  train.train(config, str(tmp_path))
   assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [6]
   config.training.num_train_steps = 8
   assert call_ends(config.training, start_step=6) == [8]
-  state = jax.device_get(train.train_and_evaluate(config, str(tmp_path)))
+  state = jax.device_get(train.train(config, str(tmp_path)))
   expected, expected_loss = one_step_per_call_run
   assert int(state.step) == 8
   assert_trees_equal(state.params, expected.params)
@@ -191,12 +191,12 @@ def test_steps_per_call_resumes_bitwise_between_multiples(tmp_path, one_step_per
 def test_unreadable_latest_checkpoint_falls_back(tmp_path, caplog):
   caplog.set_level('INFO')
   config = tiny_digits_config(10)
-  train.train_and_evaluate(config, str(tmp_path))  # Checkpoints at steps 5 and 10.
+  train.train(config, str(tmp_path))  # Checkpoints at steps 5 and 10.
   for path in (tmp_path / 'checkpoints' / '10' / 'params').rglob('*'):
     if path.is_file():
       path.write_bytes(b'corrupt')
   config.training.num_train_steps = 12
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = train.train(config, str(tmp_path))
   assert int(state.step) == 12
   assert 'Could not read the checkpoint at step 10' in caplog.text
   assert 'Resumed from the checkpoint at step 5' in caplog.text
@@ -204,13 +204,13 @@ def test_unreadable_latest_checkpoint_falls_back(tmp_path, caplog):
 
 def test_all_checkpoints_unreadable_is_an_error(tmp_path):
   config = tiny_digits_config(5)
-  train.train_and_evaluate(config, str(tmp_path))
+  train.train(config, str(tmp_path))
   for path in (tmp_path / 'checkpoints').rglob('*'):
     if path.is_file() and 'params' in str(path):
       path.write_bytes(b'corrupt')
   config.training.num_train_steps = 7
   with pytest.raises(RuntimeError, match='None of the checkpoints'):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train(config, str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -234,8 +234,22 @@ def test_all_checkpoints_unreadable_is_an_error(tmp_path):
 def test_bad_config_is_rejected_before_compiling(tmp_path, override, message):
   config = tiny_digits_config(1, **override)
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train(config, str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize(
+  'override, message',
+  [
+    ({'training.num_sample_images': 0}, 'num_sample_images = 0 must be a positive multiple'),
+    ({'training.steps_per_call': 0}, 'steps_per_call must be a positive integer .*, got 0'),
+    ({'training.lr_decay': 'linear'}, "Unknown config.training.lr_decay 'linear'"),
+  ],
+)
+def test_check_config_alone_names_the_training_field(override, message):
+  # What an entry point that checks every section before any work gets: no workdir, no compile.
+  with pytest.raises(ValueError, match=message):
+    train.check_config(tiny_digits_config(1, **override))
 
 
 def test_batch_not_divisible_by_device_count(tmp_path, monkeypatch):
@@ -245,14 +259,14 @@ def test_batch_not_divisible_by_device_count(tmp_path, monkeypatch):
   with pytest.raises(
     ValueError, match='batch_size = 12 must be a positive multiple of the number of devices \\(8'
   ):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train(config, str(tmp_path))
 
 
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
   with pytest.raises(PermissionError, match='Cannot write to workdir'):
-    train.train_and_evaluate(tiny_digits_config(1), str(blocker / 'workdir'))
+    train.train(tiny_digits_config(1), str(blocker / 'workdir'))
 
 
 def test_bfloat16_training_lowers_the_loss_like_float32():
@@ -306,7 +320,7 @@ def test_init_from_starts_at_step_0_from_the_checkpoints_weights(tmp_path):
   # the source's step + 1), with the optimizer state of a fresh run.
   source = tmp_path / 'source'
   config = tiny_digits_config(3)
-  train.train_and_evaluate(config, str(source))
+  train.train(config, str(source))
   _, expected = final_params(source)
   decay = config.training.ema_decay
   expected_ema = jax.tree.map(
@@ -316,7 +330,7 @@ def test_init_from_starts_at_step_0_from_the_checkpoints_weights(tmp_path):
   )
   for init_from in (source, source / 'checkpoints' / '3'):
     workdir = tmp_path / f'tuned_{init_from.name}'
-    state = train.train_and_evaluate(
+    state = train.train(
       tiny_digits_config(1, **{'training.init_from': str(init_from)}), str(workdir)
     )
     step, tuned = final_params(workdir)
@@ -339,10 +353,10 @@ def test_imported_weights_train_only_through_init_from(tmp_path):
   checkpoints.save_imported(str(imported), params=state.params, step=0)
   before = sorted(str(p) for p in imported.rglob('*'))
   with pytest.raises(ValueError, match=r'imported weights .*--config.training.init_from='):
-    train.train_and_evaluate(tiny_digits_config(2), str(imported))
+    train.train(tiny_digits_config(2), str(imported))
   assert sorted(str(p) for p in imported.rglob('*')) == before
   config = tiny_digits_config(1, **{'training.init_from': str(imported)})
-  train.train_and_evaluate(config, str(tmp_path / 'tuned'))
+  train.train(config, str(tmp_path / 'tuned'))
   assert_trees_equal(final_params(tmp_path / 'tuned')[1]['params'], jax.device_get(state.params))
 
 
@@ -360,12 +374,12 @@ def test_imported_weights_train_only_through_init_from(tmp_path):
 def test_bad_init_from_is_rejected_before_training(tmp_path, override, error, message):
   source = tmp_path / 'source'
   if override:
-    train.train_and_evaluate(tiny_digits_config(1), str(source))
+    train.train(tiny_digits_config(1), str(source))
   else:
     source = tmp_path / 'missing'
   config = tiny_digits_config(1, **{'training.init_from': str(source), **override})
   with pytest.raises(error, match=message):
-    train.train_and_evaluate(config, str(tmp_path / 'tuned'))
+    train.train(config, str(tmp_path / 'tuned'))
   assert not (tmp_path / 'tuned' / 'checkpoints').exists() or not any(
     (tmp_path / 'tuned' / 'checkpoints').iterdir()
   )

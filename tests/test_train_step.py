@@ -155,9 +155,9 @@ def test_loss_is_l_simple_averaged_over_batch_height_width_and_channels():
   )
   # B, H, W, C = 8, 4, 6, 3: C > 1 and H != W, so that no two axes can be confused.
   images = np.random.default_rng(0).integers(0, 256, (8, 4, 6, 3), dtype=np.uint8)
-  _, metrics = jax.jit(train.create_train_step(config, model, diffusion, tx, schedule))(
-    state, jnp.asarray(images)
-  )
+  _, metrics = jax.jit(
+    train.create_train_step(config, model, diffusion, tx, schedule, ema_starts_as_copy=True)
+  )(state, jnp.asarray(images))
   assert seen
   x_t, t = seen[-1][0].astype(np.float64), seen[-1][1]
   assert len(set(t.tolist())) > 1  # Examples at different t, so their losses differ.

@@ -44,6 +44,7 @@ import numpy as np
 from flax import traverse_util
 
 from ddpm_jax import mesh as mesh_lib
+from ddpm_jax import progress
 
 INPUT_SIZE = 299
 NUM_POOL_FEATURES = 2048
@@ -357,7 +358,7 @@ def compute_features(
     out_shardings=batch_sharding,
   )
   num = len(images)
-  with mesh_lib.progress(-(-num // batch_size), desc, unit='batch') as bar:
+  with progress.bar(-(-num // batch_size), desc, unit='batch') as bar:
     for start in range(0, num, batch_size):
       batch = np.asarray(images[np.arange(start, min(start + batch_size, num))])
       if batch.shape[-1] == 1:

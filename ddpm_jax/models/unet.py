@@ -67,7 +67,7 @@ def _conv_with_plain_gradients(x, w, strides, pads):
   swapped, which XLA's CPU backend maps onto its library kernels (through transposes) at the top
   level of a program but, inside a loop body, emits as naive loops: 10x (input gradient) to 100x
   (kernel gradient) slower, which made the train step inside `lax.fori_loop`
-  (`train.create_train_steps`) 15x slower than outside it. Here the transposes are explicit, and
+  (`train.create_train_call`) 15x slower than outside it. Here the transposes are explicit, and
   fenced so that XLA cannot fold them back into the convolutions, so the gradients run as fast
   inside a loop as outside.
   """
