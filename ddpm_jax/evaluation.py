@@ -57,6 +57,7 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import (
   checkpoints,
+  checks,
   data,
   digits_classifier,
   image_io,
@@ -373,20 +374,22 @@ def digits_quality(config, samples: np.ndarray, *, seed: int, cache_dir) -> dict
   return report
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Evaluates the EMA params of the latest (or `config.sampling.checkpoint_step`) checkpoint."""
+def check_config(
+  config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
+) -> None:
+  """Raises ValueError, naming the field, for a `config.eval` that cannot work: the section
+  itself, the sampler and batch size of the samples it draws, and the FID Inception weights
+  (loaded now, so that a missing or wrong file fails before sampling). Run by
+  `checks.check_config` after the data, model and diffusion."""
   if 'eval' not in config:
     raise ValueError(
       'The config has no `eval` section; start from configs/default.py, which defines '
       'eval.num_bpd_images, eval.bpd_batch_size, eval.num_samples and eval.inception_weights.'
     )
-  validation.validate_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   if config.eval.num_samples:
     samplers.check_sampler(config, diffusion)  # The samples are drawn as it says.
     validation.validate_batch_size(config.sampling.batch_size, 'config.sampling.batch_size')
-  is_digits = config.data.dataset == 'digits'
-  if not is_digits and config.eval.num_samples:
+  if config.data.dataset != 'digits' and config.eval.num_samples:
     weights = config.eval.inception_weights
     if not weights:
       raise ValueError(
@@ -399,6 +402,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     validation.validate_batch_size(
       config.eval.inception_batch_size, 'config.eval.inception_batch_size'
     )
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates the EMA params of the latest (or `config.sampling.checkpoint_step`) checkpoint."""
+  diffusion = checks.check_config(config, check_config)
+  is_digits = config.data.dataset == 'digits'
   model = models.create_model(config)
   mesh = mesh_lib.create_mesh()
   abstract_params = checkpoints.abstract_like(

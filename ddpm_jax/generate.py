@@ -41,6 +41,7 @@ from etils import epath
 
 from ddpm_jax import (
   checkpoints,
+  checks,
   data,
   image_io,
   models,
@@ -215,9 +216,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   # ---------------------------------------------------------------------------------------------
   # Check everything that can be checked before compiling.
   # ---------------------------------------------------------------------------------------------
-  validation.validate_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  kinds = samplers.check_config(config, diffusion)
+  diffusion = checks.check_config(config, samplers.check_config)
+  kinds = samplers.parse_kinds(sampling.kinds)
   test_images = load_test_images(config) if 'interpolation' in kinds else None
 
   # ---------------------------------------------------------------------------------------------

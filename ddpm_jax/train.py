@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import (
   checkpoints,
+  checks,
   data,
   image_io,
   models,
@@ -212,16 +213,18 @@ def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
 # -------------------------------------------------------------------------------------------------
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(
+  config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
+) -> None:
   """Raises ValueError, naming the field, for a `config.training` that cannot work, before
   anything compiles: batch sizes that do not split over the devices, the sampler of the sample
-  grids (`config.sampling`'s), steps_per_call, lr_decay. (`validation.validate_config` checks
+  grids (`config.sampling`'s), steps_per_call, lr_decay. (Run by `checks.check_config` after
   the data, model and diffusion; a checkpoint to resume or start from is checked as it is
   restored, `restore_or_initialize`.)"""
   training = config.training
   validation.validate_batch_size(training.batch_size, 'config.training.batch_size')
   validation.validate_batch_size(training.num_sample_images, 'config.training.num_sample_images')
-  samplers.check_sampler(config, diffusion_lib.GaussianDiffusion.from_config(config.diffusion))
+  samplers.check_sampler(config, diffusion)
   validation.require(
     validation.is_int(training.steps_per_call) and training.steps_per_call >= 1,
     'config.training.steps_per_call must be a positive integer (the train steps of one compiled '
@@ -494,14 +497,12 @@ def train(
   """
   training = config.training
   # Check everything that can be checked before compiling.
-  validation.validate_config(config)
-  check_config(config)
+  diffusion = checks.check_config(config, check_config)
   workdir_path = validation.ensure_writable(workdir)
 
   # Set up mesh, model, optimizer; restore the latest checkpoint, or start afresh.
   mesh = mesh_lib.create_mesh()
   model = models.create_model(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, schedule = create_optimizer(config)
   init_fn = functools.partial(create_train_state, config, model, tx)
   init_rng = root_rngs(config.seed)[0]

@@ -1,14 +1,12 @@
-"""Checks of a config and a workdir that fail fast, with a clear message, before compiling."""
+"""The primitives of the config checks (`ddpm_jax/checks.py` runs them) and the workdir check:
+fail fast, with a clear message, before compiling."""
 
 from __future__ import annotations
 
 import uuid
 
 import jax
-import ml_collections
 from etils import epath
-
-from ddpm_jax import data, diffusion, models
 
 
 def require(condition: bool, message: str) -> None:
@@ -20,13 +18,6 @@ def require(condition: bool, message: str) -> None:
 def is_int(value) -> bool:
   """Whether `value` is an int (and not a bool): what an integer config field must be."""
   return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for data, model or diffusion settings that cannot work together."""
-  data.check_config(config)
-  models.check_config(config)
-  diffusion.GaussianDiffusion.from_config(config.diffusion)
 
 
 def validate_batch_size(global_batch_size: int, what: str) -> None:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ddpm_jax import models, validation
+from ddpm_jax import checks, models
 
 # Parameter counts from REFERENCE.md ("The U-Net"); digits: the 1.0M of its docstring.
 EXPECTED = {
@@ -24,7 +24,7 @@ def test_config(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   dataset, num_params = EXPECTED[name]
   assert config.data.dataset == dataset
-  validation.validate_config(config)
+  checks.check_config(config)
   size, channels = config.data.image_size, config.data.num_channels
   shapes = jax.eval_shape(
     lambda: models.create_model(config).init(

@@ -31,8 +31,8 @@ from test_data import (
   take,
 )
 
+from ddpm_jax import checks
 from ddpm_jax import data as data_lib
-from ddpm_jax import validation
 from ddpm_jax.data.images import convert_channels, to_luma
 from ddpm_jax.data.order import train_indices
 
@@ -226,7 +226,7 @@ def test_first_use_prepares_for_real_and_then_knows_the_eval_split(
 
 
 # ------------------------------------------------------------------------------------------------
-# Config errors, all raised by get_dataset_info / validate_config: before anything compiles.
+# Config errors, all raised by get_dataset_info / checks.check_config: before anything compiles.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -261,7 +261,7 @@ def test_of_several_image_features_the_one_named_image_is_read():
 def test_image_size_the_unet_cannot_halve_is_rejected_before_compiling():
   # 28 is not divisible by 2^(len((1, 2, 2, 2)) - 1) = 8, the default U-Net's downsampling.
   with pytest.raises(ValueError, match=r'image_size = 28 is not divisible by .* = 8'):
-    validation.validate_config(make_config('mnist', 28, 1))
+    checks.check_config(make_config('mnist', 28, 1))
 
 
 @pytest.mark.parametrize(

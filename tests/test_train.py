@@ -18,7 +18,7 @@ from helpers import (
   train_step_setup,
 )
 
-from ddpm_jax import checkpoints, data, image_io, train
+from ddpm_jax import checkpoints, checks, data, image_io, train
 
 
 def test_one_step_on_mock_cifar10(tmp_path):
@@ -249,7 +249,7 @@ def test_bad_config_is_rejected_before_compiling(tmp_path, override, message):
 def test_check_config_alone_names_the_training_field(override, message):
   # What an entry point that checks every section before any work gets: no workdir, no compile.
   with pytest.raises(ValueError, match=message):
-    train.check_config(tiny_digits_config(1, **override))
+    checks.check_config(tiny_digits_config(1, **override), train.check_config)
 
 
 def test_batch_not_divisible_by_device_count(tmp_path, monkeypatch):
