@@ -24,7 +24,7 @@ from ddpm_jax import data, models
 from ddpm_jax import diffusion as diffusion_lib
 
 # `check(config, diffusion)`: raises ValueError, naming the field, for a section it owns.
-SectionCheck = Callable[[ml_collections.ConfigDict, diffusion_lib.GaussianDiffusion], object]
+SectionCheck = Callable[[ml_collections.ConfigDict, diffusion_lib.GaussianDiffusion], None]
 
 
 def check_config(

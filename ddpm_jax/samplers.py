@@ -251,8 +251,8 @@ def parse_kinds(kinds: str) -> tuple[str, ...]:
 
 def check_config(
   config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
-) -> tuple[str, ...]:
-  """Raises ValueError for a `config.sampling` that cannot be sampled; returns the kinds.
+) -> None:
+  """Raises ValueError for a `config.sampling` that cannot be sampled.
 
   Every setting is checked, whichever kinds are asked for, except that the figures' settings are
   checked only for the figures asked for.
@@ -299,4 +299,3 @@ def check_config(
       f'config.sampling.interpolation_steps must be at least 2 (lambda = 0 and 1), got '
       f'{sampling.interpolation_steps}.',
     )
-  return kinds
