@@ -170,8 +170,8 @@ def lower_train(config_name: str, mesh, *, batch_size: int, **overrides) -> jax.
   )
   size, channels = config.data.image_size, config.data.num_channels
   k = config.training.steps_per_call
-  images = jax.ShapeDtypeStruct((k, batch_size, size, size, channels), jnp.uint8)
-  return train_call.lower(abstract_state, images, jax.ShapeDtypeStruct((), jnp.int32))
+  batches = {'image': jax.ShapeDtypeStruct((k, batch_size, size, size, channels), jnp.uint8)}
+  return train_call.lower(abstract_state, batches, jax.ShapeDtypeStruct((), jnp.int32))
 
 
 def lower_sampler(

@@ -127,7 +127,8 @@ def train_runner(
 
   began = time.perf_counter()
   num_steps = np.int32(steps_per_call)
-  compiled = train_call.lower(state, jax.ShapeDtypeStruct(shape, jnp.uint8), num_steps).compile()
+  batches_shape = {'image': jax.ShapeDtypeStruct(shape, jnp.uint8)}
+  compiled = train_call.lower(state, batches_shape, num_steps).compile()
   compile_s = time.perf_counter() - began
   # FLOPs of one step: XLA counts the loop's body once (checked on CPU: within 1% of the step
   # compiled alone). Some backends (GPU) have no cost analysis before compilation, so it is
@@ -137,7 +138,7 @@ def train_runner(
   holder = {'state': state}
 
   def work():
-    holder['state'], metrics = compiled(holder['state'], next_images(), num_steps)
+    holder['state'], metrics = compiled(holder['state'], {'image': next_images()}, num_steps)
     jax.block_until_ready(metrics)
 
   runner = Runner(

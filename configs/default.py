@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.adam_b2 = 0.999
   training.adam_eps = 1e-8
   training.ema_decay = 0.9999
+  # A class-conditional model (config.model.num_classes > 0): the share of training labels
+  # replaced by the null class, so that one network also learns the unconditional model that
+  # classifier-free guidance needs (Ho & Salimans 2021 use 0.1 or 0.2); 0: no guidance.
+  training.label_dropout = 0.1
   # Fine-tuning: a run whose workdir has no checkpoint yet starts its params and EMA params from
   # this checkpoint (a trained or imported workdir, or one of its step directories), at step 0
   # with a fresh optimizer; once it has checkpoints of its own, it resumes from those.
@@ -109,6 +113,12 @@ def get_config() -> ml_collections.ConfigDict:
   # dpm_solver++'s treatment of the predicted x_0: 'static' (clipped to [-1, 1], as the other
   # samplers do), 'dynamic' (Imagen's percentile thresholding) or 'none'.
   sampling.thresholding = 'static'
+  # A class-conditional model: the classes to draw (sample i of classes[i mod len], e.g.
+  # --config.sampling.class_labels=7 or "(3,5)"); None: all classes in turn. And the
+  # classifier-free guidance scale s, out_u + s (out_c - out_u): 1 is the conditional model
+  # without guidance, 0 the unconditional one, larger is more class-typical and less diverse.
+  sampling.class_labels = ml_collections.config_dict.placeholder(tuple)
+  sampling.guidance_scale = 1.0
   sampling.num_samples = 64
   sampling.batch_size = 64  # Global images per batch, a multiple of the device count.
   sampling.checkpoint_step = ml_collections.config_dict.placeholder(int)  # None: the latest.

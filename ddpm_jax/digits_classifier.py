@@ -155,6 +155,7 @@ def digits_quality(
   test_images: np.ndarray,
   test_labels: np.ndarray,
   threshold: float = CONFIDENCE_THRESHOLD,
+  requested: np.ndarray | None = None,
 ) -> dict[str, Any]:
   """The digits sample-quality report (module docstring).
 
@@ -164,6 +165,8 @@ def digits_quality(
     train_images: uint8 [1497, 8, 8, 1], the training split (for the floor).
     test_images, test_labels: the test split, uint8 [300, 8, 8, 1] and int [300].
     threshold: the confidence for the confident shares.
+    requested: int [N], the digit each sample was asked to be (a class-conditional model), or
+      None.
 
   Returns:
     {'classifier_test_accuracy': float, the classifier's accuracy on the test split;
@@ -172,14 +175,17 @@ def digits_quality(
      'confident_share': float, share of samples classified with probability >= threshold;
      'confident_share_per_class': float64 [10], share of samples confidently classified as each
        digit (summing to confident_share);
-     'test_confident_share': float, confident_share of the test split, the reference}.
+     'test_confident_share': float, confident_share of the test split, the reference;
+     with `requested`, also 'requested_accuracy': float, the share of samples whose most
+       probable class is the digit asked for, and 'requested_accuracy_per_class': {c: float},
+       that share among the samples asked to be c, for each c asked for}.
   """
   sample_features, sample_probs = map(np.asarray, classify(params, samples))
   train_features, _ = classify(params, train_images)
   test_features, test_probs = map(np.asarray, classify(params, test_images))
   test_stats = metrics.feature_statistics(test_features)
   per_class = confident_shares(sample_probs, threshold)
-  return {
+  report = {
     'classifier_test_accuracy': accuracy(params, test_images, test_labels),
     'frechet_distance': metrics.frechet_distance(
       *metrics.feature_statistics(sample_features), *test_stats
@@ -191,3 +197,11 @@ def digits_quality(
     'confident_share_per_class': per_class,
     'test_confident_share': float(confident_shares(test_probs, threshold).sum()),
   }
+  if requested is not None:
+    requested = np.asarray(requested)
+    hits = sample_probs.argmax(axis=1) == requested
+    report['requested_accuracy'] = float(np.mean(hits))
+    report['requested_accuracy_per_class'] = {
+      int(c): float(np.mean(hits[requested == c])) for c in np.unique(requested)
+    }
+  return report

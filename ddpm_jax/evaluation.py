@@ -58,6 +58,7 @@ from jax.experimental import multihost_utils
 from ddpm_jax import (
   checkpoints,
   checks,
+  conditioning,
   data,
   digits_classifier,
   image_io,
@@ -110,12 +111,15 @@ def _write_json(path: epath.Path, value: dict[str, Any]) -> None:
 
 
 def create_bpd_fn(diffusion: diffusion_lib.GaussianDiffusion, model, mesh):
-  """Compiled `bpd(params, images_uint8, rng) -> calc_bpd_loop dict`, batch-sharded."""
+  """Compiled `bpd(params, batch, rng) -> calc_bpd_loop dict`, batch-sharded: batch {'image':
+  uint8 [B, H, W, C]}, and 'label' int32 [B] for a class-conditional model, whose bound is then
+  that of p(x | y) for the images' own labels (no guidance)."""
   batch_sharding = mesh_lib.batch_sharded(mesh)
 
-  def bpd(params, images, rng):
-    x_start = image_io.to_model_range(images)
-    return diffusion.calc_bpd_loop(sample_loop.make_model_fn(model, params), x_start, rng)
+  def bpd(params, batch, rng):
+    x_start = image_io.to_model_range(batch['image'])
+    model_fn = sample_loop.make_model_fn(model, params, labels=batch.get('label'))
+    return diffusion.calc_bpd_loop(model_fn, x_start, rng)
 
   return jax.jit(
     bpd,
@@ -176,11 +180,14 @@ def evaluate_bpd(
     config, split=info.eval_split, global_batch_size=batch_size, num_examples=num_images
   )
   with batches, progress.bar(num_batches, 'bits/dim batches', initial=next_batch) as bar:
-    for k, (local_images, _) in enumerate(batches):
+    for k, (local_batch, _) in enumerate(batches):
       if k < next_batch:
         continue
-      images = jax.make_array_from_process_local_data(mesh_lib.batch_sharded(mesh), local_images)
-      out = bpd_fn(params, images, jax.random.fold_in(jax.random.key(config.seed), k))
+      batch = jax.tree.map(
+        lambda a: jax.make_array_from_process_local_data(mesh_lib.batch_sharded(mesh), a),
+        local_batch,
+      )
+      out = bpd_fn(params, batch, jax.random.fold_in(jax.random.key(config.seed), k))
       out = mesh_lib.gather(out)
       real = np.arange(k * batch_size, (k + 1) * batch_size) < num_images
       for name in sums:
@@ -242,16 +249,19 @@ def draw_eval_samples(
   settings (module docstring) once drawn. Returns the samples and the settings.
   """
   sampler = samplers.from_config(config)
+  classes = conditioning.Conditioning.from_config(config)
   num_samples = config.eval.num_samples
   batch_size = min(config.sampling.batch_size, mesh_lib.round_up(num_samples, jax.device_count()))
   settings = {
     **sampler.settings(),
+    **conditioning.settings(config),
     'seed': config.seed,
     'batch_size': batch_size,
     'num_samples': num_samples,
   }
   key = settings_key({**settings, **network_settings(config)})
-  sample_dir = eval_dir / f'samples_{sampler.tag}_seed{config.seed}_{key}'
+  tag = sampler.tag if classes is None else f'{sampler.tag}_{classes.tag}'
+  sample_dir = eval_dir / f'samples_{tag}_seed{config.seed}_{key}'
   _write_json(sample_dir / 'settings.json', {**settings, **network_settings(config)})
 
   def load(b: int) -> np.ndarray | None:
@@ -264,7 +274,7 @@ def draw_eval_samples(
 
   size = config.data.image_size
   samples = sample_loop.draw_samples(
-    sample_loop.create_chunk_fn(diffusion, model, mesh, sampler),
+    sample_loop.create_chunk_fn(diffusion, model, mesh, sampler, config.sampling.guidance_scale),
     sample_loop.create_init_fn(diffusion, mesh),
     params,
     batch_rng=sample_loop.seed_batch_rng(config.seed),
@@ -274,6 +284,7 @@ def draw_eval_samples(
     num_steps=sampler.num_steps(diffusion.num_timesteps),
     load=load,
     save=save,
+    classes=classes,
   )
   return samples, settings
 
@@ -346,8 +357,11 @@ def inception_quality(config, samples: np.ndarray, *, mesh, cache_dir) -> dict[s
   return results
 
 
-def digits_quality(config, samples: np.ndarray, *, seed: int, cache_dir) -> dict[str, Any]:
-  """The digits measure (module docstring); the classifier is trained once and cached."""
+def digits_quality(
+  config, samples: np.ndarray, *, seed: int, cache_dir, labels: np.ndarray | None = None
+) -> dict[str, Any]:
+  """The digits measure (module docstring); the classifier is trained once and cached. labels:
+  the digits the samples of a class-conditional model were asked to be (int [N]), or None."""
   train = data.create_source(config, 'train')
   test = data.create_source(config, 'test')
   path = cache_dir / f'digits_classifier_seed{seed}.msgpack'
@@ -368,9 +382,13 @@ def digits_quality(config, samples: np.ndarray, *, seed: int, cache_dir) -> dict
     train_images=floor_images,
     test_images=test.images,
     test_labels=test.labels,
+    requested=labels,
   )
   per_class = report.pop('confident_share_per_class')
   report.update({f'confident_share_digit_{c}': float(v) for c, v in enumerate(per_class)})
+  if labels is not None:
+    per_class = report.pop('requested_accuracy_per_class')
+    report.update({f'requested_accuracy_digit_{c}': v for c, v in per_class.items()})
   return report
 
 
@@ -431,7 +449,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       config, diffusion, model, params, mesh=mesh, eval_dir=eval_dir
     )
     if is_digits:
-      results.update(digits_quality(config, samples, seed=config.seed, cache_dir=cache_dir))
+      classes = conditioning.Conditioning.from_config(config)
+      labels = None if classes is None else classes.labels(0, len(samples))
+      results.update(
+        digits_quality(config, samples, seed=config.seed, cache_dir=cache_dir, labels=labels)
+      )
     else:
       results.update(inception_quality(config, samples, mesh=mesh, cache_dir=cache_dir))
 

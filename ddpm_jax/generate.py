@@ -42,6 +42,7 @@ from etils import epath
 from ddpm_jax import (
   checkpoints,
   checks,
+  conditioning,
   data,
   image_io,
   models,
@@ -76,16 +77,19 @@ def progressive(
   every: int,
   image_shape: tuple[int, int, int],
   num_timesteps: int,
+  classes: conditioning.Conditioning | None = None,
 ) -> np.ndarray:
   """Paper Fig. 6: float32 [num_images, K + 1, H, W, C] in [-1, 1].
 
   Column k < K is the predicted x_0 at t = T-1-k*every (K = ceil(T / every)), the last column the
   final sample; `init(shape, rng)` starts the ancestral loop, as `p_sample_loop_progressive`.
+  Row i of a class-conditional model is of class `classes.labels(i, 1)`.
   """
   x, loop_rng = init((mesh_lib.round_up(num_images, jax.device_count()), *image_shape), rng)
   # The pred_xstart of step k * every is that of the range ending after it.
   boundaries = list(range(1, num_timesteps + 1, every))
-  x, kept = loop.run(x, loop_rng, 0, num_timesteps, keep=boundaries)
+  labels = _labels(x, classes)
+  x, kept = loop.run(x, loop_rng, 0, num_timesteps, keep=boundaries, labels=labels)
   columns = [mesh_lib.gather(kept[s][1]) for s in boundaries] + [mesh_lib.gather(x)]
   return np.stack(columns, axis=1)[:num_images]
 
@@ -100,23 +104,28 @@ def denoising_chain(
   num_samples: int,
   image_shape: tuple[int, int, int],
   num_timesteps: int,
+  classes: conditioning.Conditioning | None = None,
 ) -> np.ndarray:
   """Paper Fig. 7: float32 [len(ts), 1 + num_samples, H, W, C], x_t then samples of p(x_0 | x_t).
 
   The shared x_t come from one ancestral trajectory (row 0 of a batch started with
   `init(shape, reference_rng)`), stopped at each t (0-based, as the rows, in decreasing order);
   the samples of row t continue the loop from x_t with loop key `fold_in(branch_rng, t)`, where
-  (reference_rng, branch_rng) = split(rng).
+  (reference_rng, branch_rng) = split(rng). For a class-conditional model, sample i (and row i
+  of the trajectory's batch) is of class `classes.labels(i, 1)`.
   """
   reference_rng, branch_rng = jax.random.split(rng)
   shape = (mesh_lib.round_up(num_samples, jax.device_count()), *image_shape)
   x, loop_rng = init(shape, reference_rng)
+  labels = _labels(x, classes)
   starts = [num_timesteps - 1 - t for t in ts]  # x_t is the state after T-1-t steps.
-  _, kept = loop.run(x, loop_rng, 0, max(starts), keep=starts)
+  _, kept = loop.run(x, loop_rng, 0, max(starts), keep=starts, labels=labels)
   rows = []
   for t, start in zip(ts, starts, strict=True):
     x_t = broadcast_first(kept[start][0])
-    samples, _ = loop.run(x_t, jax.random.fold_in(branch_rng, t), start, num_timesteps)
+    samples, _ = loop.run(
+      x_t, jax.random.fold_in(branch_rng, t), start, num_timesteps, labels=labels
+    )
     rows.append(np.concatenate([mesh_lib.gather(x_t)[:1], mesh_lib.gather(samples)[:num_samples]]))
   return np.stack(rows)
 
@@ -155,16 +164,23 @@ def interpolation(
   t: int,
   num_steps: int,
   num_timesteps: int,
+  null_class: conditioning.Conditioning | None = None,
 ) -> np.ndarray:
   """Paper Fig. 8: float32 [P, num_steps + 2, H, W, C] in [-1, 1], a row x_0, decoded, x_0'.
 
   images: uint8 [2P, H, W, C], the pairs in consecutive rows. The latents are
   `make_latents(images, noise_rng)` (`interpolation_latents`), decoded with loop key loop_rng,
-  where (noise_rng, loop_rng) = split(rng).
+  where (noise_rng, loop_rng) = split(rng). A class-conditional model decodes them as
+  `null_class` says: with the null label, unconditionally, since the pairs may differ in class.
   """
   noise_rng, loop_rng = jax.random.split(rng)
+  latents = make_latents(images, noise_rng)
   decoded, _ = loop.run(
-    make_latents(images, noise_rng), loop_rng, num_timesteps - 1 - t, num_timesteps
+    latents,
+    loop_rng,
+    num_timesteps - 1 - t,
+    num_timesteps,
+    labels=_labels(latents, null_class),
   )
   num_pairs = len(images) // 2
   decoded = mesh_lib.gather(decoded)[: num_pairs * num_steps].reshape(
@@ -172,6 +188,13 @@ def interpolation(
   )
   x_start = np.asarray(image_io.to_model_range(images)).reshape(num_pairs, 2, 1, *images.shape[1:])
   return np.concatenate([x_start[:, 0], decoded, x_start[:, 1]], axis=1)
+
+
+def _labels(x: jax.Array, classes: conditioning.Conditioning | None) -> jax.Array | None:
+  """The labels of the rows of x, sharded like it: `classes.labels(0, B)`; None for None."""
+  if classes is None:
+    return None
+  return sample_loop.sharded_like(x, classes.labels(0, x.shape[0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +272,14 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   # The compiled loops.
   # ---------------------------------------------------------------------------------------------
   init = sample_loop.create_init_fn(diffusion, mesh)
-  ancestral = sample_loop.create_chunk_fn(diffusion, model, mesh, samplers.Ancestral())
+  scale = sampling.guidance_scale
+  ancestral = sample_loop.create_chunk_fn(diffusion, model, mesh, samplers.Ancestral(), scale)
+  classes = conditioning.Conditioning.from_config(config)
+  class_names = None
+  if classes is not None:  # Those of the training run, else those of the dataset.
+    class_names = (
+      conditioning.read_class_names(workdir) or data.get_dataset_info(config).class_names
+    )
   num_timesteps = diffusion.num_timesteps
   suffix = f'step_{step:08d}_seed_{config.seed}'
 
@@ -264,7 +294,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       images = sample_loop.draw_samples(
         ancestral
         if sampler == samplers.Ancestral()
-        else sample_loop.create_chunk_fn(diffusion, model, mesh, sampler),
+        else sample_loop.create_chunk_fn(diffusion, model, mesh, sampler, scale),
         init,
         params,
         batch_rng=sample_loop.seed_batch_rng(config.seed),
@@ -272,12 +302,25 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
         batch_size=sampling.batch_size,
         image_shape=image_shape,
         num_steps=sampler.num_steps(num_timesteps),
+        classes=classes,
       )
-      name = f'samples_{sampler.tag}_{suffix}'
-      return {
-        f'{name}.npz': functools.partial(image_io.save_npz, samples=images),
-        f'{name}.png': functools.partial(image_io.save_grid, images=images[:MAX_GRID_IMAGES]),
-      }
+      if classes is None:
+        name = f'samples_{sampler.tag}_{suffix}'
+        grid = functools.partial(image_io.save_grid, images=images[:MAX_GRID_IMAGES])
+        arrays = {'samples': images}
+      else:
+        name = f'samples_{sampler.tag}_{classes.tag}_{suffix}'
+        labels = classes.labels(0, len(images))
+        shown = slice(0, MAX_GRID_IMAGES)
+        grid = functools.partial(
+          image_io.save_png,
+          image=image_io.class_grid(images[shown], labels[shown], classes.classes),
+          upscale=image_io.upscale_factor(size),
+        )
+        arrays = {'samples': images, 'labels': labels}
+        if class_names is not None:
+          arrays['class_names'] = np.asarray(class_names)
+      return {f'{name}.npz': functools.partial(image_io.save_npz, **arrays), f'{name}.png': grid}
 
     rng = figure_rng(config.seed, kind)
     if kind == 'progressive':
@@ -291,6 +334,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
           every=sampling.progressive_every,
           image_shape=image_shape,
           num_timesteps=num_timesteps,
+          classes=classes,
         )
     elif kind == 'denoising_chain':
       ts = tuple(sorted(set(sampling.chain_t), reverse=True))
@@ -308,6 +352,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
           num_samples=sampling.chain_samples,
           image_shape=image_shape,
           num_timesteps=num_timesteps,
+          classes=classes,
         )
     else:
       num_rows = len(test_images) // 2 * sampling.interpolation_steps
@@ -331,6 +376,11 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
           t=sampling.interpolation_t,
           num_steps=sampling.interpolation_steps,
           num_timesteps=num_timesteps,
+          null_class=None
+          if classes is None
+          else conditioning.Conditioning(
+            (conditioning.null_label(config.model.num_classes),), scale
+          ),
         )
     return {f'{kind}_{suffix}.png': functools.partial(image_io.save_figure, figure=figure)}
 

@@ -42,6 +42,18 @@ def image_grid(images: np.ndarray, num_cols: int | None = None, padding: int = 1
   return grid
 
 
+def class_grid(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
+  """`image_grid` with one row per class of `classes` (in that order): the images of label c,
+  in their order, on row c's, black where a class has fewer than the most."""
+  rows = [images[labels == c] for c in dict.fromkeys(classes)]
+  num_cols = max(len(row) for row in rows)
+  padded = [
+    np.concatenate([row, np.zeros((num_cols - len(row), *images.shape[1:]), np.uint8)])
+    for row in rows
+  ]
+  return image_grid(np.concatenate(padded), num_cols)
+
+
 def upscale_factor(image_size: int) -> int:
   """How much to enlarge small images (8x8 digits) in PNG grids so that they can be seen."""
   return max(1, 64 // image_size)

@@ -38,31 +38,41 @@ import tqdm
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
+from ddpm_jax import conditioning, image_io, progress, samplers
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import image_io, progress, samplers
 from ddpm_jax import mesh as mesh_lib
 
 # How long one compiled chunk of steps should take: how often the progress bar moves.
 SECONDS_PER_CHUNK = 2.0
 
-# `run_chunk(params, x, pred_xstart, loop_rng, start, stop) -> (x, pred_xstart)`.
-ChunkFn = Callable[[Any, jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, jax.Array]]
+# `run_chunk(params, x, pred_xstart, loop_rng, start, stop, labels) -> (x, pred_xstart)`.
+ChunkFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def make_model_fn(
-  model: nn.Module, params, sharding: jax.sharding.Sharding | None = None
+  model: nn.Module,
+  params,
+  sharding: jax.sharding.Sharding | None = None,
+  *,
+  labels: jax.Array | None = None,
+  guidance_scale: float = 1.0,
 ) -> diffusion_lib.ModelFn:
   """The network as `model_fn(x, t)` for the diffusion functions, in inference mode.
 
   With `sharding` (inside jit), x is constrained to it: the batch stays split over the devices.
+  A class-conditional network is given `labels` int [B] and guided with `guidance_scale`
+  (`conditioning.guided_model_fn`); an unconditional one, labels None.
   """
 
-  def model_fn(x, t):
+  def apply(x, t, y=None):
     if sharding is not None:
       x = jax.lax.with_sharding_constraint(x, sharding)
-    return model.apply({'params': params}, x, t, train=False)
+    inputs = (x, t) if y is None else (x, t, y)
+    return model.apply({'params': params}, *inputs, train=False)
 
-  return model_fn
+  if labels is None:
+    return apply
+  return conditioning.guided_model_fn(apply, labels, guidance_scale, model.num_classes)
 
 
 def create_chunk_fn(
@@ -70,19 +80,27 @@ def create_chunk_fn(
   model: nn.Module,
   mesh: jax.sharding.Mesh,
   sampler: samplers.Sampler,
+  guidance_scale: float = 1.0,
 ) -> ChunkFn:
-  """The compiled `run_chunk(params, x, pred_xstart, loop_rng, start, stop) -> (x, pred_xstart)`.
+  """The compiled `run_chunk(params, x, pred_xstart, loop_rng, start, stop, labels=None) ->
+  (x, pred_xstart)`.
 
   Runs steps [start, stop) of the sampler (`GaussianDiffusion.sample_steps` of its `StepFn`) on
   x, float32 [B, H, W, C] (B a multiple of the device count; the result is sharded along B);
   pred_xstart is that of step start-1 in, that of step stop-1 out. start and stop are traced:
-  one compilation per batch shape serves every range.
+  one compilation per batch shape serves every range. labels: int32 [B], the classes of a
+  class-conditional model, guided with `guidance_scale` (`make_model_fn`); None for an
+  unconditional one.
   """
   batch_sharding = mesh_lib.batch_sharded(mesh)
 
-  def run_chunk(params, x, pred_xstart, loop_rng, start, stop):
-    step = sampler.step_fn(diffusion, make_model_fn(model, params, batch_sharding))
-    out = diffusion.sample_steps(step, x, pred_xstart, loop_rng, start, stop)
+  def run_chunk(params, x, pred_xstart, loop_rng, start, stop, labels=None):
+    model_fn = make_model_fn(
+      model, params, batch_sharding, labels=labels, guidance_scale=guidance_scale
+    )
+    out = diffusion.sample_steps(
+      sampler.step_fn(diffusion, model_fn), x, pred_xstart, loop_rng, start, stop
+    )
     return out['sample'], out['pred_xstart']
 
   return jax.jit(run_chunk, out_shardings=(batch_sharding, batch_sharding))
@@ -114,9 +132,16 @@ class ChunkedLoop:
     self._chunk_steps = 1
 
   def run(
-    self, x: jax.Array, loop_rng: jax.Array, start: int, stop: int, keep: Iterable[int] = ()
+    self,
+    x: jax.Array,
+    loop_rng: jax.Array,
+    start: int,
+    stop: int,
+    keep: Iterable[int] = (),
+    labels: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[int, tuple[jax.Array, jax.Array | None]]]:
-    """Runs steps [start, stop) on x (for a multistep sampler, start is 0).
+    """Runs steps [start, stop) on x (for a multistep sampler, start is 0), of the classes
+    `labels` (int32 [B], sharded like x) for a class-conditional model.
 
     Returns the final x and, for each s in `keep` (start <= s <= stop), the state after steps
     [start, s): `(x, pred_xstart of step s - 1)`, with pred_xstart None for s == start.
@@ -129,7 +154,7 @@ class ChunkedLoop:
         size = min(self._chunk_steps, boundary - step)
         began = time.perf_counter()
         x, pred_xstart = self._run_chunk(
-          self._params, x, pred_xstart, loop_rng, np.int32(step), np.int32(step + size)
+          self._params, x, pred_xstart, loop_rng, np.int32(step), np.int32(step + size), labels
         )
         x.block_until_ready()
         self._resize(size, time.perf_counter() - began)
@@ -144,6 +169,11 @@ class ChunkedLoop:
     if jax.process_count() > 1:
       size = int(multihost_utils.broadcast_one_to_all(np.int32(size)))
     self._chunk_steps = size
+
+
+def sharded_like(x: jax.Array, values: np.ndarray) -> jax.Array:
+  """`values` [B, ...] (the same on every process) as a global array sharded along B like x."""
+  return jax.make_array_from_callback(values.shape, x.sharding, lambda index: values[index])
 
 
 def seed_batch_rng(seed: int) -> Callable[[int], jax.Array]:
@@ -164,12 +194,14 @@ def draw_samples(
   desc: str = 'samples',
   load: Callable[[int], np.ndarray | None] | None = None,
   save: Callable[[int, np.ndarray], None] | None = None,
+  classes: conditioning.Conditioning | None = None,
 ) -> np.ndarray:
   """`num_samples` images, uint8 [N, H, W, C] in 0..255, in batches of `batch_size`.
 
   Batch b starts from `init(shape, batch_rng(b))` and runs `num_steps` steps of `run_chunk`,
   with a progress bar. When N is below the batch size, the one batch is N rounded up to the
-  device count (the same images: see the module docstring).
+  device count (the same images: see the module docstring). For a class-conditional model,
+  `classes` gives sample i its label, `classes.labels(i, 1)`.
 
   Resuming (eval): `load(b)` returns batch b's images if they were drawn before (else None), and
   `save(b, images)` is called with every batch drawn, the last one trimmed to N.
@@ -183,7 +215,10 @@ def draw_samples(
       images = load(b) if load is not None else None
       if images is None:
         x, loop_rng = init((batch_size, *image_shape), batch_rng(b))
-        x, _ = loop.run(x, loop_rng, 0, num_steps)
+        labels = None
+        if classes is not None:
+          labels = sharded_like(x, classes.labels(b * batch_size, batch_size))
+        x, _ = loop.run(x, loop_rng, 0, num_steps, labels=labels)
         images = image_io.to_uint8(mesh_lib.gather(x))[: num_samples - b * batch_size]
         if save is not None:
           save(b, images)

@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 import ml_collections
 import numpy as np
 
+from ddpm_jax import conditioning, validation
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import validation
 
 # The kinds of output of --mode=sample (`ddpm_jax/generate.py`).
 KINDS = ('samples', 'progressive', 'denoising_chain', 'interpolation')
@@ -227,7 +227,8 @@ def check_sampler(
   config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
 ) -> None:
   """Raises ValueError unless `config.sampling`'s sampler and its settings can draw samples from
-  `diffusion` (checked by every mode that samples: the grids of training too)."""
+  `diffusion`, and its classes and guidance scale from `config.model` (checked by every mode
+  that samples: the grids of training too)."""
   sampling = config.sampling
   validation.require(
     sampling.sampler in SAMPLERS,
@@ -235,6 +236,7 @@ def check_sampler(
     f'{", ".join(SAMPLERS)}.',
   )
   SAMPLERS[sampling.sampler].check(sampling, diffusion)
+  conditioning.check_sampling(config)
 
 
 def parse_kinds(kinds: str) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from ddpm_jax import (
   checkpoints,
   checks,
+  conditioning,
   data,
   image_io,
   models,
@@ -107,22 +108,35 @@ def create_train_step(
   *,
   ema_starts_as_copy: bool,
 ):
-  """The pure update `(state, images uint8 [B, H, W, C]) -> (state, metrics)` (to be compiled by
-  the caller). `ema_starts_as_copy`: whether the update of step 0 makes the EMA a copy of the
-  params, as the original does for a fresh run; a run from `training.init_from` passes False, to
-  continue the EMA it starts from."""
-  ema_decay = config.training.ema_decay
+  """The pure update `(state, batch) -> (state, metrics)` (to be compiled by the caller).
 
-  def train_step(state: TrainState, images: jax.Array):
+  batch: {'image': uint8 [B, H, W, C]}, and for a class-conditional model 'label': int32 [B],
+  each label replaced by the null class with probability `training.label_dropout`
+  (`conditioning.drop_labels`). `ema_starts_as_copy`: whether the update of step 0 makes the
+  EMA a copy of the params, as the original does for a fresh run; a run from
+  `training.init_from` passes False, to continue the EMA it starts from.
+  """
+  ema_decay = config.training.ema_decay
+  num_classes = config.model.num_classes
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = step_rngs(config.seed, state.step)
-    flip_rng, t_rng, noise_rng, dropout_rng = jax.random.split(rng, 4)
-    x_start = preprocess(images, flip_rng, config.data.random_flip)
+    # A fifth key for the labels' dropout: the four of an unconditional step stay as they were.
+    flip_rng, t_rng, noise_rng, dropout_rng, *label_rng = jax.random.split(
+      rng, 5 if num_classes else 4
+    )
+    x_start = preprocess(batch['image'], flip_rng, config.data.random_flip)
     t = jax.random.randint(t_rng, (x_start.shape[0],), 0, diffusion.num_timesteps)
     noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+    labels = None
+    if num_classes:
+      rate = config.training.label_dropout
+      labels = conditioning.drop_labels(batch['label'], label_rng[0], rate, num_classes)
 
     def loss_fn(params):
       def model_fn(x, t):
-        return model.apply({'params': params}, x, t, train=True, rngs={'dropout': dropout_rng})
+        inputs = (x, t) if labels is None else (x, t, labels)
+        return model.apply({'params': params}, *inputs, train=True, rngs={'dropout': dropout_rng})
 
       return jnp.mean(diffusion.training_losses(model_fn, x_start, t, noise))
 
@@ -146,26 +160,30 @@ def create_train_step(
 
 
 def create_train_call(train_step):
-  """One call of the loop, `(state, images uint8 [k, B, H, W, C], n) -> (state, metrics, each
-  [k])`: n <= k updates of `train_step`, the one pure step of `create_train_step`.
+  """One call of the loop, `(state, batches, n) -> (state, metrics, each [k])`: n <= k updates
+  of `train_step`, the one pure step of `create_train_step`.
 
-  A `fori_loop` of `train_step` over images[0], ..., images[n - 1] (the batches of n consecutive
-  steps), so the host dispatches once per n steps; metrics[i] is that of the update of
-  images[i], zero for i >= n. The trip count n is an argument, not a shape, so one compiled
-  program runs every call of a run, the short ones that end at a boundary too. It also keeps the
-  updates bitwise the same for any k and n: XLA compiles the step differently at the top level,
-  and inside a loop of known trip count differently for each count (on CPU the params differ
-  after a few steps), but the body of a loop of traced trip count the same way for every k.
+  batches: the batches of k steps stacked, {'image': uint8 [k, B, H, W, C]} (and 'label' int32
+  [k, B] for a class-conditional model). A `fori_loop` of `train_step` over batches 0, ..., n - 1
+  (those of n consecutive steps), so the host dispatches once per n steps; metrics[i] is that of
+  the update of batch i, zero for i >= n. The trip count n is an argument, not a shape, so one
+  compiled program runs every call of a run, the short ones that end at a boundary too. It also
+  keeps the updates bitwise the same for any k and n: XLA compiles the step differently at the top
+  level, and inside a loop of known trip count differently for each count (on CPU the params
+  differ after a few steps), but the body of a loop of traced trip count the same way for every
+  k.
   """
 
-  def train_call(state: TrainState, images: jax.Array, num_steps: jax.Array):
+  def train_call(state: TrainState, batches: dict[str, jax.Array], num_steps: jax.Array):
     def body(i, carry):
       state, metrics = carry
-      state, step_metrics = train_step(state, images[i])
+      state, step_metrics = train_step(state, jax.tree.map(lambda b: b[i], batches))
       return state, jax.tree.map(lambda m, v: m.at[i].set(v), metrics, step_metrics)
 
-    step_metrics = jax.eval_shape(train_step, state, images[0])[1]
-    metrics = jax.tree.map(lambda m: jnp.zeros((images.shape[0], *m.shape), m.dtype), step_metrics)
+    first = jax.tree.map(lambda b: b[0], batches)
+    step_metrics = jax.eval_shape(train_step, state, first)[1]
+    num_batches = batches['image'].shape[0]
+    metrics = jax.tree.map(lambda m: jnp.zeros((num_batches, *m.shape), m.dtype), step_metrics)
     return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
 
   return train_call
@@ -202,7 +220,10 @@ def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
   """Fresh parameters (the original initializers), EMA = params, Adam state zero."""
   size, channels = config.data.image_size, config.data.num_channels
   x = jnp.zeros((1, size, size, channels), jnp.float32)
-  params = model.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)['params']
+  inputs = (x, jnp.zeros((1,), jnp.int32))
+  if config.model.num_classes:
+    inputs += (jnp.zeros((1,), jnp.int32),)  # A label.
+  params = model.init(rng, *inputs, train=False)['params']
   return TrainState(
     step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
   )
@@ -217,14 +238,17 @@ def check_config(
   config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion
 ) -> None:
   """Raises ValueError, naming the field, for a `config.training` that cannot work, before
-  anything compiles: batch sizes that do not split over the devices, the sampler of the sample
-  grids (`config.sampling`'s), steps_per_call, lr_decay. (Run by `checks.check_config` after
+  anything compiles: batch sizes that do not split over the devices, the sampler, classes and
+  guidance of the sample grids (`config.sampling`'s), label_dropout, steps_per_call, lr_decay.
+  (Run by `checks.check_config` after
   the data, model and diffusion; a checkpoint to resume or start from is checked as it is
   restored, `restore_or_initialize`.)"""
   training = config.training
   validation.validate_batch_size(training.batch_size, 'config.training.batch_size')
   validation.validate_batch_size(training.num_sample_images, 'config.training.num_sample_images')
   samplers.check_sampler(config, diffusion)
+  if config.model.num_classes:
+    conditioning.check_training(config)
   validation.require(
     validation.is_int(training.steps_per_call) and training.steps_per_call >= 1,
     'config.training.steps_per_call must be a positive integer (the train steps of one compiled '
@@ -311,28 +335,30 @@ def fine_tune(
 
 
 def call_batches(
-  batches: Iterator[tuple[int, np.ndarray]],
+  batches: Iterator[tuple[int, dict[str, np.ndarray]]],
   step: int,
   training: ml_collections.ConfigDict,
   sharding: jax.sharding.Sharding,
-) -> tuple[jax.Array, int]:
+) -> tuple[dict[str, jax.Array], int]:
   """The batches of the call that starts after `step` updates, on the devices, and their number.
 
-  Returns (images, n): n = `call_length(step)`, and images uint8 [k, B, H, W, C] sharded over
-  B, the batches of steps step, ..., step + n - 1 (the next n of `batches`, (step, images) of
-  this process), then k - n of zeros (k = steps_per_call: one shape for every call). The transfer
-  does not wait for the call that is running: sent right after that call is dispatched, it
-  overlaps that call's compute.
+  Returns (batches, n): n = `call_length(step)`, and the batches of steps step, ...,
+  step + n - 1 (the next n of `batches`, (step, batch) of this process), then k - n of zeros
+  (k = steps_per_call: one shape for every call), stacked and sharded over B: 'image' uint8
+  [k, B, H, W, C] (and 'label' int32 [k, B]). The transfer does not wait for the call that is
+  running: sent right after that call is dispatched, it overlaps that call's compute.
   """
   num_steps = call_length(step, training)
-  local_images = []
+  local = []
   for expected_step in range(step, step + num_steps):
-    batch_step, images = next(batches)
+    batch_step, batch = next(batches)
     assert batch_step == expected_step, (batch_step, expected_step)
-    local_images.append(images)
-  local_images += [np.zeros_like(local_images[0])] * (training.steps_per_call - num_steps)
-  images = jax.make_array_from_process_local_data(sharding, np.stack(local_images))
-  return images, num_steps
+    local.append(batch)
+  local += [jax.tree.map(np.zeros_like, local[0])] * (training.steps_per_call - num_steps)
+  stacked = jax.tree.map(lambda *arrays: np.stack(arrays), *local)
+  return jax.tree.map(
+    lambda a: jax.make_array_from_process_local_data(sharding, a), stacked
+  ), num_steps
 
 
 def log_metrics(
@@ -411,10 +437,14 @@ def create_sample_grid_fn(
 ) -> Callable[[Any], np.ndarray]:
   """`ema_params -> grid`: `training.num_sample_images` samples of config.sampling's sampler,
   from the same x_T at every grid of a run (the seed's sample key), tiled into one uint8 image
-  [rows * (H + 1) + 1, cols * (W + 1) + 1, C] (`image_io.image_grid`)."""
+  [rows * (H + 1) + 1, cols * (W + 1) + 1, C] (`image_io.image_grid`); for a class-conditional
+  model, of config.sampling's classes and guidance, one row per class (`image_io.class_grid`)."""
   sampler = samplers.from_config(config)
+  classes = conditioning.Conditioning.from_config(config)
   sample_init = sample_loop.create_init_fn(diffusion, mesh)
-  sample_chunk = sample_loop.create_chunk_fn(diffusion, model, mesh, sampler)
+  sample_chunk = sample_loop.create_chunk_fn(
+    diffusion, model, mesh, sampler, config.sampling.guidance_scale
+  )
   sample_rng = root_rngs(config.seed)[2]
   size, channels = config.data.image_size, config.data.num_channels
   num_images = config.training.num_sample_images
@@ -429,8 +459,11 @@ def create_sample_grid_fn(
       batch_size=num_images,
       image_shape=(size, size, channels),
       num_steps=sampler.num_steps(diffusion.num_timesteps),
+      classes=classes,
     )
-    return image_io.image_grid(images)
+    if classes is None:
+      return image_io.image_grid(images)
+    return image_io.class_grid(images, classes.labels(0, num_images), classes.classes)
 
   return sample_grid
 
@@ -499,6 +532,8 @@ def train(
   # Check everything that can be checked before compiling.
   diffusion = checks.check_config(config, check_config)
   workdir_path = validation.ensure_writable(workdir)
+  if config.model.num_classes:  # For sampling: the names of the labels.
+    conditioning.write_class_names(workdir_path, data.get_dataset_info(config).class_names)
 
   # Set up mesh, model, optimizer; restore the latest checkpoint, or start afresh.
   mesh = mesh_lib.create_mesh()
@@ -550,24 +585,24 @@ def train(
     seed=config.seed,
     buffer_size=2 * training.steps_per_call,
   )
-  # The batches of one call, uint8 [k, B, H, W, C]: the batch axis B split over all devices.
+  # The batches of one call, [k, B, ...]: the batch axis B split over all devices.
   batches_sharding = mesh_lib.stacked_batches_sharded(mesh)
   pending_metrics = []  # (n, metrics [k]) of each call since the last log.
   last_log = start_step, time.time()
   try:
     step, num_calls = start_step, 0
     if step < training.num_train_steps:
-      images, num_steps = call_batches(batches, step, training, batches_sharding)
+      call_input, num_steps = call_batches(batches, step, training, batches_sharding)
     while step < training.num_train_steps:
       # Dispatched: it runs while the host goes on.
-      state, metrics = train_call(state, images, num_steps)
+      state, metrics = train_call(state, call_input, num_steps)
       pending_metrics.append((num_steps, metrics))
       step += num_steps
       num_calls += 1
       done = step == training.num_train_steps
       if not done:
         # The next call's input, sent before waiting on this call.
-        images, num_steps = call_batches(batches, step, training, batches_sharding)
+        call_input, num_steps = call_batches(batches, step, training, batches_sharding)
       preempted = preemption.reached(num_calls)
       save = step % training.checkpoint_every_steps == 0 or done or preempted
       if save or step % training.log_every_steps == 0:

@@ -3,7 +3,6 @@
 import importlib
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from ddpm_jax import checks, models
@@ -16,6 +15,10 @@ EXPECTED = {
   'lsun_bedroom256': ('lsun/bedroom', 113_673_219),
   'lsun_cat256': ('lsun/cat', 113_673_219),
   'digits': ('digits', 1_001_729),
+  # The unconditional counts plus the class embedding, 11 rows (10 classes and the null one) of
+  # the timestep embedding's width 4 ch.
+  'digits_cond': ('digits', 1_001_729 + 11 * 4 * 32),
+  'cifar10_cond': ('cifar10', 35_746_307 + 11 * 4 * 128),
 }
 
 
@@ -26,14 +29,7 @@ def test_config(name):
   assert config.data.dataset == dataset
   checks.check_config(config)
   size, channels = config.data.image_size, config.data.num_channels
-  shapes = jax.eval_shape(
-    lambda: models.create_model(config).init(
-      jax.random.key(0),
-      jnp.zeros((1, size, size, channels)),
-      jnp.zeros((1,), jnp.int32),
-      train=False,
-    )
-  )
+  shapes = models.param_shapes(models.create_model(config), size, channels)
   assert sum(x.size for x in jax.tree.leaves(shapes)) == num_params
 
 

@@ -104,7 +104,7 @@ def test_ema_follows_the_recurrence_with_the_configured_decay():
 
   expected = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
   for k in range(5):
-    state, _ = step(state, images)
+    state, _ = step(state, {'image': images})
     decay = 1e-10 if k == 0 else 0.5
     expected = jax.tree.map(
       lambda e, p, d=decay: d * e + (1 - d) * np.asarray(p, np.float64), expected, state.params
@@ -157,7 +157,7 @@ def test_loss_is_l_simple_averaged_over_batch_height_width_and_channels():
   images = np.random.default_rng(0).integers(0, 256, (8, 4, 6, 3), dtype=np.uint8)
   _, metrics = jax.jit(
     train.create_train_step(config, model, diffusion, tx, schedule, ema_starts_as_copy=True)
-  )(state, jnp.asarray(images))
+  )(state, {'image': jnp.asarray(images)})
   assert seen
   x_t, t = seen[-1][0].astype(np.float64), seen[-1][1]
   assert len(set(t.tolist())) > 1  # Examples at different t, so their losses differ.
