@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   # jax.nn.dot_product_attention's implementation: None (XLA, any device) or 'cudnn' (cuDNN's
   # fused attention: NVIDIA GPUs, bfloat16, head size = channels at the attention resolution).
   model.attention_impl = ml_collections.config_dict.placeholder(str)
+  # Class conditioning: 0 (the paper's) is unconditional; K > 0 conditions the U-Net on a label
+  # y in [0, K] through a learned embedding added to the timestep embedding (label_emb, [K + 1,
+  # 4 ch]), label K being the null ("no class") label of classifier-free guidance.
+  model.num_classes = 0
 
   # The diffusion process and its parameterization.
   config.diffusion = diffusion = ml_collections.ConfigDict()

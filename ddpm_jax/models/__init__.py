@@ -1,6 +1,12 @@
 """Networks. `create_model(config)` builds the U-Net that a project config describes,
 `check_config(config)` checks that description, and `param_shapes` gives the shapes of its
-parameters."""
+parameters.
+
+With `config.model.num_classes` = K > 0 the U-Net is class-conditional: it is called as
+`model.apply(variables, x, t, y, train=...)` with y [B] int32 labels in [0, K], K being the null
+label of classifier-free guidance, and its params have `label_emb/embedding` [K + 1, 4 ch]
+(`unet.UNet`). With K = 0 (the default) it is the original unconditional network, called without
+y."""
 
 import functools
 from typing import Any
@@ -28,6 +34,7 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
     dtype=jnp.dtype(config.model.dtype),
     remat=config.model.remat,
     attention_impl=config.model.attention_impl,
+    num_classes=config.model.num_classes,
   )
 
 
@@ -61,16 +68,27 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       'jax.nn.dot_product_attention), '
       f'got {config.model.attention_impl!r}.'
     )
+  num_classes = config.model.num_classes
+  # bool is an int in Python: True would silently mean one class.
+  if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+    raise ValueError(
+      'config.model.num_classes must be an int >= 0 (0: unconditional; K > 0: labels 0..K-1 '
+      f'and the null label K), got {num_classes!r}.'
+    )
 
 
 def param_shapes(model: UNet, image_size: int, num_channels: int) -> Any:
   """The parameters of `model` for images [B, image_size, image_size, num_channels], as a tree of
-  jax.ShapeDtypeStruct: traced with jax.eval_shape, no arrays, no compute."""
+  jax.ShapeDtypeStruct: traced with jax.eval_shape, no arrays, no compute. A class-conditional
+  model is traced with labels y [1] (its `label_emb`)."""
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  y = (jax.ShapeDtypeStruct((1,), jnp.int32),) if model.num_classes else ()
   return jax.eval_shape(
     functools.partial(model.init, train=False),
     jax.random.key(0),
     jax.ShapeDtypeStruct((1, image_size, image_size, num_channels), jnp.float32),
-    jax.ShapeDtypeStruct((1,), jnp.int32),
+    t,
+    *y,
   )['params']
 
 

@@ -4,7 +4,7 @@ A PixelCNN++-style U-Net: ResNet blocks conditioned on a sinusoidal timestep emb
 self-attention at chosen resolutions, GroupNorm, swish. The parameter tree mirrors the original
 variable scopes so that official weights map over by name (`ddpm_jax/pretrained/`):
 
-  temb/dense{0,1}, conv_in,
+  temb/dense{0,1}, [label_emb], conv_in,
   down_{i}/block_{j}/{norm1, conv1, temb_proj, norm2, conv2, nin_shortcut},
   down_{i}/attn_{j}/{norm, q, k, v, proj_out}, down_{i}/downsample/conv,
   mid/{block_1, attn_1, block_2},
@@ -12,6 +12,15 @@ variable scopes so that official weights map over by name (`ddpm_jax/pretrained/
   norm_out, conv_out.
 
 Level i runs at resolution image_size / 2**i on both paths; up_{i} has num_res_blocks + 1 blocks.
+
+A class-conditional network (`num_classes` = K > 0; the original is unconditional) also has
+`label_emb/embedding` [K + 1, 4 ch], one learned vector per label y in [0, K], added to the
+timestep embedding after its MLP: temb = dense1(swish(dense0(sinusoidal(t)))) + label_emb[y], as
+improved-diffusion (`label_emb`) and diffusers' UNet2DModel (`class_embedding`, class_embed_type
+None) condition theirs. Label K is the null ("no class") label of classifier-free guidance (Ho &
+Salimans 2022): the network trained with labels dropped to K is the unconditional model. With
+K = 0 there is no such parameter, and the network is the original's, parameters and outputs
+alike.
 Convolutions and dense layers compute in `dtype`; parameters, GroupNorm and the attention softmax
 stay float32. With `remat`, each ResNet and attention block is a `jax.checkpoint`: its activations
 are recomputed in the backward pass instead of kept, which cuts the peak memory of training at the
@@ -31,6 +40,10 @@ from jax import lax
 # The original's init scale "0": conv2 of every ResNet block, proj_out and conv_out start near zero
 # so that each residual branch, and the network output, starts close to the identity / zero.
 ZERO_ISH = 1e-10
+# The class embedding's init: N(0, 1) per entry, torch nn.Embedding's default, with which
+# improved-diffusion / guided-diffusion (`label_emb`) and diffusers (`class_embedding`) start
+# theirs; not Flax's nn.Embed default (std 1 / sqrt(4 ch)). The original has no class embedding.
+LABEL_EMB_INIT = nn.initializers.normal(stddev=1.0)
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -472,6 +485,8 @@ class UNet(nn.Module):
     remat: recompute each ResNet / attention block's activations in the backward pass
       (jax.checkpoint) instead of storing them: less memory, the same function.
     attention_impl: `jax.nn.dot_product_attention`'s implementation: None (XLA) or 'cudnn'.
+    num_classes: K > 0: conditioned on a label y in [0, K] (K: the null label of classifier-free
+      guidance) through `label_emb` [K + 1, 4 ch]; 0: unconditional, the original network.
   """
 
   ch: int
@@ -484,21 +499,50 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: str | None = None
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool
+  ) -> jax.Array:
     """Predicts the model output (eps, x0 or the posterior mean, and maybe a variance).
 
     Args:
       x: [B, H, W, C] noisy images, in [-1, 1] at t = 0.
       t: [B] int32 timesteps in [0, T).
+      y: [B] int32 class labels in [0, num_classes], num_classes being the null label; required
+        when num_classes > 0, refused when it is 0. The values are not checked (they may be
+        traced): a label above num_classes gives NaN outputs (jnp.take's fill), a negative one
+        counts from the end (-1 is the null label), as NumPy indexing does.
       train: enables dropout; needs rngs={'dropout': key} when dropout > 0.
 
     Returns:
       [B, H, W, out_ch] float32.
+
+    Raises:
+      ValueError: y missing for a class-conditional network, given to an unconditional one, or
+        not of shape [B].
     """
     num_levels = len(self.ch_mult)
-    temb = TimestepEmbedding(self.ch, self.dtype, name='temb')(t)
+    temb = TimestepEmbedding(self.ch, self.dtype, name='temb')(t)  # [B, 4 ch]
+    if self.num_classes:
+      if y is None:
+        raise ValueError(
+          f'This U-Net is class-conditional (num_classes = {self.num_classes}): pass y, [B] int '
+          f'labels in [0, {self.num_classes}], {self.num_classes} being the null label.'
+        )
+      if y.shape != x.shape[:1]:
+        raise ValueError(f'y must have shape [B] = {x.shape[:1]}, got {y.shape}.')
+      label_emb = nn.Embed(
+        self.num_classes + 1,
+        4 * self.ch,
+        dtype=self.dtype,
+        embedding_init=LABEL_EMB_INIT,
+        name='label_emb',
+      )
+      temb += label_emb(y)  # [B, 4 ch]
+    elif y is not None:
+      raise ValueError('This U-Net is unconditional (num_classes = 0): it takes no labels y.')
 
     hs = [_conv(self.ch, 'conv_in', self.dtype)(x)]
     for i_level, mult in enumerate(self.ch_mult):

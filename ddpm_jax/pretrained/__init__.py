@@ -24,6 +24,10 @@ parameters and the EMA parameters of a checkpoint in `workdir/checkpoints`, at t
 `model.ckpt-N` (else 0, or --step). From TF checkpoints it takes the EMA weights, which the paper
 samples from; --nouse_ema takes the raw training weights instead.
 
+A class-conditional diffusers UNet2DModel (`num_class_embeds` = N, `class_embed_type` null) is
+imported as a U-Net with `model.num_classes` = N - 1, its last embedding row read as the null label
+(`diffusers`); the original TF checkpoints are all unconditional.
+
 Imports are strict: every parameter of our tree must come from exactly one tensor of the expected
 shape, and every model tensor in the source must be used; anything else raises a ValueError that
 names the tensors.

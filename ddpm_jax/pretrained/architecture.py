@@ -15,7 +15,15 @@ ParamPath = tuple[str, ...]
 
 # The attributes of the UNet that `models.create_model` builds which the weights fix, in the order
 # errors list them.
-ARCH_FIELDS = ('ch', 'out_ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'resamp_with_conv')
+ARCH_FIELDS = (
+  'ch',
+  'out_ch',
+  'ch_mult',
+  'num_res_blocks',
+  'attn_resolutions',
+  'resamp_with_conv',
+  'num_classes',
+)
 
 
 def unet_config(
@@ -29,6 +37,7 @@ def unet_config(
   num_channels: int,
   dropout: float = 0.0,
   resamp_with_conv: bool = True,
+  num_classes: int = 0,
 ) -> ml_collections.ConfigDict:
   """The U-Net of a set of weights, described as a project config describes one: the `model`
   section of configs/default.py with the `data` image shape and the `diffusion.model_var_type`,
@@ -36,7 +45,8 @@ def unet_config(
 
   The output channels tell only whether the variance is learned (2 * num_channels) or not
   (num_channels); which fixed or learned variance is a sampling setting, here 'fixedlarge' or
-  'learned', and the U-Net is the same for either.
+  'learned', and the U-Net is the same for either. `num_classes` > 0: a class-conditional U-Net
+  (labels 0..num_classes, the last the null label; its `label_emb` [num_classes + 1, 4 ch]).
 
   Raises:
     ValueError: when out_ch is neither num_channels nor 2 * num_channels.
@@ -59,6 +69,7 @@ def unet_config(
         dtype='float32',
         remat=False,
         attention_impl=None,
+        num_classes=num_classes,
       ),
       diffusion=dict(model_var_type='fixedlarge' if out_ch == num_channels else 'learned'),
     )
@@ -132,8 +143,8 @@ def check_weights_match_config(
 
   `model_config` is the weights' U-Net (`model_config_from_diffusers`, ...). Compares image size
   and channels of the two `data` sections and the U-Nets that `models.create_model` builds from
-  both (ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv). Dropout is not
-  compared: it does not change the function used for sampling.
+  both (ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv, num_classes).
+  Dropout is not compared: it does not change the function used for sampling.
   """
   weights, model = models.create_model(model_config), models.create_model(config)
   fields = [

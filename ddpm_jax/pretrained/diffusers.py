@@ -1,5 +1,13 @@
 """The diffusers ports of the official weights (UNet2DModel: `config.json` and
-`diffusion_pytorch_model.safetensors`; REFERENCE.md, "Official weights", "Keys") as our params."""
+`diffusion_pytorch_model.safetensors`; REFERENCE.md, "Official weights", "Keys") as our params.
+
+A class-conditional UNet2DModel (`num_class_embeds` = N with `class_embed_type` null: a learned
+`class_embedding`, nn.Embedding(N, 4 ch), added to the timestep embedding after its MLP, as ours
+adds `label_emb`) is our U-Net with `model.num_classes` = N - 1: its rows 0..N-2 are the classes
+and its last row, N - 1, is read as the null label of classifier-free guidance, our label K. The
+layout is the same ([N, 4 ch], row = label). diffusers itself gives no row a meaning; this is the
+convention an export of our params must write back (num_class_embeds = num_classes + 1).
+"""
 
 import json
 import os
@@ -33,6 +41,7 @@ _DIFFUSERS_TOP = {
   ('conv_in',): 'conv_in',
   ('norm_out',): 'conv_norm_out',
   ('conv_out',): 'conv_out',
+  ('label_emb',): 'class_embedding',
 }
 _DIFFUSERS_MID = {'block_1': 'resnets.0', 'attn_1': 'attentions.0', 'block_2': 'resnets.1'}
 
@@ -103,8 +112,9 @@ _DIFFUSERS_REQUIRED = (
   ('attn_norm_num_groups', None, None),
   ('norm_eps', 1e-5, 1e-6),
   ('resnet_time_scale_shift', 'default', 'default'),
+  # A class embedding, if any, is a learned table (num_class_embeds rows), as our label_emb: not
+  # the 'timestep' (sinusoidal + MLP of the label) or 'identity' kinds, nor a projection.
   ('class_embed_type', None, None),
-  ('num_class_embeds', None, None),
 )
 
 
@@ -112,9 +122,13 @@ def model_config_from_diffusers(config: Mapping) -> ml_collections.ConfigDict:
   """The U-Net of a UNet2DModel `config.json`, as the model, data and diffusion fields of a
   project config (`architecture.unet_config`).
 
+  `num_class_embeds` = N (a learned class embedding) gives `model.num_classes` = N - 1, the last
+  row being the null label (this module's docstring); null or absent gives 0, unconditional.
+
   Raises:
     ValueError: listing every setting our UNet cannot represent (multi-head attention, cos-first
-      timestep embedding, symmetric downsample padding, ...).
+      timestep embedding, symmetric downsample padding, a class embedding other than a learned
+      table of at least 2 rows, ...).
   """
   get = lambda key: config.get(key, _DIFFUSERS_DEFAULTS.get(key))
   problems = []
@@ -128,6 +142,17 @@ def model_config_from_diffusers(config: Mapping) -> ml_collections.ConfigDict:
       problems.append(f'{key} is {config.get(key, default)!r}, expected {required!r}')
   if config.get('act_fn', 'silu') not in ('silu', 'swish'):
     problems.append(f'act_fn is {config["act_fn"]!r}, expected silu')
+  # N rows: N - 1 classes and the null label; one row would be a null label without classes.
+  num_class_embeds = config.get('num_class_embeds')
+  if num_class_embeds is not None and (
+    not isinstance(num_class_embeds, int)
+    or isinstance(num_class_embeds, bool)
+    or num_class_embeds < 2
+  ):
+    problems.append(
+      f'num_class_embeds is {num_class_embeds!r}, expected null or an int >= 2 (the classes and '
+      'the null label, the last row)'
+    )
 
   widths = list(config['block_out_channels'])
   ch = widths[0]
@@ -175,6 +200,7 @@ def model_config_from_diffusers(config: Mapping) -> ml_collections.ConfigDict:
     image_size=sample_size,
     num_channels=get('in_channels'),
     dropout=get('dropout'),
+    num_classes=num_class_embeds - 1 if num_class_embeds else 0,
   )
 
 

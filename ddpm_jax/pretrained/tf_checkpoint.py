@@ -104,7 +104,16 @@ def params_from_tf_checkpoint(
   Returns:
     The params tree, float32 NumPy arrays. TF layouts equal ours: conv W [kh, kw, in, out],
     dense / nin W [in, out].
+
+  Raises:
+    ValueError: for a class-conditional `model_config`, or naming each missing, unexpected or
+      misshapen tensor.
   """
+  if model_config.model.num_classes:
+    raise ValueError(
+      'The original TF checkpoints are of unconditional U-Nets: they have no class embedding '
+      f'for model.num_classes = {model_config.model.num_classes}.'
+    )
   prefix, reader = load_tf_checkpoint(path)
   shapes = architecture.flat_param_shapes(model_config)
   kinds = architecture.module_kinds(shapes)
