@@ -59,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.beta_start = 1e-4
   diffusion.beta_end = 0.02
   diffusion.num_diffusion_timesteps = 1000
+  # What the network predicts: 'eps' (the noise, the paper's), 'xstart' (x_0), 'xprev' (the
+  # posterior mean of x_{t-1}) or 'v' (sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, Salimans & Ho 2022).
   diffusion.model_mean_type = 'eps'
   diffusion.model_var_type = 'fixedlarge'
   diffusion.loss_type = 'mse'
