@@ -64,6 +64,11 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.model_mean_type = 'eps'
   diffusion.model_var_type = 'fixedlarge'
   diffusion.loss_type = 'mse'
+  # The weighting of the mse loss (and of hybrid's L_simple term) over timesteps: 'none' (the
+  # paper's unweighted L_simple) or 'min_snr' (Hang et al. 2023: min(SNR_t, gamma) on the x_0
+  # loss, expressed in the target space of model_mean_type; not with loss_type 'kl').
+  diffusion.loss_weighting = 'none'
+  diffusion.min_snr_gamma = 5.0  # Min-SNR's gamma (> 0), the paper's default; read by 'min_snr'.
 
   # Optimization: Adam, linear warmup then constant, global-norm clipping, EMA.
   config.training = training = ml_collections.ConfigDict()

@@ -10,13 +10,15 @@ float64 NumPy and stored as float32. Every loop over timesteps is one compiled `
 Equation numbers refer to Ho et al. 2020; `learned_range`, `hybrid` and `respaced_step` come from
 improved DDPM (Nichol & Dhariwal 2021); `ddim_step` from DDIM (Song, Meng, Ermon 2021);
 `dpm_solver_step` from DPM-Solver++ (Lu et al. 2022); the `v` mean type from progressive
-distillation (Salimans & Ho 2022). Each sampler is a `StepFn` (see "Samplers as step functions"
-below) that `sample_steps` and `sample_loop` run.
+distillation (Salimans & Ho 2022) and the `min_snr` loss weighting from Hang et al. 2023. Each
+sampler is a `StepFn` (see "Samplers as step functions" below) that `sample_steps` and
+`sample_loop` run.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import flax
@@ -33,6 +35,8 @@ MODEL_VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
 # The variance types for which the network also outputs a (log-)variance: 2C channels, not C.
 LEARNED_VAR_TYPES = ('learned', 'learned_range')
 LOSS_TYPES = ('mse', 'kl', 'hybrid')
+# 'none': the paper's unweighted L_simple; 'min_snr': Hang et al. 2023 (`min_snr_weight`).
+LOSS_WEIGHTINGS = ('none', 'min_snr')
 BETA_SCHEDULES = ('linear', 'quad', 'warmup10', 'warmup50', 'const', 'jsd', 'cosine')
 
 # Weight of the variational bound in improved DDPM's L_hybrid = L_simple + lambda * L_vlb.
@@ -241,12 +245,26 @@ class GaussianDiffusion:
   model_mean_type: str = flax.struct.field(pytree_node=False)
   model_var_type: str = flax.struct.field(pytree_node=False)
   loss_type: str = flax.struct.field(pytree_node=False)
+  # The weighting of the mse loss (and of hybrid's L_simple) over t; see `min_snr_weight`.
+  loss_weighting: str = flax.struct.field(pytree_node=False, default='none')
+  min_snr_gamma: float = flax.struct.field(pytree_node=False, default=5.0)
 
   @classmethod
   def create(
-    cls, betas: np.ndarray, *, model_mean_type: str, model_var_type: str, loss_type: str
+    cls,
+    betas: np.ndarray,
+    *,
+    model_mean_type: str,
+    model_var_type: str,
+    loss_type: str,
+    loss_weighting: str = 'none',
+    min_snr_gamma: float = 5.0,
   ) -> GaussianDiffusion:
-    """Builds the tables from float64 `betas` `[T]`; raises ValueError on invalid settings."""
+    """Builds the tables from float64 `betas` `[T]`; raises ValueError on invalid settings.
+
+    loss_weighting 'none' is the paper's unweighted L_simple; 'min_snr' weights it by
+    `min_snr_weight` with gamma = min_snr_gamma (> 0), and needs loss_type 'mse' or 'hybrid'.
+    """
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size < 2:
       raise ValueError(f'betas must be a 1-D array of at least 2 steps, got shape {betas.shape}.')
@@ -255,6 +273,16 @@ class GaussianDiffusion:
     _check_choice('model_mean_type', model_mean_type, MODEL_MEAN_TYPES)
     _check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
     _check_choice('loss_type', loss_type, LOSS_TYPES)
+    _check_choice('loss_weighting', loss_weighting, LOSS_WEIGHTINGS)
+    if isinstance(min_snr_gamma, bool) or not (
+      isinstance(min_snr_gamma, numbers.Real) and min_snr_gamma > 0
+    ):
+      raise ValueError(f'min_snr_gamma must be a number > 0, got {min_snr_gamma!r}.')
+    if loss_weighting == 'min_snr' and loss_type == 'kl':
+      raise ValueError(
+        "loss_weighting 'min_snr' weights the mse loss (and the L_simple term of 'hybrid'); "
+        "loss_type 'kl' has none: use loss_weighting 'none' or loss_type 'mse' or 'hybrid'."
+      )
     learned_var = model_var_type in LEARNED_VAR_TYPES
     if loss_type == 'mse' and learned_var:
       raise ValueError(
@@ -302,6 +330,8 @@ class GaussianDiffusion:
       model_mean_type=model_mean_type,
       model_var_type=model_var_type,
       loss_type=loss_type,
+      loss_weighting=loss_weighting,
+      min_snr_gamma=float(min_snr_gamma),
     )
 
   @classmethod
@@ -318,6 +348,8 @@ class GaussianDiffusion:
       model_mean_type=config.model_mean_type,
       model_var_type=config.model_var_type,
       loss_type=config.loss_type,
+      loss_weighting=config.loss_weighting,
+      min_snr_gamma=config.min_snr_gamma,
     )
 
   @property
@@ -553,6 +585,8 @@ class GaussianDiffusion:
       model_mean_type=self.model_mean_type,
       model_var_type=self.model_var_type,
       loss_type=self.loss_type,
+      loss_weighting=self.loss_weighting,
+      min_snr_gamma=self.min_snr_gamma,
     )
 
   def respaced_step(
@@ -694,6 +728,41 @@ class GaussianDiffusion:
     decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
     return jnp.where(t == 0, decoder_nll, kl), out['pred_xstart']
 
+  def min_snr_weight(self, t):
+    """Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy"), `[B]`: the weight of the mse loss in this mean type's target space at timesteps
+    t `[B]`, with gamma = `min_snr_gamma`.
+
+    Hang et al. weight the x_0-space loss ||x_0 - x0_hat||^2 by min(SNR_t, gamma), with
+    SNR_t = alpha_t^2 / sigma_t^2 = abar_t / (1 - abar_t). The mse loss is taken in the target
+    space of the mean type, whose error is a fixed multiple of the x_0 error at each t:
+      eps:    x0_hat = (x_t - sigma_t eps_hat) / alpha_t (eq. 4), so
+              x_0 - x0_hat = (sigma_t / alpha_t)(eps_hat - eps), ||.||^2 = ||eps err||^2 / SNR_t
+              and the weight is min(SNR_t, gamma) / SNR_t = gamma / max(SNR_t, gamma);
+      xstart: the x_0 error itself: min(SNR_t, gamma);
+      v:      x0_hat = alpha_t x_t - sigma_t v_hat (`predict_xstart_from_v`), so
+              x_0 - x0_hat = sigma_t (v_hat - v), ||.||^2 = sigma_t^2 ||v err||^2 with
+              sigma_t^2 = 1 / (SNR_t + 1): min(SNR_t, gamma) / (SNR_t + 1)
+              = min(alpha_t^2, gamma sigma_t^2);
+      xprev:  mu = coef1_t x_0 + coef2_t x_t (eq. 7), so mu - mu_hat = coef1_t (x_0 - x0_hat):
+              min(SNR_t, gamma) / coef1_t^2 (coef1 = `posterior_mean_coef1`, 1 at t = 0).
+    With gamma >= max_t SNR_t only the eps weight is 1 (the unweighted L_simple); the others
+    become the x_0-space SNR weighting, which equals the eps loss of the implied eps.
+    alpha_t^2 and sigma_t^2 are squared from their float32 tables (each the float64 value
+    rounded), not 1 - abar_t from float32 abar_t, which loses digits at small t.
+    """
+    alpha2 = self.sqrt_alphas_cumprod[t] ** 2
+    sigma2 = self.sqrt_one_minus_alphas_cumprod[t] ** 2
+    gamma = self.min_snr_gamma
+    snr = alpha2 / sigma2
+    if self.model_mean_type == 'eps':
+      return gamma / jnp.maximum(snr, gamma)  # No 0 / 0 where abar_t = 0 (`jsd` at T-1).
+    if self.model_mean_type == 'xstart':
+      return jnp.minimum(snr, gamma)
+    if self.model_mean_type == 'v':
+      return jnp.minimum(alpha2, gamma * sigma2)
+    return jnp.minimum(snr, gamma) / self.posterior_mean_coef1[t] ** 2
+
   def training_losses(self, model_fn: ModelFn, x_start, t, noise):
     """The per-example training loss `[B]` at timesteps t with the given noise.
 
@@ -701,7 +770,8 @@ class GaussianDiffusion:
     mean, or v = `velocity`, Salimans & Ho 2022); `kl`: the bound term L_{t-1} in bits/dim;
     `hybrid`: improved DDPM's L_simple + lambda L_vlb, where the one-term estimate of L_vlb is
     T * L_{t-1} and the bound term sees the mean through a stop-gradient, so it trains only the
-    variance.
+    variance. With loss_weighting 'min_snr' the mse term (L_simple) is multiplied by
+    `min_snr_weight(t)`; 'none' leaves it as the paper's.
     """
     x_t = self.q_sample(x_start, t, noise)
     if self.loss_type == 'kl':
@@ -719,6 +789,8 @@ class GaussianDiffusion:
     else:
       target = self.q_posterior_mean_variance(x_start, x_t, t)[0]
     loss = mean_flat((target - mean_output) ** 2)
+    if self.loss_weighting == 'min_snr':
+      loss = self.min_snr_weight(t) * loss
     if self.loss_type == 'hybrid':
       frozen_output = jnp.concatenate(
         [jax.lax.stop_gradient(mean_output), model_output[..., channels:]], axis=-1

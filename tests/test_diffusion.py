@@ -991,6 +991,167 @@ def test_bpd_of_v_equals_bpd_of_eps_for_the_same_network(var_type):
 
 
 # ----------------------------------------------------------------------------------------------
+# Min-SNR-gamma loss weighting (Hang et al. 2023).
+# ----------------------------------------------------------------------------------------------
+
+
+def min_snr_diffusion(mean_type, gamma, var='fixedlarge', loss='mse', schedule='linear'):
+  betas = dm.get_beta_schedule(schedule, **SCHEDULE_ARGS)
+  return dm.GaussianDiffusion.create(
+    betas,
+    model_mean_type=mean_type,
+    model_var_type=var,
+    loss_type=loss,
+    loss_weighting='min_snr',
+    min_snr_gamma=gamma,
+  )
+
+
+def min_snr_weight_reference(ref, mean_type, gamma, t):
+  """float64: min(SNR_t, gamma) on ||x0 - x0_hat||^2 (Hang et al. 2023), SNR_t = abar_t /
+  (1 - abar_t), carried to the target space of each mean type by its error's factor (eq. 4 for
+  eps, x0 = alpha_t x_t - sigma_t v for v, eq. 7 for x_{t-1})."""
+  snr = ref.abar[t] / (1 - ref.abar[t])
+  clipped = np.minimum(snr, gamma)
+  return {
+    'eps': clipped / snr,  # x0 - x0_hat = (eps_hat - eps) / sqrt(SNR_t).
+    'xstart': clipped,
+    'v': clipped / (snr + 1),  # x0 - x0_hat = sigma_t (v_hat - v), sigma_t^2 = 1 / (SNR + 1).
+    'xprev': clipped / ref.post_coef1[t] ** 2,  # mu - mu_hat = coef1_t (x0 - x0_hat).
+  }[mean_type]
+
+
+@pytest.mark.parametrize('schedule', ['linear', 'cosine'])
+@pytest.mark.parametrize('mean_type', dm.MODEL_MEAN_TYPES)
+def test_min_snr_weights_match_float64(mean_type, schedule):
+  # Expected: min_snr_weight_reference at every t, gamma = 5 (the paper's default).
+  diff = min_snr_diffusion(mean_type, 5.0, schedule=schedule)
+  ref = Ref(dm.get_beta_schedule(schedule, **SCHEDULE_ARGS))
+  t = np.arange(T)
+  expected = min_snr_weight_reference(ref, mean_type, 5.0, t)
+  np.testing.assert_allclose(diff.min_snr_weight(jnp.asarray(t)), expected, rtol=1e-5)
+
+
+def test_min_snr_weights_where_abar_is_zero():
+  # jsd ends with beta = 1: abar = 0, SNR = 0 at t = T-1. Then min(SNR, g) / SNR -> 1 (eps: the
+  # limit, not 0 / 0), min(SNR, g) = 0 (x0) and min(SNR, g) / (SNR + 1) = 0 (v).
+  betas = dm.get_beta_schedule('jsd', **SCHEDULE_ARGS)
+  t = jnp.array([T - 1])
+  weights = {
+    m: dm.GaussianDiffusion.create(
+      betas, model_mean_type=m, model_var_type='fixedlarge', loss_type='mse'
+    ).min_snr_weight(t)
+    for m in ('eps', 'xstart', 'v')
+  }
+  np.testing.assert_array_equal(weights['eps'], [1.0])
+  np.testing.assert_array_equal(weights['xstart'], [0.0])
+  np.testing.assert_array_equal(weights['v'], [0.0])
+
+
+MIN_SNR_LOSSES = [(m, 'fixedlarge', 'mse') for m in dm.MODEL_MEAN_TYPES] + [
+  ('eps', 'learned_range', 'hybrid'),
+  ('v', 'learned_range', 'hybrid'),
+]
+
+
+@pytest.mark.parametrize('mean_type, var_type, loss_type', MIN_SNR_LOSSES)
+def test_min_snr_loss_is_min_snr_times_the_x0_loss(mean_type, var_type, loss_type):
+  # Hang et al. 2023's definition, whatever the mean type: L_simple becomes
+  # min(SNR_t, gamma) mean((x0 - x0_hat)^2), with x0_hat the x_0 the output implies (float64,
+  # Ref.pred_x0); 'hybrid' adds its bound term 1e-3 T L_{t-1} unweighted. gamma = 5.
+  gamma = 5.0
+  diff = min_snr_diffusion(mean_type, gamma, var_type, loss_type)
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  rng = np.random.default_rng(24)
+  channels = SHAPE[-1] * (2 if diff.learned_variance else 1)
+  np_fn, jax_fn = linear_model(rng, channels)
+  x0 = quantized_images(rng)
+  noise = rng.normal(size=SHAPE)
+  t = np.array([0, 1, 250, 999])
+  loss = diff.training_losses(
+    jax_fn, jnp.asarray(x0, jnp.float32), t, jnp.asarray(noise, jnp.float32)
+  )
+  xt = ref.q_sample(x0, t, noise)
+  out = np_fn(xt, t)
+  pred_x0 = ref.pred_x0(mean_type, xt, t, out[..., : SHAPE[-1]], clip=False)
+  snr = ref.abar[t] / (1 - ref.abar[t])
+  expected = np.minimum(snr, gamma) * ((x0 - pred_x0) ** 2).mean(axis=(1, 2, 3))
+  if loss_type == 'hybrid':
+    expected = expected + 1e-3 * T * ref.vb_term(mean_type, var_type, x0, xt, t, out, False)[0]
+  assert rel_err(loss, expected) < 1e-5
+  # The weights are those of min_snr_weight_reference, so the weighted loss is not L_simple.
+  unweighted = make_diffusion(mean_type, var_type, loss_type).training_losses(
+    jax_fn, jnp.asarray(x0, jnp.float32), t, jnp.asarray(noise, jnp.float32)
+  )
+  assert rel_err(loss, unweighted) > 1e-2
+
+
+@pytest.mark.parametrize('mean_type', dm.MODEL_MEAN_TYPES)
+def test_min_snr_with_gamma_above_every_snr_is_the_eps_loss(mean_type):
+  # With gamma >= max_t SNR_t (9999 at t = 0 here) min(SNR_t, gamma) = SNR_t, and
+  # SNR_t ||x0 - x0_hat||^2 = ||eps - eps_hat||^2 (eq. 4: x0 - x0_hat = sigma_t / alpha_t
+  # (eps_hat - eps)): every mean type's loss becomes the paper's L_simple (eq. 14) of the eps
+  # its output implies, eps_hat = (x_t - alpha_t x0_hat) / sigma_t in float64. That is the
+  # identity only for eps, whose weight gamma / max(SNR_t, gamma) is then exactly 1; for x0, v
+  # and x_{t-1} the weights are SNR_t, abar_t and SNR_t / coef1_t^2.
+  gamma = 1e5
+  diff = min_snr_diffusion(mean_type, gamma)
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  assert (ref.abar / (1 - ref.abar)).max() < gamma
+  rng = np.random.default_rng(25)
+  np_fn, jax_fn = linear_model(rng, SHAPE[-1])
+  x0 = quantized_images(rng)
+  noise = rng.normal(size=SHAPE)
+  t = np.array([0, 1, 250, 999])
+  x0_32, noise_32 = jnp.asarray(x0, jnp.float32), jnp.asarray(noise, jnp.float32)
+  loss = diff.training_losses(jax_fn, x0_32, t, noise_32)
+  xt = ref.q_sample(x0, t, noise)
+  pred_x0 = ref.pred_x0(mean_type, xt, t, np_fn(xt, t), clip=False)
+  abar = ref.b(ref.abar, t)
+  pred_eps = (xt - np.sqrt(abar) * pred_x0) / np.sqrt(1 - abar)
+  assert rel_err(loss, ((noise - pred_eps) ** 2).mean(axis=(1, 2, 3))) < 1e-5
+  if mean_type == 'eps':
+    unweighted = make_diffusion('eps').training_losses(jax_fn, x0_32, t, noise_32)
+    np.testing.assert_array_equal(loss, unweighted)
+
+
+def test_loss_weighting_reaches_every_process():
+  # The defaults keep today's callers and the paper's loss; from_config and respaced carry the
+  # settings of config.diffusion.
+  import configs.default
+
+  plain = make_diffusion()
+  assert (plain.loss_weighting, plain.min_snr_gamma) == ('none', 5.0)
+  config = configs.default.get_config().diffusion
+  assert (config.loss_weighting, config.min_snr_gamma) == ('none', 5.0)
+  config.loss_weighting, config.min_snr_gamma = 'min_snr', 2.0
+  diff = dm.GaussianDiffusion.from_config(config)
+  assert (diff.loss_weighting, diff.min_snr_gamma) == ('min_snr', 2.0)
+  respaced = diff.respaced(10)
+  assert (respaced.loss_weighting, respaced.min_snr_gamma) == ('min_snr', 2.0)
+  # Static fields: the pytree's leaves are the tables alone.
+  assert len(jax.tree.leaves(diff)) == len(jax.tree.leaves(plain))
+
+
+@pytest.mark.parametrize(
+  'kwargs, message',
+  [
+    (dict(loss_weighting='snr'), "Unknown loss_weighting 'snr'"),
+    (dict(loss_weighting='min_snr', min_snr_gamma=0.0), 'min_snr_gamma must be a number > 0'),
+    (dict(loss_weighting='min_snr', min_snr_gamma=-1.0), 'min_snr_gamma must be a number > 0'),
+    (dict(loss_weighting='min_snr', min_snr_gamma=math.nan), 'min_snr_gamma must be'),
+    (dict(loss_weighting='min_snr', loss_type='kl'), "loss_weighting 'min_snr'.*loss_type 'kl'"),
+  ],
+)
+def test_bad_loss_weighting_raises(kwargs, message):
+  settings = dict(model_mean_type='eps', model_var_type='fixedlarge', loss_type='mse')
+  with pytest.raises(ValueError, match=message):
+    dm.GaussianDiffusion.create(
+      dm.get_beta_schedule('linear', **SCHEDULE_ARGS), **{**settings, **kwargs}
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # Validation.
 # ----------------------------------------------------------------------------------------------
 
