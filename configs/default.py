@@ -63,9 +63,16 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.beta_start = 1e-4
   diffusion.beta_end = 0.02
   diffusion.num_diffusion_timesteps = 1000
+  # What the network predicts: 'eps' (the noise, the paper's), 'xstart' (x_0), 'xprev' (the
+  # posterior mean of x_{t-1}) or 'v' (sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, Salimans & Ho 2022).
   diffusion.model_mean_type = 'eps'
   diffusion.model_var_type = 'fixedlarge'
   diffusion.loss_type = 'mse'
+  # The weighting of the mse loss (and of hybrid's L_simple term) over timesteps: 'none' (the
+  # paper's unweighted L_simple) or 'min_snr' (Hang et al. 2023: min(SNR_t, gamma) on the x_0
+  # loss, expressed in the target space of model_mean_type; not with loss_type 'kl').
+  diffusion.loss_weighting = 'none'
+  diffusion.min_snr_gamma = 5.0  # Min-SNR's gamma (> 0), the paper's default; read by 'min_snr'.
 
   # Optimization: Adam, linear warmup then constant, global-norm clipping, EMA.
   config.training = training = ml_collections.ConfigDict()

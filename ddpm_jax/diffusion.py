@@ -9,13 +9,16 @@ float64 NumPy and stored as float32. Every loop over timesteps is one compiled `
 
 Equation numbers refer to Ho et al. 2020; `learned_range`, `hybrid` and `respaced_step` come from
 improved DDPM (Nichol & Dhariwal 2021); `ddim_step` from DDIM (Song, Meng, Ermon 2021);
-`dpm_solver_step` from DPM-Solver++ (Lu et al. 2022). Each sampler is a `StepFn` (see "Samplers as
-step functions" below) that `sample_steps` and `sample_loop` run.
+`dpm_solver_step` from DPM-Solver++ (Lu et al. 2022); the `v` mean type from progressive
+distillation (Salimans & Ho 2022) and the `min_snr` loss weighting from Hang et al. 2023. Each
+sampler is a `StepFn` (see "Samplers as step functions" below) that `sample_steps` and
+`sample_loop` run.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import flax
@@ -25,11 +28,15 @@ import numpy as np
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-MODEL_MEAN_TYPES = ('eps', 'xstart', 'xprev')
+# What the network's mean output predicts: the noise eps, x_0, the posterior mean of x_{t-1}, or
+# the velocity v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022).
+MODEL_MEAN_TYPES = ('eps', 'xstart', 'xprev', 'v')
 MODEL_VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
 # The variance types for which the network also outputs a (log-)variance: 2C channels, not C.
 LEARNED_VAR_TYPES = ('learned', 'learned_range')
 LOSS_TYPES = ('mse', 'kl', 'hybrid')
+# 'none': the paper's unweighted L_simple; 'min_snr': Hang et al. 2023 (`min_snr_weight`).
+LOSS_WEIGHTINGS = ('none', 'min_snr')
 BETA_SCHEDULES = ('linear', 'quad', 'warmup10', 'warmup50', 'const', 'jsd', 'cosine')
 
 # Weight of the variational bound in improved DDPM's L_hybrid = L_simple + lambda * L_vlb.
@@ -238,12 +245,26 @@ class GaussianDiffusion:
   model_mean_type: str = flax.struct.field(pytree_node=False)
   model_var_type: str = flax.struct.field(pytree_node=False)
   loss_type: str = flax.struct.field(pytree_node=False)
+  # The weighting of the mse loss (and of hybrid's L_simple) over t; see `min_snr_weight`.
+  loss_weighting: str = flax.struct.field(pytree_node=False, default='none')
+  min_snr_gamma: float = flax.struct.field(pytree_node=False, default=5.0)
 
   @classmethod
   def create(
-    cls, betas: np.ndarray, *, model_mean_type: str, model_var_type: str, loss_type: str
+    cls,
+    betas: np.ndarray,
+    *,
+    model_mean_type: str,
+    model_var_type: str,
+    loss_type: str,
+    loss_weighting: str = 'none',
+    min_snr_gamma: float = 5.0,
   ) -> GaussianDiffusion:
-    """Builds the tables from float64 `betas` `[T]`; raises ValueError on invalid settings."""
+    """Builds the tables from float64 `betas` `[T]`; raises ValueError on invalid settings.
+
+    loss_weighting 'none' is the paper's unweighted L_simple; 'min_snr' weights it by
+    `min_snr_weight` with gamma = min_snr_gamma (> 0), and needs loss_type 'mse' or 'hybrid'.
+    """
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size < 2:
       raise ValueError(f'betas must be a 1-D array of at least 2 steps, got shape {betas.shape}.')
@@ -252,6 +273,16 @@ class GaussianDiffusion:
     _check_choice('model_mean_type', model_mean_type, MODEL_MEAN_TYPES)
     _check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
     _check_choice('loss_type', loss_type, LOSS_TYPES)
+    _check_choice('loss_weighting', loss_weighting, LOSS_WEIGHTINGS)
+    if isinstance(min_snr_gamma, bool) or not (
+      isinstance(min_snr_gamma, numbers.Real) and min_snr_gamma > 0
+    ):
+      raise ValueError(f'min_snr_gamma must be a number > 0, got {min_snr_gamma!r}.')
+    if loss_weighting == 'min_snr' and loss_type == 'kl':
+      raise ValueError(
+        "loss_weighting 'min_snr' weights the mse loss (and the L_simple term of 'hybrid'); "
+        "loss_type 'kl' has none: use loss_weighting 'none' or loss_type 'mse' or 'hybrid'."
+      )
     learned_var = model_var_type in LEARNED_VAR_TYPES
     if loss_type == 'mse' and learned_var:
       raise ValueError(
@@ -299,6 +330,8 @@ class GaussianDiffusion:
       model_mean_type=model_mean_type,
       model_var_type=model_var_type,
       loss_type=loss_type,
+      loss_weighting=loss_weighting,
+      min_snr_gamma=float(min_snr_gamma),
     )
 
   @classmethod
@@ -315,6 +348,8 @@ class GaussianDiffusion:
       model_mean_type=config.model_mean_type,
       model_var_type=config.model_var_type,
       loss_type=config.loss_type,
+      loss_weighting=config.loss_weighting,
+      min_snr_gamma=config.min_snr_gamma,
     )
 
   @property
@@ -363,6 +398,31 @@ class GaussianDiffusion:
       self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim
     )
 
+  def velocity(self, x_start, t, noise):
+    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, the target of the `v` mean type.
+
+    Progressive distillation (Salimans & Ho 2022, sec. 4): with x_t = alpha_t x_0 + sigma_t eps
+    (eq. 4 here: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), alpha_t^2 + sigma_t^2 = 1)
+    seen as a rotation of (x_0, eps) by the angle phi_t = arctan(sigma_t / alpha_t),
+    v = d x_t / d phi_t = alpha_t eps - sigma_t x_0 is its velocity. Shaped like x_start.
+    """
+    return (
+      _extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * noise
+      - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * x_start
+    )
+
+  def predict_xstart_from_v(self, x_t, t, v):
+    """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v (Salimans & Ho 2022, sec. 4).
+
+    From x_t = alpha_t x_0 + sigma_t eps and v = alpha_t eps - sigma_t x_0:
+    alpha_t x_t - sigma_t v = (alpha_t^2 + sigma_t^2) x_0 = x_0. Unlike x_0 from eps, this
+    divides by nothing, so it is as well conditioned at t = T-1 as at t = 0.
+    """
+    return (
+      _extract(self.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
+      - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v
+    )
+
   def predict_xstart_from_xprev(self, x_t, t, xprev):
     """Inverts the posterior mean (eq. 7) for x_0 given mu = x_{t-1} prediction."""
     coef1 = _extract(self.posterior_mean_coef1, t, x_t.ndim)
@@ -396,11 +456,14 @@ class GaussianDiffusion:
     return model_output[..., :channels], model_output[..., channels:]
 
   def _predict_xstart(self, model_output, x, t, clip_denoised: bool):
-    """The x_0 that the mean output (eps, x_0 or x_{t-1}) implies, clipped when asked."""
+    """The x_0 that the mean output (eps, x_0, x_{t-1} or v) at timestep t of this process
+    implies, clipped when asked. Every sampler and the bound read the network through this."""
     if self.model_mean_type == 'xprev':
       pred_xstart = self.predict_xstart_from_xprev(x, t, model_output)
     elif self.model_mean_type == 'xstart':
       pred_xstart = model_output
+    elif self.model_mean_type == 'v':
+      pred_xstart = self.predict_xstart_from_v(x, t, model_output)
     else:
       pred_xstart = self.predict_xstart_from_eps(x, t, model_output)
     return jnp.clip(pred_xstart, -1.0, 1.0) if clip_denoised else pred_xstart
@@ -522,6 +585,8 @@ class GaussianDiffusion:
       model_mean_type=self.model_mean_type,
       model_var_type=self.model_var_type,
       loss_type=self.loss_type,
+      loss_weighting=self.loss_weighting,
+      min_snr_gamma=self.min_snr_gamma,
     )
 
   def respaced_step(
@@ -530,8 +595,10 @@ class GaussianDiffusion:
     """Ancestral sampling (eq. 1, Algorithm 2) of the `respaced(num_steps)` process.
 
     Step i is k = K-1-i, t = S_k: the network, called at t, gives the predicted x_0 as this
-    process reads its output (eps, x_0, or the posterior mean of its one step t -> t-1, inverted
-    with this process's eq. 7), clipped when `clip_denoised`; x_{S_{k-1}} is drawn from the
+    process reads its output (eps, x_0, the posterior mean of its one step t -> t-1 inverted
+    with this process's eq. 7, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 with this
+    process's abar_t: the tables of the T-step process at t, which the network was trained on,
+    never the respaced ones at k), clipped when `clip_denoised`; x_{S_{k-1}} is drawn from the
     respaced posterior q'(x_{k-1} | x_k, x_0) mean with the respaced fixed variance (beta'_k or
     the posterior variance), or improved DDPM's learned_range interpolation of the two, and the
     noise of `fold_in(loop_rng, t)`; none at k = 0, whose mean is the predicted x_0.
@@ -564,7 +631,7 @@ class GaussianDiffusion:
     in decreasing order, then tau_K = the data (alpha = 1, sigma = 0, lambda = +inf), with
     alpha = sqrt(abar), sigma = sqrt(1 - abar) and lambda = log(alpha / sigma) from this
     process's discrete tables. Step i evaluates x0_i = x0_hat(x, tau_i) (from the model's eps,
-    x_0 or posterior mean; `thresholding` below) and, with h_i = lambda_{tau_{i+1}} -
+    x_0, posterior mean or v; `thresholding` below) and, with h_i = lambda_{tau_{i+1}} -
     lambda_{tau_i} and r_i = h_{i-1} / h_i, moves to
       x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (exp(-h_i) - 1) D_i,
       D_i = (1 + 1 / (2 r_i)) x0_i - (1 / (2 r_i)) x0_{i-1},
@@ -661,13 +728,50 @@ class GaussianDiffusion:
     decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
     return jnp.where(t == 0, decoder_nll, kl), out['pred_xstart']
 
+  def min_snr_weight(self, t):
+    """Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy"), `[B]`: the weight of the mse loss in this mean type's target space at timesteps
+    t `[B]`, with gamma = `min_snr_gamma`.
+
+    Hang et al. weight the x_0-space loss ||x_0 - x0_hat||^2 by min(SNR_t, gamma), with
+    SNR_t = alpha_t^2 / sigma_t^2 = abar_t / (1 - abar_t). The mse loss is taken in the target
+    space of the mean type, whose error is a fixed multiple of the x_0 error at each t:
+      eps:    x0_hat = (x_t - sigma_t eps_hat) / alpha_t (eq. 4), so
+              x_0 - x0_hat = (sigma_t / alpha_t)(eps_hat - eps), ||.||^2 = ||eps err||^2 / SNR_t
+              and the weight is min(SNR_t, gamma) / SNR_t = gamma / max(SNR_t, gamma);
+      xstart: the x_0 error itself: min(SNR_t, gamma);
+      v:      x0_hat = alpha_t x_t - sigma_t v_hat (`predict_xstart_from_v`), so
+              x_0 - x0_hat = sigma_t (v_hat - v), ||.||^2 = sigma_t^2 ||v err||^2 with
+              sigma_t^2 = 1 / (SNR_t + 1): min(SNR_t, gamma) / (SNR_t + 1)
+              = min(alpha_t^2, gamma sigma_t^2);
+      xprev:  mu = coef1_t x_0 + coef2_t x_t (eq. 7), so mu - mu_hat = coef1_t (x_0 - x0_hat):
+              min(SNR_t, gamma) / coef1_t^2 (coef1 = `posterior_mean_coef1`, 1 at t = 0).
+    With gamma >= max_t SNR_t only the eps weight is 1 (the unweighted L_simple); the others
+    become the x_0-space SNR weighting, which equals the eps loss of the implied eps.
+    alpha_t^2 and sigma_t^2 are squared from their float32 tables (each the float64 value
+    rounded), not 1 - abar_t from float32 abar_t, which loses digits at small t.
+    """
+    alpha2 = self.sqrt_alphas_cumprod[t] ** 2
+    sigma2 = self.sqrt_one_minus_alphas_cumprod[t] ** 2
+    gamma = self.min_snr_gamma
+    snr = alpha2 / sigma2
+    if self.model_mean_type == 'eps':
+      return gamma / jnp.maximum(snr, gamma)  # No 0 / 0 where abar_t = 0 (`jsd` at T-1).
+    if self.model_mean_type == 'xstart':
+      return jnp.minimum(snr, gamma)
+    if self.model_mean_type == 'v':
+      return jnp.minimum(alpha2, gamma * sigma2)
+    return jnp.minimum(snr, gamma) / self.posterior_mean_coef1[t] ** 2
+
   def training_losses(self, model_fn: ModelFn, x_start, t, noise):
     """The per-example training loss `[B]` at timesteps t with the given noise.
 
-    `mse`: L_simple (eq. 14) generalized to the mean type's target (noise, x_0 or the posterior
-    mean); `kl`: the bound term L_{t-1} in bits/dim; `hybrid`: improved DDPM's
-    L_simple + lambda L_vlb, where the one-term estimate of L_vlb is T * L_{t-1} and the bound
-    term sees the mean through a stop-gradient, so it trains only the variance.
+    `mse`: L_simple (eq. 14) generalized to the mean type's target (noise, x_0, the posterior
+    mean, or v = `velocity`, Salimans & Ho 2022); `kl`: the bound term L_{t-1} in bits/dim;
+    `hybrid`: improved DDPM's L_simple + lambda L_vlb, where the one-term estimate of L_vlb is
+    T * L_{t-1} and the bound term sees the mean through a stop-gradient, so it trains only the
+    variance. With loss_weighting 'min_snr' the mse term (L_simple) is multiplied by
+    `min_snr_weight(t)`; 'none' leaves it as the paper's.
     """
     x_t = self.q_sample(x_start, t, noise)
     if self.loss_type == 'kl':
@@ -676,12 +780,17 @@ class GaussianDiffusion:
     model_output = model_fn(x_t, t)
     channels = x_start.shape[-1]
     mean_output = model_output[..., :channels]
-    target = {
-      'eps': noise,
-      'xstart': x_start,
-      'xprev': self.q_posterior_mean_variance(x_start, x_t, t)[0],
-    }[self.model_mean_type]
+    if self.model_mean_type == 'eps':
+      target = noise
+    elif self.model_mean_type == 'xstart':
+      target = x_start
+    elif self.model_mean_type == 'v':
+      target = self.velocity(x_start, t, noise)
+    else:
+      target = self.q_posterior_mean_variance(x_start, x_t, t)[0]
     loss = mean_flat((target - mean_output) ** 2)
+    if self.loss_weighting == 'min_snr':
+      loss = self.min_snr_weight(t) * loss
     if self.loss_type == 'hybrid':
       frozen_output = jnp.concatenate(
         [jax.lax.stop_gradient(mean_output), model_output[..., channels:]], axis=-1

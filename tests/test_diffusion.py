@@ -58,6 +58,9 @@ class Ref:
   def q_sample(self, x0, t, noise):  # Eq. (4).
     return np.sqrt(self.b(self.abar, t)) * x0 + np.sqrt(1.0 - self.b(self.abar, t)) * noise
 
+  def velocity(self, x0, t, noise):  # Salimans & Ho 2022, sec. 4: v = alpha_t eps - sigma_t x0.
+    return np.sqrt(self.b(self.abar, t)) * noise - np.sqrt(1.0 - self.b(self.abar, t)) * x0
+
   def post_mean(self, x0, xt, t):  # Eq. (7): mu_tilde_t.
     return self.b(self.post_coef1, t) * x0 + self.b(self.post_coef2, t) * xt
 
@@ -84,6 +87,8 @@ class Ref:
       x0 = (xt - np.sqrt(1 - abar) * out) / np.sqrt(abar)
     elif mean_type == 'xstart':
       x0 = out
+    elif mean_type == 'v':  # Salimans & Ho 2022, sec. 4: x0 = alpha_t x_t - sigma_t v.
+      x0 = np.sqrt(abar) * xt - np.sqrt(1 - abar) * out
     else:  # Eq. (7) solved for x0.
       x0 = (out - self.b(self.post_coef2, t) * xt) / self.b(self.post_coef1, t)
     return np.clip(x0, -1, 1) if clip else x0
@@ -304,8 +309,8 @@ def test_p_mean_variance_matches_reference(mean_type, var_type, clip):
 
 @pytest.mark.parametrize('mean_type', dm.MODEL_MEAN_TYPES)
 def test_exact_model_recovers_true_posterior_mean(mean_type):
-  # A model_fn returning the exact target (true noise, true x0, true posterior mean) must make
-  # p's mean equal q's posterior mean mu_tilde(x_t, x_0) (eq. 7), computed in float64.
+  # A model_fn returning the exact target (true noise, true x0, true posterior mean, true v) must
+  # make p's mean equal q's posterior mean mu_tilde(x_t, x_0) (eq. 7), computed in float64.
   diff = make_diffusion(mean_type, 'fixedlarge')
   ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
   rng = np.random.default_rng(3)
@@ -314,7 +319,12 @@ def test_exact_model_recovers_true_posterior_mean(mean_type):
   t = np.array([1, 10, 500, 998])
   xt = ref.q_sample(x0, t, noise)
   true_mean = ref.post_mean(x0, xt, t)
-  target = {'eps': noise, 'xstart': x0, 'xprev': true_mean}[mean_type]
+  target = {
+    'eps': noise,
+    'xstart': x0,
+    'xprev': true_mean,
+    'v': ref.velocity(x0, t, noise),
+  }[mean_type]
   out = diff.p_mean_variance(
     lambda *_: jnp.asarray(target, jnp.float32), xt.astype(np.float32), t, clip_denoised=True
   )
@@ -322,9 +332,10 @@ def test_exact_model_recovers_true_posterior_mean(mean_type):
   # x0 is recovered too, within the conditioning of float32: eps divides by sqrt(abar_t)
   # (6e-3 at t = 998, so float32 rounding of x_t grows 160-fold, hence 1e-4); xprev divides
   # by the posterior coefficient of x0 (1.2e-4 at t = 998: 1e4-fold), so only the rows
-  # t = 1, 10, whose coefficient is above 1e-2, are compared for it.
+  # t = 1, 10, whose coefficient is above 1e-2, are compared for it; v divides by nothing
+  # (x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v).
   rows = slice(None) if mean_type != 'xprev' else slice(0, 2)
-  tol = {'eps': 1e-4, 'xstart': 1e-7, 'xprev': 1e-5}[mean_type]
+  tol = {'eps': 1e-4, 'xstart': 1e-7, 'xprev': 1e-5, 'v': 1e-6}[mean_type]
   assert rel_err(out['pred_xstart'][rows], x0[rows]) < tol
 
 
@@ -465,11 +476,13 @@ def sampler_model(ref, mean_type, seed=11):
   """(np_fn, jax_fn): a synthetic network of `mean_type` with a float64 twin, all of whose
   outputs depend on x and t through z = x W + b + t / T: eps = tanh(z); x_0 = 1.3 tanh(z) (so
   that some |x_0| exceed 1 and the thresholdings act); x_{t-1} = the posterior mean (eq. 7) of
-  that x_0, with float32 copies of the float64 coefficients in the float32 twin."""
+  that x_0; v = (sqrt(abar_t) x_t - x_0) / sqrt(1 - abar_t), the v (Salimans & Ho 2022) of x_t
+  and that x_0; with float32 copies of the float64 coefficients in the float32 twin."""
   rng = np.random.default_rng(seed)
   c = SAMPLER_SHAPE[-1]
   w, b = rng.normal(size=(c, c)) * 0.8, rng.normal(size=(c,)) * 0.2
   c1, c2 = ref.post_coef1, ref.post_coef2
+  alpha, sigma = np.sqrt(ref.abar), np.sqrt(1 - ref.abar)
 
   def make(xp, table, z_of):
     def fn(x, t):
@@ -478,6 +491,9 @@ def sampler_model(ref, mean_type, seed=11):
         return z
       if mean_type == 'xstart':
         return 1.3 * z
+      if mean_type == 'v':
+        at = lambda a: table(a)[t][:, None, None, None]  # noqa: E731
+        return (at(alpha) * x - 1.3 * z) / at(sigma)
       return table(c1)[t][:, None, None, None] * 1.3 * z + table(c2)[t][:, None, None, None] * x
 
     return fn
@@ -701,7 +717,8 @@ EXACT_SAMPLERS = [
 @pytest.mark.parametrize('sampler, settings', EXACT_SAMPLERS)
 def test_exact_model_of_a_single_point_recovers_it(sampler, settings, mean_type, var_type):
   # Data = one point x*: the exact network (eps = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t),
-  # x_0 = x*, or the true posterior mean) makes every sampler land on x*.
+  # x_0 = x*, the true posterior mean, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x*
+  # = (sqrt(abar_t) x_t - x*) / sqrt(1 - abar_t)) makes every sampler land on x*.
   diff = make_diffusion(mean_type, var_type)
   ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
   point = np.random.default_rng(18).uniform(-0.9, 0.9, size=(1, *SAMPLER_SHAPE[1:]))
@@ -717,6 +734,8 @@ def test_exact_model_of_a_single_point_recovers_it(sampler, settings, mean_type,
       return (x - b(alpha) * x_star) / b(sigma)
     if mean_type == 'xstart':
       return jnp.broadcast_to(x_star, x.shape)
+    if mean_type == 'v':
+      return (b(alpha) * x - x_star) / b(sigma)
     return b(c1) * x_star + b(c2) * x
 
   if sampler == 'ancestral':
@@ -760,7 +779,12 @@ def test_training_losses_match_reference(mean_type, var_type, loss_type):
   assert loss.shape == (SHAPE[0],)
   xt = ref.q_sample(x0, t, noise)
   out = np_fn(xt, t)
-  target = {'eps': noise, 'xstart': x0, 'xprev': ref.post_mean(x0, xt, t)}[mean_type]
+  target = {
+    'eps': noise,
+    'xstart': x0,
+    'xprev': ref.post_mean(x0, xt, t),
+    'v': ref.velocity(x0, t, noise),
+  }[mean_type]
   mse = ((target - out[..., : SHAPE[-1]]) ** 2).mean(axis=(1, 2, 3))
   vb = ref.vb_term(mean_type, var_type, x0, xt, t, out, clip=False)[0]
   expected = {'mse': mse, 'kl': vb, 'hybrid': mse + 1e-3 * T * vb}[loss_type]
@@ -867,6 +891,267 @@ def test_approx_cdf_close_to_exact():
 
 
 # ----------------------------------------------------------------------------------------------
+# The v parameterization (Salimans & Ho 2022).
+# ----------------------------------------------------------------------------------------------
+
+
+def per_row_rel_err(actual, expected):
+  """rel_err of each row (each t) of [B, ...] arrays, [B]."""
+  return np.array([rel_err(a, e) for a, e in zip(actual, expected, strict=True)])
+
+
+@pytest.mark.parametrize('schedule', ['linear', 'cosine'])
+def test_velocity_and_its_inverses_match_float64(schedule):
+  # Salimans & Ho 2022, sec. 4, in float64 at every t: v = alpha_t eps - sigma_t x0 with
+  # alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t); x0 = alpha_t x_t - sigma_t v and (the path
+  # DDIM takes, through that x0) eps = (x_t - alpha_t x0) / sigma_t recover the x0 and eps that
+  # made x_t. x0 from v divides by nothing: float32 rounding of the inputs, 1e-6. eps from x0
+  # divides by sigma_t (and rounds x_t / alpha_t - x0, which cancels to sigma_t / alpha_t eps):
+  # at t = 0 that is 1e-2 (linear) or 6e-3 (cosine), so its float32 rounding grows ~200-fold.
+  diff = make_diffusion('v', schedule=schedule)
+  ref = Ref(dm.get_beta_schedule(schedule, **SCHEDULE_ARGS))
+  rng = np.random.default_rng(20)
+  shape = (T, 2, 2, 1)
+  x0 = quantized_images(rng, shape)
+  noise = rng.normal(size=shape)
+  t = np.arange(T)
+  v = ref.velocity(x0, t, noise)
+  xt = ref.q_sample(x0, t, noise)
+  x0_32, noise_32 = jnp.asarray(x0, jnp.float32), jnp.asarray(noise, jnp.float32)
+  xt_32, v_32 = jnp.asarray(xt, jnp.float32), jnp.asarray(v, jnp.float32)
+  assert per_row_rel_err(diff.velocity(x0_32, t, noise_32), v).max() < 1e-6
+  pred_x0 = diff.predict_xstart_from_v(xt_32, t, v_32)
+  assert per_row_rel_err(pred_x0, x0).max() < 1e-6
+  pred_eps = diff.predict_eps_from_xstart(xt_32, t, pred_x0)
+  assert per_row_rel_err(pred_eps, noise).max() < 3e-5
+
+
+def test_v_training_loss_matches_float64_reference():
+  # L_simple with the v target (Salimans & Ho 2022): mean((alpha_t eps - sigma_t x0 - out)^2)
+  # for a fixed network output, in float64; for 'hybrid' plus 1e-3 T L_{t-1} (improved DDPM)
+  # with the bound term of that output read as v (x0 = alpha_t x_t - sigma_t v, eq. 7 mean).
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  rng = np.random.default_rng(21)
+  x0 = quantized_images(rng)
+  noise = rng.normal(size=SHAPE)
+  out = np.concatenate([rng.normal(size=SHAPE), np.tanh(rng.normal(size=SHAPE))], axis=-1)
+  t = np.array([0, 1, 500, 999])
+  xt = ref.q_sample(x0, t, noise)
+  mse = ((ref.velocity(x0, t, noise) - out[..., :3]) ** 2).mean(axis=(1, 2, 3))
+  for var_type, loss_type, channels in [('fixedlarge', 'mse', 3), ('learned_range', 'hybrid', 6)]:
+    diff = make_diffusion('v', var_type, loss_type)
+    out_32 = jnp.asarray(out[..., :channels], jnp.float32)
+    loss = diff.training_losses(
+      lambda *_, o=out_32: o, jnp.asarray(x0, jnp.float32), t, jnp.asarray(noise, jnp.float32)
+    )
+    expected = mse
+    if loss_type == 'hybrid':
+      vb, _ = ref.vb_term('v', var_type, x0, xt, t, out, clip=False)
+      expected = mse + 1e-3 * T * vb
+    assert rel_err(loss, expected) < 1e-5, loss_type
+
+
+@pytest.mark.parametrize('var_type', ['fixedlarge', 'learned_range'])
+def test_bpd_of_v_equals_bpd_of_eps_for_the_same_network(var_type):
+  # One network written as v and as eps: v_hat from a smooth model, eps_hat = sigma_t x_t +
+  # alpha_t v_hat (from x_t = alpha_t x0 + sigma_t eps and v = alpha_t eps - sigma_t x0, both
+  # give x0_hat = alpha_t x_t - sigma_t v_hat), the same variance output. The bound (eq. 5)
+  # reads a network only through x0_hat and the variance, so bits/dim must agree: every term,
+  # the total and the x0 mse, within float32 (eps' x0 divides by alpha_t >= 0.08 here: 1e-5).
+  num_steps = 50
+  betas = dm.get_beta_schedule(
+    'linear', beta_start=1e-4, beta_end=0.2, num_diffusion_timesteps=num_steps
+  )
+  loss_type = 'kl'
+  by_type = {
+    m: dm.GaussianDiffusion.create(
+      betas, model_mean_type=m, model_var_type=var_type, loss_type=loss_type
+    )
+    for m in ('eps', 'v')
+  }
+  rng = np.random.default_rng(22)
+  channels = SHAPE[-1] * (2 if var_type == 'learned_range' else 1)
+  _, v_fn = linear_model(rng, channels)
+  alpha = by_type['v'].sqrt_alphas_cumprod
+  sigma = by_type['v'].sqrt_one_minus_alphas_cumprod
+
+  def eps_fn(x, t):
+    out = v_fn(x, t)
+    at = lambda a: a[t][:, None, None, None]  # noqa: E731
+    eps = at(sigma) * x + at(alpha) * out[..., : SHAPE[-1]]
+    return jnp.concatenate([eps, out[..., SHAPE[-1] :]], axis=-1)
+
+  x0 = jnp.asarray(quantized_images(rng), jnp.float32)
+  key = jax.random.key(23)
+  bpd_v = jax.jit(lambda x: by_type['v'].calc_bpd_loop(v_fn, x, key))(x0)
+  bpd_eps = jax.jit(lambda x: by_type['eps'].calc_bpd_loop(eps_fn, x, key))(x0)
+  for name in ('total_bpd', 'terms_bpd', 'mse'):
+    assert rel_err(bpd_v[name], bpd_eps[name]) < 1e-5, name
+  np.testing.assert_array_equal(bpd_v['prior_bpd'], bpd_eps['prior_bpd'])
+
+
+# ----------------------------------------------------------------------------------------------
+# Min-SNR-gamma loss weighting (Hang et al. 2023).
+# ----------------------------------------------------------------------------------------------
+
+
+def min_snr_diffusion(mean_type, gamma, var='fixedlarge', loss='mse', schedule='linear'):
+  betas = dm.get_beta_schedule(schedule, **SCHEDULE_ARGS)
+  return dm.GaussianDiffusion.create(
+    betas,
+    model_mean_type=mean_type,
+    model_var_type=var,
+    loss_type=loss,
+    loss_weighting='min_snr',
+    min_snr_gamma=gamma,
+  )
+
+
+def min_snr_weight_reference(ref, mean_type, gamma, t):
+  """float64: min(SNR_t, gamma) on ||x0 - x0_hat||^2 (Hang et al. 2023), SNR_t = abar_t /
+  (1 - abar_t), carried to the target space of each mean type by its error's factor (eq. 4 for
+  eps, x0 = alpha_t x_t - sigma_t v for v, eq. 7 for x_{t-1})."""
+  snr = ref.abar[t] / (1 - ref.abar[t])
+  clipped = np.minimum(snr, gamma)
+  return {
+    'eps': clipped / snr,  # x0 - x0_hat = (eps_hat - eps) / sqrt(SNR_t).
+    'xstart': clipped,
+    'v': clipped / (snr + 1),  # x0 - x0_hat = sigma_t (v_hat - v), sigma_t^2 = 1 / (SNR + 1).
+    'xprev': clipped / ref.post_coef1[t] ** 2,  # mu - mu_hat = coef1_t (x0 - x0_hat).
+  }[mean_type]
+
+
+@pytest.mark.parametrize('schedule', ['linear', 'cosine'])
+@pytest.mark.parametrize('mean_type', dm.MODEL_MEAN_TYPES)
+def test_min_snr_weights_match_float64(mean_type, schedule):
+  # Expected: min_snr_weight_reference at every t, gamma = 5 (the paper's default).
+  diff = min_snr_diffusion(mean_type, 5.0, schedule=schedule)
+  ref = Ref(dm.get_beta_schedule(schedule, **SCHEDULE_ARGS))
+  t = np.arange(T)
+  expected = min_snr_weight_reference(ref, mean_type, 5.0, t)
+  np.testing.assert_allclose(diff.min_snr_weight(jnp.asarray(t)), expected, rtol=1e-5)
+
+
+def test_min_snr_weights_where_abar_is_zero():
+  # jsd ends with beta = 1: abar = 0, SNR = 0 at t = T-1. Then min(SNR, g) / SNR -> 1 (eps: the
+  # limit, not 0 / 0), min(SNR, g) = 0 (x0) and min(SNR, g) / (SNR + 1) = 0 (v).
+  betas = dm.get_beta_schedule('jsd', **SCHEDULE_ARGS)
+  t = jnp.array([T - 1])
+  weights = {
+    m: dm.GaussianDiffusion.create(
+      betas, model_mean_type=m, model_var_type='fixedlarge', loss_type='mse'
+    ).min_snr_weight(t)
+    for m in ('eps', 'xstart', 'v')
+  }
+  np.testing.assert_array_equal(weights['eps'], [1.0])
+  np.testing.assert_array_equal(weights['xstart'], [0.0])
+  np.testing.assert_array_equal(weights['v'], [0.0])
+
+
+MIN_SNR_LOSSES = [(m, 'fixedlarge', 'mse') for m in dm.MODEL_MEAN_TYPES] + [
+  ('eps', 'learned_range', 'hybrid'),
+  ('v', 'learned_range', 'hybrid'),
+]
+
+
+@pytest.mark.parametrize('mean_type, var_type, loss_type', MIN_SNR_LOSSES)
+def test_min_snr_loss_is_min_snr_times_the_x0_loss(mean_type, var_type, loss_type):
+  # Hang et al. 2023's definition, whatever the mean type: L_simple becomes
+  # min(SNR_t, gamma) mean((x0 - x0_hat)^2), with x0_hat the x_0 the output implies (float64,
+  # Ref.pred_x0); 'hybrid' adds its bound term 1e-3 T L_{t-1} unweighted. gamma = 5.
+  gamma = 5.0
+  diff = min_snr_diffusion(mean_type, gamma, var_type, loss_type)
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  rng = np.random.default_rng(24)
+  channels = SHAPE[-1] * (2 if diff.learned_variance else 1)
+  np_fn, jax_fn = linear_model(rng, channels)
+  x0 = quantized_images(rng)
+  noise = rng.normal(size=SHAPE)
+  t = np.array([0, 1, 250, 999])
+  loss = diff.training_losses(
+    jax_fn, jnp.asarray(x0, jnp.float32), t, jnp.asarray(noise, jnp.float32)
+  )
+  xt = ref.q_sample(x0, t, noise)
+  out = np_fn(xt, t)
+  pred_x0 = ref.pred_x0(mean_type, xt, t, out[..., : SHAPE[-1]], clip=False)
+  snr = ref.abar[t] / (1 - ref.abar[t])
+  expected = np.minimum(snr, gamma) * ((x0 - pred_x0) ** 2).mean(axis=(1, 2, 3))
+  if loss_type == 'hybrid':
+    expected = expected + 1e-3 * T * ref.vb_term(mean_type, var_type, x0, xt, t, out, False)[0]
+  assert rel_err(loss, expected) < 1e-5
+  # The weights are those of min_snr_weight_reference, so the weighted loss is not L_simple.
+  unweighted = make_diffusion(mean_type, var_type, loss_type).training_losses(
+    jax_fn, jnp.asarray(x0, jnp.float32), t, jnp.asarray(noise, jnp.float32)
+  )
+  assert rel_err(loss, unweighted) > 1e-2
+
+
+@pytest.mark.parametrize('mean_type', dm.MODEL_MEAN_TYPES)
+def test_min_snr_with_gamma_above_every_snr_is_the_eps_loss(mean_type):
+  # With gamma >= max_t SNR_t (9999 at t = 0 here) min(SNR_t, gamma) = SNR_t, and
+  # SNR_t ||x0 - x0_hat||^2 = ||eps - eps_hat||^2 (eq. 4: x0 - x0_hat = sigma_t / alpha_t
+  # (eps_hat - eps)): every mean type's loss becomes the paper's L_simple (eq. 14) of the eps
+  # its output implies, eps_hat = (x_t - alpha_t x0_hat) / sigma_t in float64. That is the
+  # identity only for eps, whose weight gamma / max(SNR_t, gamma) is then exactly 1; for x0, v
+  # and x_{t-1} the weights are SNR_t, abar_t and SNR_t / coef1_t^2.
+  gamma = 1e5
+  diff = min_snr_diffusion(mean_type, gamma)
+  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
+  assert (ref.abar / (1 - ref.abar)).max() < gamma
+  rng = np.random.default_rng(25)
+  np_fn, jax_fn = linear_model(rng, SHAPE[-1])
+  x0 = quantized_images(rng)
+  noise = rng.normal(size=SHAPE)
+  t = np.array([0, 1, 250, 999])
+  x0_32, noise_32 = jnp.asarray(x0, jnp.float32), jnp.asarray(noise, jnp.float32)
+  loss = diff.training_losses(jax_fn, x0_32, t, noise_32)
+  xt = ref.q_sample(x0, t, noise)
+  pred_x0 = ref.pred_x0(mean_type, xt, t, np_fn(xt, t), clip=False)
+  abar = ref.b(ref.abar, t)
+  pred_eps = (xt - np.sqrt(abar) * pred_x0) / np.sqrt(1 - abar)
+  assert rel_err(loss, ((noise - pred_eps) ** 2).mean(axis=(1, 2, 3))) < 1e-5
+  if mean_type == 'eps':
+    unweighted = make_diffusion('eps').training_losses(jax_fn, x0_32, t, noise_32)
+    np.testing.assert_array_equal(loss, unweighted)
+
+
+def test_loss_weighting_reaches_every_process():
+  # The defaults keep today's callers and the paper's loss; from_config and respaced carry the
+  # settings of config.diffusion.
+  import configs.default
+
+  plain = make_diffusion()
+  assert (plain.loss_weighting, plain.min_snr_gamma) == ('none', 5.0)
+  config = configs.default.get_config().diffusion
+  assert (config.loss_weighting, config.min_snr_gamma) == ('none', 5.0)
+  config.loss_weighting, config.min_snr_gamma = 'min_snr', 2.0
+  diff = dm.GaussianDiffusion.from_config(config)
+  assert (diff.loss_weighting, diff.min_snr_gamma) == ('min_snr', 2.0)
+  respaced = diff.respaced(10)
+  assert (respaced.loss_weighting, respaced.min_snr_gamma) == ('min_snr', 2.0)
+  # Static fields: the pytree's leaves are the tables alone.
+  assert len(jax.tree.leaves(diff)) == len(jax.tree.leaves(plain))
+
+
+@pytest.mark.parametrize(
+  'kwargs, message',
+  [
+    (dict(loss_weighting='snr'), "Unknown loss_weighting 'snr'"),
+    (dict(loss_weighting='min_snr', min_snr_gamma=0.0), 'min_snr_gamma must be a number > 0'),
+    (dict(loss_weighting='min_snr', min_snr_gamma=-1.0), 'min_snr_gamma must be a number > 0'),
+    (dict(loss_weighting='min_snr', min_snr_gamma=math.nan), 'min_snr_gamma must be'),
+    (dict(loss_weighting='min_snr', loss_type='kl'), "loss_weighting 'min_snr'.*loss_type 'kl'"),
+  ],
+)
+def test_bad_loss_weighting_raises(kwargs, message):
+  settings = dict(model_mean_type='eps', model_var_type='fixedlarge', loss_type='mse')
+  with pytest.raises(ValueError, match=message):
+    dm.GaussianDiffusion.create(
+      dm.get_beta_schedule('linear', **SCHEDULE_ARGS), **{**settings, **kwargs}
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # Validation.
 # ----------------------------------------------------------------------------------------------
 
@@ -876,7 +1161,10 @@ def test_approx_cdf_close_to_exact():
   [
     (dict(model_mean_type='eps', model_var_type='learned', loss_type='mse'), "'mse' cannot"),
     (dict(model_mean_type='eps', model_var_type='fixedsmall', loss_type='hybrid'), 'hybrid'),
-    (dict(model_mean_type='v', model_var_type='fixedsmall', loss_type='mse'), 'model_mean_type'),
+    (
+      dict(model_mean_type='score', model_var_type='fixedsmall', loss_type='mse'),
+      'model_mean_type',
+    ),
     (dict(model_mean_type='eps', model_var_type='fixed', loss_type='mse'), 'model_var_type'),
     (dict(model_mean_type='eps', model_var_type='fixedsmall', loss_type='l1'), 'loss_type'),
   ],

@@ -218,9 +218,10 @@ def test_all_checkpoints_unreadable_is_an_error(tmp_path):
   [
     ({'data.dataset': 'mnistt'}, "Unknown dataset 'mnistt'.*Closest names: mnist"),
     ({'diffusion.beta_schedule': 'cubic'}, "Unknown beta schedule 'cubic'"),
-    ({'diffusion.model_mean_type': 'v'}, "Unknown model_mean_type 'v'"),
+    ({'diffusion.model_mean_type': 'score'}, "Unknown model_mean_type 'score'"),
     ({'diffusion.model_var_type': 'big'}, "Unknown model_var_type 'big'"),
     ({'diffusion.loss_type': 'l1'}, "Unknown loss_type 'l1'"),
+    ({'diffusion.loss_weighting': 'snr'}, "Unknown loss_weighting 'snr'"),
     ({'model.ch_mult': (1, 2, 2, 2, 2)}, 'not divisible by 2\\^\\(len\\(ch_mult\\) - 1\\) = 16'),
     ({'model.attn_resolutions': (16,)}, 'include \\[16\\], which the network never reaches'),
     ({'model.dtype': 'float16'}, "dtype must be 'float32' or 'bfloat16'"),

@@ -505,7 +505,7 @@ class UNet(nn.Module):
   def __call__(
     self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool
   ) -> jax.Array:
-    """Predicts the model output (eps, x0 or the posterior mean, and maybe a variance).
+    """Predicts the model output (eps, x0, the posterior mean or v, and maybe a variance).
 
     Args:
       x: [B, H, W, C] noisy images, in [-1, 1] at t = 0.
