@@ -379,3 +379,61 @@ def test_other_inception_weights_recompute_the_reference_statistics(tmp_path, mo
   np.testing.assert_allclose(stats(2.0, 'bbbb'), np.full(2048, 2 * test_means.mean()), rtol=1e-12)
   np.testing.assert_allclose(stats(3.0, 'aaaa'), np.full(2048, test_means.mean()), rtol=1e-12)
   assert calls == [1.0, 2.0]  # The third call read the first one's cache.
+
+
+def test_conditional_eval_is_keyed_by_its_classes_and_guidance(tmp_path):
+  # A class-conditional digits model: bits/dim is that of p(x | y) with each test image's own
+  # label (expected: calc_bpd_loop given those labels); the samples of each (class_labels,
+  # guidance_scale) are kept apart, recorded in the results, equal to a fresh evaluation of the
+  # same settings, and the requested-digit accuracy is the classifier's on them.
+  workdir = tmp_path / 'workdir'
+  cond = {'model.num_classes': 10}
+  train.train(eval_config(**cond), str(workdir))
+
+  def config(**extra):
+    config = eval_config(**cond, **extra)
+    config.eval.num_bpd_images = 4
+    return config
+
+  guided = evaluation.evaluate(config(**{'sampling.guidance_scale': 2.0}), str(workdir))
+  sevens = evaluation.evaluate(
+    config(**{'sampling.class_labels': (7,), 'sampling.guidance_scale': 2.0}), str(workdir)
+  )
+  plain = evaluation.evaluate(config(), str(workdir))
+  assert guided['sample_settings']['guidance_scale'] == 2.0
+  assert guided['sample_settings']['class_labels'] == list(range(10))
+  assert sevens['sample_settings']['class_labels'] == [7]
+  assert plain['sample_settings']['guidance_scale'] == 1.0
+  dirs = sorted(p.name for p in (workdir / 'eval' / 'step_2').glob('samples_*'))
+  assert len(dirs) == 3 and any('class7_guidance2' in d for d in dirs), dirs
+  assert not np.array_equal(
+    saved_samples(workdir, '*_guidance2_seed0_*'), saved_samples(workdir, '*_guidance1_seed0_*')
+  )
+  # Sample i of all classes in turn is of digit i mod 10: 12 samples, digits 0 and 1 twice.
+  assert set(k for k in guided if k.startswith('requested_accuracy_digit_')) == {
+    f'requested_accuracy_digit_{c}' for c in range(10)
+  }
+  assert set(k for k in sevens if k.startswith('requested_accuracy_digit_')) == {
+    'requested_accuracy_digit_7'
+  }
+  np.testing.assert_allclose(
+    sevens['requested_accuracy'], sevens['requested_accuracy_digit_7'], rtol=0
+  )
+
+  diff = diffusion.GaussianDiffusion.from_config(config().diffusion)
+  model = models.create_model(config())
+  _, params = checkpoints.restore_ema_params(str(workdir), models.param_shapes(model, 8, 1))
+  test = data.create_source(config(), 'test')
+  model_fn = sample_loop.make_model_fn(
+    model, params, labels=jnp.asarray(test.labels(np.arange(4)), jnp.int32)
+  )
+  out = diff.calc_bpd_loop(
+    model_fn,
+    image_io.to_model_range(jnp.asarray(test[np.arange(4)])),
+    jax.random.fold_in(jax.random.key(0), 0),
+  )
+  np.testing.assert_allclose(guided['bpd'], np.mean(out['total_bpd']), rtol=1e-5)
+
+  fresh = tmp_path / 'fresh'
+  shutil.copytree(workdir, fresh, ignore=shutil.ignore_patterns('eval'))
+  assert evaluation.evaluate(config(**{'sampling.guidance_scale': 2.0}), str(fresh)) == guided

@@ -1,7 +1,8 @@
 """The train step's parts against independent float64 NumPy references: the loss it reports and
 differentiates (L_simple averaged over batch, height, width and channels), the optimizer
 (global-norm clipping, then Adam with the configured constants and the warmup schedule), the
-random flip, and the EMA recurrence with the configured decay. Each uses constants unlike the
+random flip, the EMA recurrence with the configured decay, and the labels of a class-conditional
+step with their dropout. Each uses constants unlike the
 defaults, so that a constant that does not reach its place fails the test."""
 
 from collections.abc import Callable
@@ -10,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import tiny_digits_config, train_step_setup
 
 from ddpm_jax import diffusion as diffusion_lib
@@ -178,3 +180,48 @@ def test_loss_is_l_simple_averaged_over_batch_height_width_and_channels():
   # recovered at t = 0 through 1 / sqrt(1 - abar_0) = 100 times the float32 rounding of x_t).
   np.testing.assert_allclose(metrics['loss'], expected_loss, rtol=1e-5)
   np.testing.assert_allclose(metrics['grad_norm'], expected_grad_norm, rtol=1e-5)
+
+
+class _LabelRecorder(nn.Module):
+  """A conditional network of zeros that hands the labels it is given to `record`."""
+
+  record: Callable[[jax.Array], None]
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, t, y, train):
+    del t, train
+    jax.debug.callback(self.record, y)
+    return x * self.param('w', nn.initializers.zeros, ())
+
+
+@pytest.mark.parametrize('rate', [0.0, 0.3])
+def test_train_step_feeds_the_labels_with_dropout_to_the_null_class(rate):
+  # Expected: the network sees each batch label unchanged, or the null label 10 with probability
+  # `training.label_dropout` (classifier-free guidance's training, Ho & Salimans 2021, Alg. 1):
+  # of 4,000 labels the dropped share is the rate within 5 binomial standard deviations.
+  config = tiny_digits_config(
+    1, **{'model.num_classes': 10, 'training.label_dropout': rate, 'training.batch_size': 4000}
+  )
+  seen = []
+  model = _LabelRecorder(record=lambda y: seen.append(np.asarray(y)))
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  tx, schedule = train.create_optimizer(config)
+  params = {'w': jnp.zeros(())}
+  state = train.TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+  )
+  rng = np.random.default_rng(0)
+  batch = {
+    'image': jnp.asarray(rng.integers(0, 256, (4000, 2, 2, 1)), jnp.uint8),
+    'label': jnp.asarray(rng.integers(0, 10, 4000), jnp.int32),
+  }
+  jax.jit(train.create_train_step(config, model, diffusion, tx, schedule, ema_starts_as_copy=True))(
+    state, batch
+  )
+  labels = seen[-1]
+  dropped = labels == 10
+  np.testing.assert_array_equal(labels[~dropped], np.asarray(batch['label'])[~dropped])
+  assert abs(dropped.mean() - rate) <= 5 * np.sqrt(rate * (1 - rate) / 4000)
+  if rate:
+    assert dropped.any()
