@@ -7,6 +7,7 @@ Runs on 8 devices and on 2 processes happen in subprocesses of `main.py` (the de
 fixed when JAX starts).
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -347,3 +348,27 @@ def test_batch_not_divisible_by_device_count(trained_workdir, monkeypatch):
   monkeypatch.setattr(jax, 'device_count', lambda: 8)
   with pytest.raises(ValueError, match=r'batch_size = 12 must be a positive multiple .* \(8'):
     generate.sample(sample_config(**{'sampling.batch_size': 12}), str(trained_workdir))
+
+
+def test_conditional_samples_save_their_labels_and_a_row_per_class(tmp_path):
+  # A class-conditional model, sampled for digits 3 and 5 in turn with guidance 2: the npz holds
+  # each sample's label (3, 5, 3, 5, ...) and the class names training wrote beside the
+  # checkpoints (the digits '0'..'9'); the grid has one row per class; every kind runs.
+  cond = {'model.num_classes': 10, 'training.checkpoint_every_steps': STEP}
+  train.train(tiny_digits_config(STEP, **cond), str(tmp_path))
+  assert json.loads((tmp_path / 'classes.json').read_text()) == {
+    'class_names': [str(c) for c in range(10)]
+  }
+  config = sample_config(
+    **cond, **{'sampling.class_labels': (3, 5), 'sampling.guidance_scale': 2.0}
+  )
+  paths = generate.sample(config, str(tmp_path))
+  name = f'samples_dpm_solver++7_static_classes3-5_guidance2_{SUFFIX}'
+  assert [p.rsplit('/', 1)[1] for p in paths[:2]] == [f'{name}.npz', f'{name}.png']
+  with np.load(tmp_path / 'samples' / f'{name}.npz') as npz:
+    assert npz['samples'].shape == (10, 8, 8, 1)
+    np.testing.assert_array_equal(npz['labels'], [3, 5] * 5)
+    np.testing.assert_array_equal(npz['class_names'], [str(c) for c in range(10)])
+  grid = np.asarray(PIL.Image.open(tmp_path / 'samples' / f'{name}.png'))
+  assert grid.shape == (8 * (9 * 2 + 1), 8 * (9 * 5 + 1))  # 2 rows (3 and 5) of 5 samples.
+  assert len(paths) == len(OUTPUTS)

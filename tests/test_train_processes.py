@@ -91,14 +91,29 @@ def _wait_for_checkpoint(workdir, proc, step: int, timeout: float = 300):
   ids=['sigkill', 'sigterm', 'sigterm_4_steps_per_call'],
 )
 def test_killed_run_resumes_bitwise(tmp_path, sig, steps_per_call, reference_run):
-  num_steps = REFERENCE_STEPS
   # With 4 steps per call and losses logged at the end only, calls of 4 and 1 steps between the
   # checkpoints every 5 steps: SIGTERM is seen after the call it follows, at a step that need
   # not be a multiple of 4, and the resumed run equals the one of one step per call.
   extra = {'training.steps_per_call': steps_per_call}
   if steps_per_call > 1:
-    extra['training.log_every_steps'] = num_steps
+    extra['training.log_every_steps'] = REFERENCE_STEPS
+  kill_and_resume(tmp_path, sig, extra, reference_run)
 
+
+def test_killed_class_conditional_run_resumes_bitwise(tmp_path):
+  # The labels follow the images' resumable order and their dropout the step's key: a
+  # class-conditional run killed after its checkpoint at step 5 and resumed ends with the params
+  # of an uninterrupted one, bit for bit.
+  extra = {'model.num_classes': 10, 'training.label_dropout': 0.2}
+  run_main(tmp_path / 'straight', REFERENCE_STEPS, **extra)
+  step, params = final_params(tmp_path / 'straight')
+  kill_and_resume(tmp_path, signal.SIGKILL, extra, (step, params, None))
+
+
+def kill_and_resume(tmp_path, sig, extra, reference_run):
+  """Kills a run of `extra` overrides after its checkpoint at step 5 with `sig`, resumes it, and
+  checks that it ends with the params of `reference_run`."""
+  num_steps = REFERENCE_STEPS
   workdir = tmp_path / 'killed'
   proc = subprocess.Popen(
     main_command(workdir, num_steps, **extra),
