@@ -26,20 +26,35 @@ from ddpm_jax.data.order import train_indices
 from ddpm_jax.data.prefetch import PrefetchIterator
 
 
-def make_config(dataset='digits', image_size=8, num_channels=1, **data):
-  """The default config reading `dataset`; `data` sets other `config.data` fields."""
+def make_config(dataset='digits', image_size=8, num_channels=1, *, num_classes=0, **data):
+  """The default config reading `dataset`; `data` sets other `config.data` fields, and
+  `num_classes` > 0 makes the model class-conditional (the batches then have labels)."""
   config = default.get_config()
   config.data.dataset = dataset
   config.data.image_size = image_size
   config.data.num_channels = num_channels
   for field, value in data.items():
     config.data[field] = value
+  if num_classes:  # Only here: the other tests read the default model section as it is.
+    config.model.num_classes = num_classes
   return config
 
 
 def take(iterator, num):
   with iterator:
     return [next(iterator) for _ in range(num)]
+
+
+def sklearn_label_of():
+  """{image bytes: label} of scikit-learn's 1,797 digits, the images scaled to 0..255 as
+  ddpm_jax/data/digits.py documents (round(v * 255 / 16)); the 1,797 images are distinct."""
+  digits = load_digits()
+  images = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
+  label_of = {
+    image.tobytes(): int(label) for image, label in zip(images, digits.target, strict=True)
+  }
+  assert len(label_of) == 1797
+  return label_of
 
 
 def prefetch_threads():
@@ -91,6 +106,24 @@ def test_digits_splits_are_disjoint_cover_all_and_fixed():
   assert ours == rows(expected, digits.target)
   # The split is fixed: a second call gives the same test set.
   np.testing.assert_array_equal(data_lib.create_source(make_config(), 'test').images, test.images)
+
+
+def test_digits_labels_are_sklearns_targets():
+  config = make_config(num_classes=10)
+  info = data_lib.get_dataset_info(config)
+  assert info.class_names == ('0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
+  label_of = sklearn_label_of()
+  for split, size in (('train', 1497), ('test', 300)):
+    source = data_lib.create_source(config, split)
+    indices = np.array([size - 1, 0, 17, 17, 5])
+    labels = source.labels(indices)
+    assert labels.dtype == np.int64 and labels.shape == (5,)
+    # Each example's label is scikit-learn's target of the example with its image.
+    expected = [label_of[image.tobytes()] for image in source[indices]]
+    np.testing.assert_array_equal(labels, expected)
+    # The `labels` attribute (all of them, as ddpm_jax/evaluation.py reads it) agrees.
+    np.testing.assert_array_equal(np.asarray(source.labels)[indices], labels)
+    assert source.labels.shape == (size,)
 
 
 # ------------------------------------------------------------------------------------------------
