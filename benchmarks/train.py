@@ -122,7 +122,7 @@ def train_runner(
     )
 
     def next_images():
-      local = np.stack([next(batches)[1] for _ in range(steps_per_call)])
+      local = np.stack([next(batches)[1]['image'] for _ in range(steps_per_call)])
       return jax.make_array_from_process_local_data(batches_sharding, local)
 
   began = time.perf_counter()

@@ -26,20 +26,35 @@ from ddpm_jax.data.order import train_indices
 from ddpm_jax.data.prefetch import PrefetchIterator
 
 
-def make_config(dataset='digits', image_size=8, num_channels=1, **data):
-  """The default config reading `dataset`; `data` sets other `config.data` fields."""
+def make_config(dataset='digits', image_size=8, num_channels=1, *, num_classes=0, **data):
+  """The default config reading `dataset`; `data` sets other `config.data` fields, and
+  `num_classes` > 0 makes the model class-conditional (the batches then have labels)."""
   config = default.get_config()
   config.data.dataset = dataset
   config.data.image_size = image_size
   config.data.num_channels = num_channels
   for field, value in data.items():
     config.data[field] = value
+  if num_classes:  # Only here: the other tests read the default model section as it is.
+    config.model.num_classes = num_classes
   return config
 
 
 def take(iterator, num):
   with iterator:
     return [next(iterator) for _ in range(num)]
+
+
+def sklearn_label_of():
+  """{image bytes: label} of scikit-learn's 1,797 digits, the images scaled to 0..255 as
+  ddpm_jax/data/digits.py documents (round(v * 255 / 16)); the 1,797 images are distinct."""
+  digits = load_digits()
+  images = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
+  label_of = {
+    image.tobytes(): int(label) for image, label in zip(images, digits.target, strict=True)
+  }
+  assert len(label_of) == 1797
+  return label_of
 
 
 def prefetch_threads():
@@ -93,6 +108,24 @@ def test_digits_splits_are_disjoint_cover_all_and_fixed():
   np.testing.assert_array_equal(data_lib.create_source(make_config(), 'test').images, test.images)
 
 
+def test_digits_labels_are_sklearns_targets():
+  config = make_config(num_classes=10)
+  info = data_lib.get_dataset_info(config)
+  assert info.class_names == ('0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
+  label_of = sklearn_label_of()
+  for split, size in (('train', 1497), ('test', 300)):
+    source = data_lib.create_source(config, split)
+    indices = np.array([size - 1, 0, 17, 17, 5])
+    labels = source.labels(indices)
+    assert labels.dtype == np.int64 and labels.shape == (5,)
+    # Each example's label is scikit-learn's target of the example with its image.
+    expected = [label_of[image.tobytes()] for image in source[indices]]
+    np.testing.assert_array_equal(labels, expected)
+    # The `labels` attribute (all of them, as ddpm_jax/evaluation.py reads it) agrees.
+    np.testing.assert_array_equal(np.asarray(source.labels)[indices], labels)
+    assert source.labels.shape == (size,)
+
+
 # ------------------------------------------------------------------------------------------------
 # Order.
 # ------------------------------------------------------------------------------------------------
@@ -105,12 +138,58 @@ def test_resumed_run_sees_the_same_batches():
   resumed = take(data_lib.train_batches(make_config(), start_step=7, **kwargs), 3)
   assert [step for step, _ in uninterrupted] == list(range(10))
   assert [step for step, _ in resumed] == [7, 8, 9]
+  # An unconditional model (config.model.num_classes = 0, the default) gets images only.
+  assert all(batch.keys() == {'image'} for _, batch in uninterrupted + resumed)
   for (_, expected), (_, actual) in zip(uninterrupted[7:], resumed, strict=True):
-    assert actual.shape == (200, 8, 8, 1) and actual.dtype == np.uint8
-    np.testing.assert_array_equal(actual, expected)
+    assert actual['image'].shape == (200, 8, 8, 1) and actual['image'].dtype == np.uint8
+    np.testing.assert_array_equal(actual['image'], expected['image'])
   # A different seed gives a different order.
   other = take(data_lib.train_batches(make_config(), start_step=7, **{**kwargs, 'seed': 4}), 1)
-  assert not np.array_equal(other[0][1], resumed[0][1])
+  assert not np.array_equal(other[0][1]['image'], resumed[0][1]['image'])
+
+
+def test_conditional_batches_follow_the_resumable_order():
+  # As test_resumed_run_sees_the_same_batches, with labels: B = 200 over 1,497 examples, step 7
+  # straddles the first epoch boundary.
+  config = make_config(num_classes=10)
+  kwargs = dict(global_batch_size=200, seed=3, process_index=0, process_count=1)
+  source = data_lib.create_source(config, 'train')
+  label_of = sklearn_label_of()
+  uninterrupted = take(data_lib.train_batches(config, start_step=0, **kwargs), 10)
+  resumed = take(data_lib.train_batches(config, start_step=7, **kwargs), 3)
+  unconditional = take(data_lib.train_batches(make_config(), start_step=0, **kwargs), 10)
+  for (step, batch), (_, images_only) in zip(uninterrupted, unconditional, strict=True):
+    assert batch.keys() == {'image', 'label'}
+    assert batch['label'].shape == (200,) and batch['label'].dtype == np.int32
+    # The examples of order.train_indices, images and labels.
+    indices = train_indices(step=step, num_examples=1497, **kwargs)
+    np.testing.assert_array_equal(batch['image'], source[indices])
+    np.testing.assert_array_equal(batch['label'], source.labels(indices))
+    # Row i's label is scikit-learn's target of the digit in row i.
+    np.testing.assert_array_equal(
+      batch['label'], [label_of[image.tobytes()] for image in batch['image']]
+    )
+    # The images are those an unconditional run reads, bit for bit.
+    np.testing.assert_array_equal(batch['image'], images_only['image'])
+  assert [step for step, _ in resumed] == [7, 8, 9]
+  for (_, expected), (_, actual) in zip(uninterrupted[7:], resumed, strict=True):
+    np.testing.assert_array_equal(actual['image'], expected['image'])
+    np.testing.assert_array_equal(actual['label'], expected['label'])
+
+
+def test_conditional_shares_concatenate_to_the_single_process_batch():
+  config = make_config(num_classes=10)
+  kwargs = dict(global_batch_size=200, start_step=5, seed=0)
+  single = take(data_lib.train_batches(config, process_index=0, process_count=1, **kwargs), 3)
+  shares = [
+    take(data_lib.train_batches(config, process_index=p, process_count=2, **kwargs), 3)
+    for p in range(2)
+  ]
+  for step in range(3):
+    for key, shape in (('image', (100, 8, 8, 1)), ('label', (100,))):
+      assert all(share[step][1][key].shape == shape for share in shares)
+      joined = np.concatenate([share[step][1][key] for share in shares])
+      np.testing.assert_array_equal(joined, single[step][1][key])
 
 
 def test_global_batch_does_not_depend_on_process_count():
@@ -122,9 +201,9 @@ def test_global_batch_does_not_depend_on_process_count():
     for p in range(4)
   ]
   for step in range(4):
-    assert all(share[step][1].shape == (50, 8, 8, 1) for share in shares)
-    joined = np.concatenate([share[step][1] for share in shares])
-    np.testing.assert_array_equal(joined, single[step][1])
+    assert all(share[step][1]['image'].shape == (50, 8, 8, 1) for share in shares)
+    joined = np.concatenate([share[step][1]['image'] for share in shares])
+    np.testing.assert_array_equal(joined, single[step][1]['image'])
 
 
 @pytest.mark.parametrize(
@@ -194,6 +273,21 @@ def test_inconsistent_image_shape_raises(dataset, image_size, num_channels, mess
     data_lib.get_dataset_info(make_config(dataset, image_size, num_channels))
 
 
+def test_num_classes_must_be_the_datasets_class_count():
+  with pytest.raises(
+    ValueError,
+    match=r"config.model.num_classes = 9, but 'digits' has 10 classes \(0, 1, 2, .*, 9\)",
+  ):
+    data_lib.check_config(make_config(num_classes=9))
+  with pytest.raises(ValueError, match=r'config.model.num_classes must be an int >= 0'):
+    data_lib.check_config(make_config(num_classes=-1))
+  # The paper's LSUN and CelebA-HQ have no tfds.features.ClassLabel (TFDS's features: image, id
+  # or image/filename), so a class-conditional model has nothing to condition on.
+  with pytest.raises(ValueError, match=r"num_classes = 2 .* 'lsun/bedroom' has no class labels"):
+    data_lib.get_dataset_info(make_config('lsun/bedroom', 64, 3, num_classes=2))
+  assert data_lib.get_dataset_info(make_config('lsun/bedroom', 64, 3)).class_names is None
+
+
 def test_dataset_info_and_missing_split():
   info = data_lib.get_dataset_info(make_config('lsun/church_outdoor', 256, 3))
   assert (info.image_size, info.eval_split) == (None, 'validation')
@@ -238,8 +332,8 @@ def test_cifar10_through_mocked_data_source():
     expected = train_indices(
       step=3, num_examples=12, global_batch_size=8, seed=0, process_index=1, process_count=2
     )
-    assert step == 3 and batch.shape == (4, 32, 32, 3)
-    np.testing.assert_array_equal(batch, source[expected])
+    assert step == 3 and batch['image'].shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(batch['image'], source[expected])
 
 
 def test_cifar10_from_real_array_record_files(tmp_path):
@@ -368,8 +462,9 @@ def test_eval_batches_pad_the_last_batch_and_mask_it():
     )
   )
   assert [int(mask.sum()) for _, mask in batches] == [64, 64, 22]
-  assert all(images.shape == (64, 8, 8, 1) and images.dtype == np.uint8 for images, _ in batches)
-  images = np.concatenate([images for images, _ in batches])
+  assert all(batch.keys() == {'image'} for batch, _ in batches)
+  assert all(b['image'].shape == (64, 8, 8, 1) and b['image'].dtype == np.uint8 for b, _ in batches)
+  images = np.concatenate([batch['image'] for batch, _ in batches])
   masks = np.concatenate([mask for _, mask in batches])
   np.testing.assert_array_equal(masks, np.arange(192) < 150)
   np.testing.assert_array_equal(images[:150], test.images[:150])
@@ -389,9 +484,39 @@ def test_eval_batches_pad_the_last_batch_and_mask_it():
     for p in range(4)
   ]
   assert [len(share) for share in shares] == [3, 3, 3, 3]
-  for k, (expected_images, expected_mask) in enumerate(batches):
-    np.testing.assert_array_equal(np.concatenate([s[k][0] for s in shares]), expected_images)
+  for k, (expected_batch, expected_mask) in enumerate(batches):
+    joined = np.concatenate([s[k][0]['image'] for s in shares])
+    np.testing.assert_array_equal(joined, expected_batch['image'])
     np.testing.assert_array_equal(np.concatenate([s[k][1] for s in shares]), expected_mask)
+
+
+def test_conditional_eval_batches_pad_labels_with_zeros():
+  config = make_config(num_classes=10)
+  test = data_lib.create_source(config, 'test')
+  kwargs = dict(split='test', global_batch_size=64, num_examples=150)
+  batches = list(data_lib.eval_batches(config, process_index=0, process_count=1, **kwargs))
+  assert all(
+    batch['label'].shape == (64,) and batch['label'].dtype == np.int32 for batch, _ in batches
+  )
+  labels = np.concatenate([batch['label'] for batch, _ in batches])
+  images = np.concatenate([batch['image'] for batch, _ in batches])
+  masks = np.concatenate([mask for _, mask in batches])
+  # The first 150 test examples, each with scikit-learn's target of its image, then 42 padded
+  # rows: label 0, mask False.
+  label_of = sklearn_label_of()
+  np.testing.assert_array_equal(images[:150], test.images[:150])
+  np.testing.assert_array_equal(labels[:150], [label_of[image.tobytes()] for image in images[:150]])
+  np.testing.assert_array_equal(masks, np.arange(192) < 150)
+  assert not labels[150:].any() and not images[150:].any()
+  # Four processes' shares make up the same batches, labels included.
+  shares = [
+    list(data_lib.eval_batches(config, process_index=p, process_count=4, **kwargs))
+    for p in range(4)
+  ]
+  for k, (expected, _) in enumerate(batches):
+    for key in ('image', 'label'):
+      joined = np.concatenate([share[k][0][key] for share in shares])
+      np.testing.assert_array_equal(joined, expected[key])
 
 
 def test_eval_num_examples_out_of_range_raises():

@@ -111,9 +111,9 @@ def test_tfds_order_is_deterministic_and_resumable():
       # Batch s is examples train_indices(s) of the split (positions 4 s .. 4 s + 3 of the
       # stream of per-epoch permutations of 7 examples; steps 1 and 3 straddle epochs).
       indices = train_indices(step=step, num_examples=7, **kwargs)
-      np.testing.assert_array_equal(batch, source[indices])
+      np.testing.assert_array_equal(batch['image'], source[indices])
   for (_, expected), (_, actual) in zip(uninterrupted[3:], resumed, strict=True):
-    np.testing.assert_array_equal(actual, expected)
+    np.testing.assert_array_equal(actual['image'], expected['image'])
 
 
 @pytest.mark.parametrize('process_index', [0, 1])
@@ -390,10 +390,11 @@ def test_folder_order_is_deterministic_resumable_and_shared_by_processes(image_f
   ]
   for step, batch in single:
     indices = train_indices(step=step, num_examples=4, process_index=0, process_count=1, **kwargs)
-    np.testing.assert_array_equal(batch, source[indices])
-    np.testing.assert_array_equal(np.concatenate([s[step][1] for s in shares]), batch)
+    np.testing.assert_array_equal(batch['image'], source[indices])
+    joined = np.concatenate([s[step][1]['image'] for s in shares])
+    np.testing.assert_array_equal(joined, batch['image'])
   for (_, expected), (_, actual) in zip(single[2:], resumed, strict=True):
-    np.testing.assert_array_equal(actual, expected)
+    np.testing.assert_array_equal(actual['image'], expected['image'])
 
 
 def test_folder_splits(image_folder, tmp_path):
@@ -420,7 +421,7 @@ def test_folder_splits(image_folder, tmp_path):
   [(_, batch)] = take(
     data_lib.train_batches(config, global_batch_size=2, start_step=0, seed=0, process_count=1), 1
   )
-  np.testing.assert_array_equal(np.sort(batch, axis=0), np.sort(test_images, axis=0))
+  np.testing.assert_array_equal(np.sort(batch['image'], axis=0), np.sort(test_images, axis=0))
 
 
 def test_unreadable_image_error_names_the_file(image_folder):

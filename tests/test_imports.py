@@ -63,8 +63,10 @@ def test_imports_and_reads_digits_without_tensorflow():
     with data.train_batches(
       digits.get_config(), global_batch_size=8, start_step=0, seed=0
     ) as batches:
-      step, images = next(batches)
+      step, batch = next(batches)
     assert step == 0, step
+    assert batch.keys() == {{'image'}}, batch.keys()
+    images = batch['image']
     assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8, (images.shape, images.dtype)
     print('read', images.shape)
   """)

@@ -1,10 +1,11 @@
 """What every source of images offers the pipeline: its `DatasetInfo`, and random access.
 
 A source module (`digits`, `tfds`, `folder`) holds one `Dataset` class, built from `config.data`
-without reading anything. `Dataset.info()` checks the config against the dataset and says its
-splits; `Dataset.open(info, split)` gives a `Source`, random access to the images of the split;
-`Dataset.content_key(split)` names what, beyond `config.data`'s name, split and image shape,
-fixes those images (evaluation's cache key).
+(and, for a TFDS dataset or a folder, whether the run reads class labels) without reading
+anything. `Dataset.info()` checks the config against the dataset and says its splits and class
+names; `Dataset.open(info, split)` gives a `Source`, random access to the images of the split
+and, for a dataset with class names, to their labels; `Dataset.content_key(split)` names what,
+beyond `config.data`'s name, split and image shape, fixes those images (evaluation's cache key).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class DatasetInfo:
       the splits (`held_out_split`), the one rule for every dataset.
     manual_download: whether TFDS needs the source files downloaded by hand first.
     image_key: the TFDS feature that holds the image.
+    class_names: the names of the classes in label order (label k is `class_names[k]`), or None
+      when the dataset has no labels (or, for a folder, the run reads none).
+    label_key: the TFDS `ClassLabel` feature that holds the label, or None.
   """
 
   name: str
@@ -41,6 +45,8 @@ class DatasetInfo:
   eval_split: str | None = None
   manual_download: bool = False
   image_key: str = 'image'
+  class_names: tuple[str, ...] | None = None
+  label_key: str | None = None
 
 
 def held_out_split(splits: tuple[str, ...]) -> str | None:
@@ -64,12 +70,18 @@ def check_stored_shape(info: DatasetInfo, data: ml_collections.ConfigDict) -> No
 
 
 class Source(Protocol):
-  """Random access to one split: `len(source)` examples, `source[indices]` their images."""
+  """Random access to one split: `len(source)` examples, `source[indices]` their images and
+  `source.labels(indices)` their class labels (a source of a dataset without class names raises
+  ValueError there)."""
 
   def __len__(self) -> int: ...
 
   def __getitem__(self, indices: np.ndarray) -> np.ndarray:
     """indices: int [n] in [0, len(self)) -> uint8 [n, H, W, C] in 0..255."""
+    ...
+
+  def labels(self, indices: np.ndarray) -> np.ndarray:
+    """indices: int [n] in [0, len(self)) -> int64 [n] in [0, K), K = len(info.class_names)."""
     ...
 
 
@@ -81,9 +93,11 @@ class Dataset(Protocol):
     ...
 
   def open(self, info: DatasetInfo, split: str) -> Source:
-    """The images of `split`, H = W = config.data.image_size, C = config.data.num_channels."""
+    """The images of `split`, H = W = config.data.image_size, C = config.data.num_channels, and
+    their labels where `info.class_names` is set."""
     ...
 
   def content_key(self, split: str) -> dict[str, Any]:
-    """JSON-serializable settings that, with the name, split and image shape, fix the images."""
+    """JSON-serializable settings that, with the name, split and image shape, fix the images
+    (and their labels, where the run reads them)."""
     ...

@@ -1,8 +1,9 @@
 """scikit-learn's bundled 8x8 handwritten digits: a dataset that trains in minutes on a CPU.
 
-Embedded in scikit-learn (no download), 1 channel, values 0..16 scaled to 0..255. A fixed
-permutation of the 1,797 examples holds the first 300 out as split 'test', the other 1,497 are
-'train'; both are held in memory, and read as stored.
+Embedded in scikit-learn (no download), 1 channel, values 0..16 scaled to 0..255, 10 classes
+named '0'..'9' (label k is the digit k, scikit-learn's `target`). A fixed permutation of the
+1,797 examples holds the first 300 out as split 'test', the other 1,497 are 'train'; both are
+held in memory, images and labels, and read as stored.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from sklearn import datasets as sklearn_datasets
 from ddpm_jax.data import core
 
 NAME = 'digits'
-INFO = core.DatasetInfo(NAME, 8, 1, ('train', 'test'))
+INFO = core.DatasetInfo(
+  NAME, 8, 1, ('train', 'test'), class_names=tuple(str(digit) for digit in range(10))
+)
 
 # The digits split: a fixed permutation of the 1,797 examples, the first 300 held out as 'test'.
 NUM_TEST = 300
@@ -42,17 +45,26 @@ def _split_indices(split: str) -> np.ndarray:
   return np.sort(chosen)
 
 
+class Labels(np.ndarray):
+  """int64 [N], the labels of a split held in memory, which are also `core.Source.labels`:
+  `labels(indices)` is `labels[indices]`, a plain int64 array [n]."""
+
+  def __call__(self, indices: np.ndarray) -> np.ndarray:
+    return np.asarray(self)[indices]
+
+
 class InMemorySource:
   """A split held in memory (the embedded digits).
 
   Attributes:
     images: uint8 [N, H, W, C] in 0..255.
-    labels: int64 [N] class labels (0..9 for digits).
+    labels: int64 [N] class labels (0..9 for digits), a `Labels`: called with indices [n], the
+      labels of those examples (`core.Source.labels`).
   """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray):
     self.images = images
-    self.labels = labels
+    self.labels = np.asarray(labels, np.int64).view(Labels)
 
   def __len__(self) -> int:
     return len(self.images)

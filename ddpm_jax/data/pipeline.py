@@ -1,8 +1,10 @@
 """The entry points: the config check, the dataset's info, its splits, and batches to train on.
 
 `config.data.dataset` picks the source module: 'digits' (`digits`), 'folder' (`folder`), and
-any other name a TFDS dataset (`tfds`). Every batch is uint8 `[B_local, H, W, C]` in 0..255,
-in the order of `order.train_indices` for training, read ahead on a thread (`prefetch`).
+any other name a TFDS dataset (`tfds`). Every batch is a dict (`Batch`): 'image', uint8
+`[B_local, H, W, C]` in 0..255, and where `config.model.num_classes` = K > 0 (a class-conditional
+model) 'label', int32 `[B_local]` in [0, K), the classes of the same examples. Training reads
+them in the order of `order.train_indices`; both are read ahead on a thread (`prefetch`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,20 @@ from ddpm_jax.data import tfds as tfds_data
 # The paper's datasets (and the digits), named first in the error for an unknown name.
 DATASETS = (digits.NAME, *tfds_data.PAPER_DATASETS)
 
+# A batch: {'image': uint8 [B_local, H, W, C] in 0..255, and, for a class-conditional model,
+# 'label': int32 [B_local] in [0, config.model.num_classes)}.
+Batch = dict[str, np.ndarray]
 
-def _dataset(data: ml_collections.ConfigDict) -> core.Dataset:
+
+def _num_classes(config: ml_collections.ConfigDict) -> int:
+  """K = `config.model.num_classes`: the classes a conditional model has; 0 (the default):
+  unconditional, and no labels are read."""
+  return config.model.get('num_classes', 0)
+
+
+def _dataset(config: ml_collections.ConfigDict) -> core.Dataset:
   """The `core.Dataset` that `config.data.dataset` names (built without any I/O)."""
+  data = config.data
   if data.dataset == digits.NAME:
     return digits.Digits(data)
   if data.dataset == folder.NAME:
@@ -43,7 +56,12 @@ def _checked_dataset(
     validation.is_int(image_size) and image_size >= 1,
     f'config.data.image_size must be a positive int, got {image_size!r}.',
   )
-  dataset = _dataset(data)
+  num_classes = _num_classes(config)
+  validation.require(
+    validation.is_int(num_classes) and num_classes >= 0,
+    f'config.model.num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}.',
+  )
+  dataset = _dataset(config)
   try:
     info = dataset.info()
   except tfds_data.NotTfdsError as e:
@@ -66,8 +84,28 @@ def _checked_dataset(
       f'config.data.{field} = {split!r}, but {info.name!r} has the splits: '
       f'{", ".join(info.splits)}.',
     )
+  if num_classes:
+    validation.require(
+      info.class_names is not None,
+      f'config.model.num_classes = {num_classes} asks for a class-conditional model, but '
+      f'{info.name!r} has no class labels. Labels come from a TFDS dataset with a '
+      'tfds.features.ClassLabel feature (config.data.label_key names it), or a folder with one '
+      'subdirectory of images per class (ddpm_jax/data/folder.py); or set '
+      'config.model.num_classes = 0 to train unconditionally.',
+    )
+    validation.require(
+      num_classes == len(info.class_names),
+      f'config.model.num_classes = {num_classes}, but {info.name!r} has '
+      f'{len(info.class_names)} classes ({_list(info.class_names)}).',
+    )
   eval_split = data.eval_split if data.eval_split is not None else core.held_out_split(info.splits)
   return dataset, dataclasses.replace(info, eval_split=eval_split)
+
+
+def _list(names: tuple[str, ...], most: int = 10) -> str:
+  """'a, b, c' of the first `most` names, then '... (n in all)'."""
+  listed = ', '.join(names[:most])
+  return listed if len(names) <= most else f'{listed}, ... ({len(names)} in all)'
 
 
 def get_dataset_info(config: ml_collections.ConfigDict) -> core.DatasetInfo:
@@ -75,15 +113,20 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> core.DatasetInfo:
 
   Call it at startup, before anything is compiled. It reads no examples and downloads nothing:
   for a TFDS dataset not in `tfds.PAPER_DATASETS` it reads the dataset's metadata (TFDS's code,
-  or the prepared dataset's), for a folder it looks for one image file. The eval split is
-  `config.data.eval_split`, or where that is None the dataset's 'test', else its 'validation',
-  else none (`core.held_out_split`).
+  or the prepared dataset's), for a folder it looks for one image file (and, where the run reads
+  labels, reads the top level and looks for one image per subdirectory: the classes). The eval
+  split is `config.data.eval_split`, or where that is None the dataset's 'test', else its
+  'validation', else none (`core.held_out_split`). `class_names` are the dataset's classes in
+  label order, None when it has none (a folder has classes only when the run reads labels).
 
   Raises:
     ValueError: for an unknown dataset name (the message lists the known ones and the closest
       TFDS names), a TFDS dataset without a uint8 image feature or with several, a folder without
       images, an `image_size` / `num_channels` that the dataset cannot produce, or a `split` /
-      `eval_split` that it does not have.
+      `eval_split` that it does not have; and where `config.model.num_classes` = K > 0, a
+      dataset without labels or with another number of classes than K, a TFDS `ClassLabel` that
+      cannot be picked (`config.data.label_key` not one, or several and none named 'label'), a
+      folder with an image directly in `image_dir`, or an `eval_image_dir` with other classes.
     FileNotFoundError: for a folder that does not exist.
   """
   return _checked_dataset(config)[1]
@@ -101,10 +144,12 @@ def create_source(config: ml_collections.ConfigDict, split: str) -> core.Source:
   `config.data.download` is False: call it on all processes at the same point.
 
   Returns:
-    An object with `len(source)` and `source[indices]` -> uint8 [n, H, W, C] in 0..255 for int
-    indices [n], H = W = config.data.image_size, C = config.data.num_channels. For 'digits' it
-    is a `digits.InMemorySource`, which also has `images` and `labels`; for a folder a
-    `folder.FolderSource`, which also has `paths`.
+    A `core.Source`: `len(source)`, `source[indices]` -> uint8 [n, H, W, C] in 0..255 for int
+    indices [n], H = W = config.data.image_size, C = config.data.num_channels, and
+    `source.labels(indices)` -> int64 [n], their classes (for the digits always; for a TFDS
+    dataset or a folder where `config.model.num_classes` > 0, else it raises). For 'digits' it
+    is a `digits.InMemorySource`, which also has `images` and `labels` (all of them); for a
+    folder a `folder.FolderSource`, which also has `paths` and `class_names`.
 
   Raises:
     ValueError: for an invalid `config.data` (see `get_dataset_info`) or a split the dataset does
@@ -121,14 +166,15 @@ def create_source(config: ml_collections.ConfigDict, split: str) -> core.Source:
 
 def split_settings(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
   """What fixes the images `create_source(config, split)` yields, JSON-serializable: the key of
-  results computed from them (ddpm_jax/evaluation.py). A folder is named by its absolute path."""
+  results computed from them (ddpm_jax/evaluation.py). A folder is named by its absolute path
+  (and, where the run reads labels, its classes)."""
   data = config.data
   return {
     'dataset': data.dataset,
     'split': split,
     'image_size': data.image_size,
     'num_channels': data.num_channels,
-    **_dataset(data).content_key(split),
+    **_dataset(config).content_key(split),
   }
 
 
@@ -141,6 +187,14 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
   return process_index, process_count
 
 
+def _examples(source: core.Source, indices: np.ndarray, with_labels: bool) -> Batch:
+  """The examples `indices` of `source`: {'image'} and, `with_labels`, {'label'} (`Batch`)."""
+  batch = {'image': source[indices]}
+  if with_labels:  # After the images: a TFDS source kept their labels as it read them.
+    batch['label'] = source.labels(indices).astype(np.int32)
+  return batch
+
+
 def train_batches(
   config: ml_collections.ConfigDict,
   *,
@@ -150,13 +204,13 @@ def train_batches(
   process_index: int | None = None,
   process_count: int | None = None,
   buffer_size: int = 2,
-) -> prefetch.PrefetchIterator[tuple[int, np.ndarray]]:
+) -> prefetch.PrefetchIterator[tuple[int, Batch]]:
   """Endless training batches of split `config.data.split`, from `start_step` on.
 
   Reads `buffer_size` steps ahead on a background thread.
 
   Args:
-    config: the experiment config; reads `config.data`.
+    config: the experiment config; reads `config.data` and `config.model.num_classes`.
     global_batch_size: B, summed over all processes; P must divide it.
     start_step: the first step to yield (0, or the restored step when resuming).
     seed: the data-order seed; the batches are a function of (seed, step) only.
@@ -165,15 +219,17 @@ def train_batches(
     buffer_size: how many steps are read ahead.
 
   Returns:
-    A `PrefetchIterator` yielding `(step, images)` for step = start_step, start_step + 1, ...,
-    images uint8 [B / P, H, W, C] in 0..255: this process's share of global batch `step`
-    (`order.train_indices`).
+    A `PrefetchIterator` yielding `(step, batch)` for step = start_step, start_step + 1, ...:
+    this process's share of global batch `step` (`order.train_indices`), batch['image'] uint8
+    [B / P, H, W, C] in 0..255 and, where `config.model.num_classes` > 0, batch['label'] int32
+    [B / P], the class of each image.
   """
   process_index, process_count = _process(process_index, process_count)
   order.local_batch_size(global_batch_size, process_count)  # Raise here, not on the thread.
   source = create_source(config, config.data.split)
+  with_labels = _num_classes(config) > 0
 
-  def batches() -> Iterator[tuple[int, np.ndarray]]:
+  def batches() -> Iterator[tuple[int, Batch]]:
     step = start_step
     while True:
       indices = order.train_indices(
@@ -184,7 +240,7 @@ def train_batches(
         process_index=process_index,
         process_count=process_count,
       )
-      yield step, source[indices]
+      yield step, _examples(source, indices, with_labels)
       step += 1
 
   return prefetch.PrefetchIterator(batches(), buffer_size)
@@ -199,15 +255,15 @@ def eval_batches(
   process_index: int | None = None,
   process_count: int | None = None,
   buffer_size: int = 2,
-) -> prefetch.PrefetchIterator[tuple[np.ndarray, np.ndarray]]:
+) -> prefetch.PrefetchIterator[tuple[Batch, np.ndarray]]:
   """The first `num_examples` examples of `split`, in order, in padded batches of one shape.
 
   Global batch k is examples [k * B, (k + 1) * B), of which process p reads its contiguous share
-  of B / P rows; rows past `num_examples` (in the last batch) are zeros with mask False. Every
-  process yields the same number of batches, ceil(num_examples / B).
+  of B / P rows; rows past `num_examples` (in the last batch) are zeros (image and label) with
+  mask False. Every process yields the same number of batches, ceil(num_examples / B).
 
   Args:
-    config: the experiment config; reads `config.data`.
+    config: the experiment config; reads `config.data` and `config.model.num_classes`.
     split: e.g. `get_dataset_info(config).eval_split`.
     global_batch_size: B, summed over all processes; P must divide it.
     num_examples: how many examples to evaluate; None means the whole split.
@@ -216,8 +272,9 @@ def eval_batches(
     buffer_size: how many batches are read ahead.
 
   Returns:
-    A `PrefetchIterator` yielding `(images, mask)`: images uint8 [B / P, H, W, C] in 0..255,
-    mask bool [B / P], True for real examples.
+    A `PrefetchIterator` yielding `(batch, mask)`: batch['image'] uint8 [B / P, H, W, C] in
+    0..255 and, where `config.model.num_classes` > 0, batch['label'] int32 [B / P]; mask bool
+    [B / P], True for real examples.
   """
   process_index, process_count = _process(process_index, process_count)
   size = order.local_batch_size(global_batch_size, process_count)
@@ -229,14 +286,18 @@ def eval_batches(
     f'num_examples must be in [1, {len(source)}] for split {split!r}, got {num_examples}.',
   )
   shape = (size, config.data.image_size, config.data.image_size, config.data.num_channels)
+  with_labels = _num_classes(config) > 0
 
-  def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for batch in range(-(-num_examples // global_batch_size)):
-      start = batch * global_batch_size + process_index * size
+  def batches() -> Iterator[tuple[Batch, np.ndarray]]:
+    for k in range(-(-num_examples // global_batch_size)):
+      start = k * global_batch_size + process_index * size
       positions = np.arange(start, start + size)
       mask = positions < num_examples
-      images = np.zeros(shape, np.uint8)
-      images[mask] = source[positions[mask]]
-      yield images, mask
+      batch = {'image': np.zeros(shape, np.uint8)}
+      if with_labels:
+        batch['label'] = np.zeros(size, np.int32)
+      for key, values in _examples(source, positions[mask], with_labels).items():
+        batch[key][mask] = values
+      yield batch, mask
 
   return prefetch.PrefetchIterator(batches(), buffer_size)
