@@ -546,9 +546,16 @@ def test_folder_splits(image_folder, tmp_path):
   info = data_lib.get_dataset_info(config)
   assert (info.splits, info.eval_split) == (('train', 'test'), 'test')
   np.testing.assert_array_equal(data_lib.create_source(config, 'test')[np.arange(2)], test_images)
-  # Results computed from a split (ddpm_jax/evaluation.py) are keyed by its folder.
+  # Results computed from a split (ddpm_jax/evaluation.py) are keyed by its folder, and only by
+  # it for an unconditional model (the keys of results computed so far are unchanged).
   assert data_lib.split_settings(config, 'train')['directory'] == directory
-  assert data_lib.split_settings(config, 'test')['directory'] == str(test_dir)
+  assert data_lib.split_settings(config, 'test') == {
+    'dataset': 'folder',
+    'split': 'test',
+    'image_size': 16,
+    'num_channels': 3,
+    'directory': str(test_dir),
+  }
   # config.data.split names the split training reads.
   config.data.split = 'test'
   [(_, batch)] = take(
@@ -602,3 +609,146 @@ def test_folder_config_errors(tmp_path):
   ]:
     with pytest.raises(error, match=message):
       data_lib.get_dataset_info(make_config('folder', 16, 3, **data))
+
+
+# ------------------------------------------------------------------------------------------------
+# A folder of images, one subdirectory per class.
+# ------------------------------------------------------------------------------------------------
+
+# The files the class folders hold, and the class each is written into (its top-level
+# subdirectory): the ground truth of their labels. Sorted by path, as the folder lists them.
+CLASS_FILES = {
+  'cat/a.png': 'cat',
+  'cat/x/b.png': 'cat',
+  'dog/c.PNG': 'dog',
+  'dog/d.png': 'dog',
+  'emu/e.png': 'emu',
+}
+CLASSES = ('cat', 'dog', 'emu')  # Sorted subdirectory names.
+
+
+def write_class_folder(root, files):
+  """Writes each of the relative paths `files` as an 8x8 RGB image of its own grey level
+  20 * (i + 1), so that an image names its file. Returns {image bytes: relative path}."""
+  file_of = {}
+  for i, relative in enumerate(files):
+    image = np.full((8, 8, 3), 20 * (i + 1), np.uint8)
+    save(root / relative, image)
+    file_of[image.tobytes()] = relative
+  return file_of
+
+
+def test_folder_labels_are_the_subdirectories(tmp_path):
+  root = tmp_path / 'classes'
+  file_of = write_class_folder(root, CLASS_FILES)
+  # Skipped: hidden files and directories, and subdirectories without images (not classes).
+  save(root / '.hidden' / 'f.png', np.zeros((8, 8, 3), np.uint8))
+  save(root / 'dog' / '.g.png', np.zeros((8, 8, 3), np.uint8))
+  (root / 'notes').mkdir()
+  (root / 'notes' / 'readme.txt').write_text('not an image')
+  (root / 'empty').mkdir()
+  config = make_config('folder', 8, 3, image_dir=str(root), num_classes=3)
+  info = data_lib.get_dataset_info(config)
+  assert info.class_names == CLASSES
+  source = data_lib.create_source(config, 'train')
+  assert source.paths == list(CLASS_FILES)
+  expected = np.array([CLASSES.index(c) for c in CLASS_FILES.values()])
+  np.testing.assert_array_equal(source.labels(np.arange(5)), expected)
+  np.testing.assert_array_equal(source.labels(np.array([4, 0])), [2, 0])
+
+  def label_of_image(image):
+    return CLASSES.index(CLASS_FILES[file_of[image.tobytes()]])
+
+  kwargs = dict(global_batch_size=4, seed=2)
+  single = take(
+    data_lib.train_batches(config, start_step=0, process_index=0, process_count=1, **kwargs), 4
+  )
+  resumed = take(
+    data_lib.train_batches(config, start_step=2, process_index=0, process_count=1, **kwargs), 2
+  )
+  shares = [
+    take(
+      data_lib.train_batches(config, start_step=0, process_index=p, process_count=2, **kwargs), 4
+    )
+    for p in range(2)
+  ]
+  unconditional = make_config('folder', 8, 3, image_dir=str(root))
+  images_only = take(
+    data_lib.train_batches(unconditional, start_step=0, process_count=1, **kwargs), 4
+  )
+  for (step, batch), (_, unlabelled) in zip(single, images_only, strict=True):
+    indices = train_indices(step=step, num_examples=5, process_index=0, process_count=1, **kwargs)
+    np.testing.assert_array_equal(batch['label'], expected[indices])
+    np.testing.assert_array_equal(batch['label'], [label_of_image(x) for x in batch['image']])
+    for key in ('image', 'label'):
+      joined = np.concatenate([s[step][1][key] for s in shares])
+      np.testing.assert_array_equal(joined, batch[key])
+    # Unconditional: the same images, bit for bit, and no labels.
+    assert unlabelled.keys() == {'image'}
+    np.testing.assert_array_equal(unlabelled['image'], batch['image'])
+  for (_, want), (_, got) in zip(single[2:], resumed, strict=True):
+    np.testing.assert_array_equal(got['label'], want['label'])
+    np.testing.assert_array_equal(got['image'], want['image'])
+  # The classes are part of the key of results computed from the folder; only when conditional.
+  assert data_lib.split_settings(config, 'train')['class_names'] == list(CLASSES)
+  assert 'class_names' not in data_lib.split_settings(unconditional, 'train')
+  with pytest.raises(ValueError, match='opened without classes'):
+    data_lib.create_source(unconditional, 'train').labels(np.arange(2))
+
+
+def test_folder_eval_labels_are_its_subdirectories(tmp_path):
+  write_class_folder(tmp_path / 'train', CLASS_FILES)
+  eval_files = {'cat/p.png': 'cat', 'dog/q.png': 'dog', 'emu/r.png': 'emu', 'emu/s.png': 'emu'}
+  file_of = write_class_folder(tmp_path / 'test', eval_files)
+  config = make_config(
+    'folder',
+    8,
+    3,
+    image_dir=str(tmp_path / 'train'),
+    eval_image_dir=str(tmp_path / 'test'),
+    num_classes=3,
+  )
+  assert data_lib.get_dataset_info(config).eval_split == 'test'
+  [(batch, mask)] = list(
+    data_lib.eval_batches(config, split='test', global_batch_size=6, process_count=1)
+  )
+  assert mask.tolist() == [True] * 4 + [False] * 2
+  expected = [CLASSES.index(eval_files[file_of[x.tobytes()]]) for x in batch['image'][:4]]
+  np.testing.assert_array_equal(batch['label'], [*expected, 0, 0])
+  np.testing.assert_array_equal(batch['label'][:4], [0, 1, 2, 2])  # In order of their paths.
+
+
+def test_folder_class_errors(tmp_path):
+  # An image directly in image_dir has no class.
+  root = tmp_path / 'classes'
+  write_class_folder(root, [*CLASS_FILES, 'stray.png'])
+  config = make_config('folder', 8, 3, image_dir=str(root), num_classes=3)
+  with pytest.raises(
+    ValueError, match=f'{root / "stray.png"} is directly in config.data.image_dir'
+  ):
+    data_lib.get_dataset_info(config)
+  config.model.num_classes = 0  # Unconditional, the folder is valid: it reads all six images.
+  assert len(data_lib.create_source(config, 'train')) == 6
+  # The eval folder must have the same classes.
+  write_class_folder(tmp_path / 'train', ['cat/a.png', 'dog/b.png'])
+  write_class_folder(tmp_path / 'test', ['cat/c.png', 'emu/d.png'])
+  config = make_config(
+    'folder',
+    8,
+    3,
+    image_dir=str(tmp_path / 'train'),
+    eval_image_dir=str(tmp_path / 'test'),
+    num_classes=2,
+  )
+  with pytest.raises(
+    ValueError, match='only image_dir has: dog; only eval_image_dir has: emu'
+  ) as error:
+    data_lib.get_dataset_info(config)
+  assert f"config.data.eval_image_dir = '{tmp_path / 'test'}'" in str(error.value)
+  # And config.model.num_classes must be the number of classes.
+  config.data.eval_image_dir = None
+  config.model.num_classes = 3
+  with pytest.raises(
+    ValueError, match=r"config.model.num_classes = 3, but 'folder' has 2 classes \(cat, dog\)"
+  ):
+    data_lib.get_dataset_info(config)

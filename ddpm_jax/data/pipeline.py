@@ -43,7 +43,7 @@ def _dataset(config: ml_collections.ConfigDict) -> core.Dataset:
   if data.dataset == digits.NAME:
     return digits.Digits(data)
   if data.dataset == folder.NAME:
-    return folder.Folder(data)
+    return folder.Folder(data, with_labels=with_labels)
   return tfds_data.Tfds(data, with_labels=with_labels)
 
 
