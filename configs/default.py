@@ -34,6 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
   # split 'test', the eval split, those under eval_image_dir (None: no eval split).
   data.image_dir = ml_collections.config_dict.placeholder(str)
   data.eval_image_dir = ml_collections.config_dict.placeholder(str)
+  # Class labels, read only for a class-conditional model (config.model.num_classes = K > 0, the
+  # dataset's number of classes): the digits' '0'..'9'; a TFDS dataset's tfds.features.ClassLabel
+  # feature label_key (None: the one named 'label', else the only one); a folder's classes, one
+  # subdirectory of image_dir (and of eval_image_dir) per class.
+  data.label_key = ml_collections.config_dict.placeholder(str)
 
   # The U-Net (REFERENCE.md, "The U-Net").
   config.model = model = ml_collections.ConfigDict()

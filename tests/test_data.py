@@ -21,6 +21,7 @@ from sklearn.datasets import load_digits
 
 from configs import default
 from ddpm_jax import data as data_lib
+from ddpm_jax.data import tfds as tfds_data
 from ddpm_jax.data.images import center_crop_and_resize
 from ddpm_jax.data.order import train_indices
 from ddpm_jax.data.prefetch import PrefetchIterator
@@ -288,6 +289,21 @@ def test_num_classes_must_be_the_datasets_class_count():
   assert data_lib.get_dataset_info(make_config('lsun/bedroom', 64, 3)).class_names is None
 
 
+def test_paper_datasets_labels_are_their_tfds_class_labels():
+  # Each PAPER_DATASETS entry names TFDS's own ClassLabel (the builder's features, read from
+  # TFDS's code without a download): cifar10's 'label' with 10 classes, none for the others.
+  for name, info in tfds_data.PAPER_DATASETS.items():
+    features = tfds.builder(name).info.features
+    class_labels = {
+      key: feature.num_classes
+      for key, feature in features.items()
+      if isinstance(feature, tfds.features.ClassLabel)
+    }
+    expected = {info.label_key: len(info.class_names)} if info.class_names else {}
+    assert class_labels == expected, name
+  assert tfds_data.PAPER_DATASETS['cifar10'].class_names[:3] == ('airplane', 'automobile', 'bird')
+
+
 def test_dataset_info_and_missing_split():
   info = data_lib.get_dataset_info(make_config('lsun/church_outdoor', 256, 3))
   assert (info.image_size, info.eval_split) == (None, 'validation')
@@ -334,6 +350,35 @@ def test_cifar10_through_mocked_data_source():
     )
     assert step == 3 and batch['image'].shape == (4, 32, 32, 3)
     np.testing.assert_array_equal(batch['image'], source[expected])
+
+
+def test_cifar10_labels_through_mocked_data_source():
+  config = make_config('cifar10', 32, 3, num_classes=10)
+  with tfds.testing.mock_data(num_examples=12):
+    info = data_lib.get_dataset_info(config)
+    source = data_lib.create_source(config, 'train')
+    reference = tfds.data_source('cifar10', split='train')
+    # The label feature read through TFDS directly (the mocked examples are deterministic).
+    expected_labels = np.array([reference[i]['label'] for i in range(12)])
+    assert len(set(expected_labels)) > 1
+    assert (info.label_key, len(info.class_names)) == ('label', 10)
+    # Labels asked before the images, and after them (then kept from reading the images).
+    np.testing.assert_array_equal(source.labels(np.array([5, 2])), expected_labels[[5, 2]])
+    source[np.arange(12)]
+    np.testing.assert_array_equal(source.labels(np.arange(12)), expected_labels)
+    [(_, batch)] = take(
+      data_lib.train_batches(
+        config, global_batch_size=8, start_step=3, seed=0, process_index=1, process_count=2
+      ),
+      1,
+    )
+  expected = train_indices(
+    step=3, num_examples=12, global_batch_size=8, seed=0, process_index=1, process_count=2
+  )
+  np.testing.assert_array_equal(batch['label'], expected_labels[expected])
+  np.testing.assert_array_equal(
+    batch['image'], np.stack([reference[int(i)]['image'] for i in expected])
+  )
 
 
 def test_cifar10_from_real_array_record_files(tmp_path):

@@ -116,6 +116,115 @@ def test_tfds_order_is_deterministic_and_resumable():
     np.testing.assert_array_equal(actual['image'], expected['image'])
 
 
+def test_mnist_labels_are_its_label_feature():
+  config = make_config('mnist', 32, 3, num_classes=10)
+  kwargs = dict(global_batch_size=4, seed=1, process_index=0, process_count=1)
+
+  def labels(split):
+    """The ground truth: the label feature of each example, read through TFDS directly."""
+    return np.array([tfds.data_source('mnist', split=split)[i]['label'] for i in range(7)])
+
+  with tfds.testing.mock_data(num_examples=7):
+    info = data_lib.get_dataset_info(config)
+    expected, expected_test = labels('train'), labels('test')
+    images = data_lib.create_source(config, 'train')[np.arange(7)]
+    uninterrupted = take(data_lib.train_batches(config, start_step=0, **kwargs), 4)
+    resumed = take(data_lib.train_batches(config, start_step=2, **kwargs), 2)
+    shares = [
+      take(
+        data_lib.train_batches(
+          config, start_step=0, **{**kwargs, 'process_index': p, 'process_count': 2}
+        ),
+        4,
+      )
+      for p in range(2)
+    ]
+    evaluated = list(
+      data_lib.eval_batches(config, split='test', global_batch_size=4, process_count=1)
+    )
+  # mnist's TFDS feature 'label': ClassLabel(num_classes=10), names '0'..'9'.
+  assert info.label_key == 'label' and info.class_names == tuple(str(d) for d in range(10))
+  # The mocked images are distinct: each identifies its example.
+  example_of = {image.tobytes(): i for i, image in enumerate(images)}
+  assert len(example_of) == 7 and len(set(expected)) > 1
+  for step, batch in uninterrupted:
+    indices = train_indices(step=step, num_examples=7, **kwargs)
+    np.testing.assert_array_equal(batch['label'], expected[indices])
+    rows = [example_of[image.tobytes()] for image in batch['image']]
+    np.testing.assert_array_equal(batch['label'], expected[rows])
+    joined = {key: np.concatenate([s[step][1][key] for s in shares]) for key in batch}
+    np.testing.assert_array_equal(joined['image'], batch['image'])
+    np.testing.assert_array_equal(joined['label'], batch['label'])
+  for (_, want), (_, got) in zip(uninterrupted[2:], resumed, strict=True):
+    np.testing.assert_array_equal(got['label'], want['label'])
+    np.testing.assert_array_equal(got['image'], want['image'])
+  # 7 test examples in batches of 4: the 8th row is padding, label 0 and mask False.
+  eval_labels = np.concatenate([batch['label'] for batch, _ in evaluated])
+  np.testing.assert_array_equal(eval_labels, [*expected_test, 0])
+  np.testing.assert_array_equal(np.concatenate([m for _, m in evaluated]), np.arange(8) < 7)
+
+
+def test_label_key_picks_the_class_label_feature(monkeypatch):
+  # oxford_iiit_pet's ClassLabel features (TFDS's builder): 'label' (37 breeds, the default) and
+  # 'species' (Cat, Dog).
+  info = data_lib.get_dataset_info(make_config('oxford_iiit_pet', 32, 3, num_classes=37))
+  assert info.label_key == 'label' and info.class_names[:2] == ('Abyssinian', 'american_bulldog')
+  config = make_config('oxford_iiit_pet', 32, 3, num_classes=2, label_key='species')
+  info = data_lib.get_dataset_info(config)
+  assert (info.label_key, info.class_names) == ('species', ('Cat', 'Dog'))
+
+  # A dataset whose only ClassLabel is not named 'label' (mnist's features renamed): that one.
+  def features_info(self):
+    features = tfds.features.FeaturesDict(
+      {
+        'image': tfds.features.Image(shape=(28, 28, 1)),
+        'digit': tfds.features.ClassLabel(names=['zero', 'one', 'two']),
+      }
+    )
+    return tfds.core.DatasetInfo(builder=self, features=features)
+
+  monkeypatch.setattr(tfds.builder_cls('mnist'), '_info', features_info)
+  config = make_config('mnist', 28, 1, num_classes=3)
+  with tfds.testing.mock_data(num_examples=5):
+    info = data_lib.get_dataset_info(config)
+    labels = data_lib.create_source(config, 'train').labels(np.arange(5))
+    expected = [tfds.data_source('mnist', split='train')[i]['digit'] for i in range(5)]
+  assert (info.label_key, info.class_names) == ('digit', ('zero', 'one', 'two'))
+  np.testing.assert_array_equal(labels, expected)
+
+
+@pytest.mark.parametrize(
+  'name, label_key, message',
+  [
+    # dsprites' ClassLabels (TFDS's builder) are its five latent factors.
+    (
+      'dsprites',
+      None,
+      r'several tfds.features.ClassLabel features \(label_shape, label_scale, '
+      r"label_orientation, label_x_position, label_y_position\) and none named 'label': set "
+      'config.data.label_key',
+    ),
+    (
+      'mnist',
+      'image',
+      r"config.data.label_key = 'image' is not a tfds.features.ClassLabel feature of TFDS "
+      r"dataset 'mnist'; its ClassLabel features: label\.",
+    ),
+    # lfw's 'label' is the person's name as Text, not a ClassLabel.
+    ('lfw', 'label', 'not a tfds.features.ClassLabel .* its ClassLabel features: none'),
+    ('lfw', None, r"config.model.num_classes = 3 .* 'lfw' has no class labels"),
+    ('mnist', None, r"config.model.num_classes = 3, but 'mnist' has 10 classes \(0, 1, .*, 9\)"),
+  ],
+)
+def test_tfds_labels_that_cannot_be_read_are_rejected(name, label_key, message):
+  config = make_config(name, 32, 3, num_classes=3, label_key=label_key)
+  with pytest.raises(ValueError, match=message):
+    data_lib.get_dataset_info(config)
+  # Unconditional, the same config is valid: the labels are not read.
+  config.model.num_classes = 0
+  data_lib.get_dataset_info(config)
+
+
 @pytest.mark.parametrize('process_index', [0, 1])
 def test_first_use_prepares_on_process_0_while_the_others_wait(monkeypatch, process_index):
   # As the Flax examples: process 0 downloads and prepares in ArrayRecord format, every process
@@ -181,8 +290,9 @@ def test_missing_manual_download_says_where_it_goes(tmp_path):
   assert "'file_format': 'array_record'" in str(error.value)
 
 
-def prepare_mnist_for_real(monkeypatch, splits):
-  """Makes TFDS's mnist builder generate `splits` from 4 random images each, not a download."""
+def prepare_mnist_for_real(monkeypatch, splits, labels=(0, 1, 2, 3)):
+  """Makes TFDS's mnist builder generate `splits` from 4 random images each, not a download;
+  image i has label `labels[i]`."""
   images = {
     split: np.random.default_rng(i).integers(0, 256, (4, 28, 28, 1), np.uint8)
     for i, split in enumerate(splits)
@@ -190,7 +300,10 @@ def prepare_mnist_for_real(monkeypatch, splits):
 
   def split_generators(self, dl_manager):
     return {
-      split: ((f'{split}_{i}', {'image': image, 'label': i}) for i, image in enumerate(x))
+      split: (
+        (f'{split}_{i}', {'image': image, 'label': label})
+        for i, (image, label) in enumerate(zip(x, labels, strict=True))
+      )
       for split, x in images.items()
     }
 
@@ -223,6 +336,25 @@ def test_first_use_prepares_for_real_and_then_knows_the_eval_split(
   # Prepared, the eval split is 'test', else 'validation', else none (the module docstring).
   info = data_lib.get_dataset_info(config)
   assert sorted(info.splits) == sorted(splits) and info.eval_split == eval_split
+
+
+def test_labels_from_real_array_record_files(tmp_path, monkeypatch):
+  # Not mocked: TFDS's own writer prepares mnist with the labels 3, 0, 2 and -1 (TFDS's "no
+  # class") on the four images, and shuffles them as it writes; each image read keeps its label.
+  pytest.importorskip('importlib_resources')  # TFDS 4.9.10's download_and_prepare imports it.
+  written_labels = (3, 0, 2, -1)
+  images = prepare_mnist_for_real(monkeypatch, ('train',), written_labels)
+  written = {x.tobytes(): label for x, label in zip(images['train'], written_labels, strict=True)}
+  config = make_config('mnist', 28, 1, data_dir=str(tmp_path), num_classes=10)
+  source = data_lib.create_source(config, 'train')
+  read = [written[x.tobytes()] for x in source[np.arange(4)]]
+  labelled = np.array([i for i in range(4) if read[i] >= 0])
+  np.testing.assert_array_equal(source.labels(labelled), [read[i] for i in labelled])
+  unlabelled = read.index(-1)
+  with pytest.raises(
+    ValueError, match=f"Example {unlabelled} of split 'train' of TFDS dataset 'mnist' has label -1"
+  ):
+    source.labels(np.arange(4))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,6 +428,7 @@ def test_data_fields_can_be_set_on_the_command_line():
     '--config.data.eval_split=test',
     '--config.data.data_dir=gs://bucket/tensorflow_datasets',
     '--config.data.download=False',
+    '--config.data.label_key=species',
   ]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
@@ -303,7 +436,7 @@ def test_data_fields_can_be_set_on_the_command_line():
   data = flag_values.config.data
   assert (data.image_dir, data.eval_image_dir) == ('/images/train', '/images/test')
   assert (data.eval_split, data.data_dir) == ('test', 'gs://bucket/tensorflow_datasets')
-  assert (data.split, data.download) == ('train', False)
+  assert (data.split, data.download, data.label_key) == ('train', False, 'species')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,9 +546,16 @@ def test_folder_splits(image_folder, tmp_path):
   info = data_lib.get_dataset_info(config)
   assert (info.splits, info.eval_split) == (('train', 'test'), 'test')
   np.testing.assert_array_equal(data_lib.create_source(config, 'test')[np.arange(2)], test_images)
-  # Results computed from a split (ddpm_jax/evaluation.py) are keyed by its folder.
+  # Results computed from a split (ddpm_jax/evaluation.py) are keyed by its folder, and only by
+  # it for an unconditional model (the keys of results computed so far are unchanged).
   assert data_lib.split_settings(config, 'train')['directory'] == directory
-  assert data_lib.split_settings(config, 'test')['directory'] == str(test_dir)
+  assert data_lib.split_settings(config, 'test') == {
+    'dataset': 'folder',
+    'split': 'test',
+    'image_size': 16,
+    'num_channels': 3,
+    'directory': str(test_dir),
+  }
   # config.data.split names the split training reads.
   config.data.split = 'test'
   [(_, batch)] = take(
@@ -469,3 +609,146 @@ def test_folder_config_errors(tmp_path):
   ]:
     with pytest.raises(error, match=message):
       data_lib.get_dataset_info(make_config('folder', 16, 3, **data))
+
+
+# ------------------------------------------------------------------------------------------------
+# A folder of images, one subdirectory per class.
+# ------------------------------------------------------------------------------------------------
+
+# The files the class folders hold, and the class each is written into (its top-level
+# subdirectory): the ground truth of their labels. Sorted by path, as the folder lists them.
+CLASS_FILES = {
+  'cat/a.png': 'cat',
+  'cat/x/b.png': 'cat',
+  'dog/c.PNG': 'dog',
+  'dog/d.png': 'dog',
+  'emu/e.png': 'emu',
+}
+CLASSES = ('cat', 'dog', 'emu')  # Sorted subdirectory names.
+
+
+def write_class_folder(root, files):
+  """Writes each of the relative paths `files` as an 8x8 RGB image of its own grey level
+  20 * (i + 1), so that an image names its file. Returns {image bytes: relative path}."""
+  file_of = {}
+  for i, relative in enumerate(files):
+    image = np.full((8, 8, 3), 20 * (i + 1), np.uint8)
+    save(root / relative, image)
+    file_of[image.tobytes()] = relative
+  return file_of
+
+
+def test_folder_labels_are_the_subdirectories(tmp_path):
+  root = tmp_path / 'classes'
+  file_of = write_class_folder(root, CLASS_FILES)
+  # Skipped: hidden files and directories, and subdirectories without images (not classes).
+  save(root / '.hidden' / 'f.png', np.zeros((8, 8, 3), np.uint8))
+  save(root / 'dog' / '.g.png', np.zeros((8, 8, 3), np.uint8))
+  (root / 'notes').mkdir()
+  (root / 'notes' / 'readme.txt').write_text('not an image')
+  (root / 'empty').mkdir()
+  config = make_config('folder', 8, 3, image_dir=str(root), num_classes=3)
+  info = data_lib.get_dataset_info(config)
+  assert info.class_names == CLASSES
+  source = data_lib.create_source(config, 'train')
+  assert source.paths == list(CLASS_FILES)
+  expected = np.array([CLASSES.index(c) for c in CLASS_FILES.values()])
+  np.testing.assert_array_equal(source.labels(np.arange(5)), expected)
+  np.testing.assert_array_equal(source.labels(np.array([4, 0])), [2, 0])
+
+  def label_of_image(image):
+    return CLASSES.index(CLASS_FILES[file_of[image.tobytes()]])
+
+  kwargs = dict(global_batch_size=4, seed=2)
+  single = take(
+    data_lib.train_batches(config, start_step=0, process_index=0, process_count=1, **kwargs), 4
+  )
+  resumed = take(
+    data_lib.train_batches(config, start_step=2, process_index=0, process_count=1, **kwargs), 2
+  )
+  shares = [
+    take(
+      data_lib.train_batches(config, start_step=0, process_index=p, process_count=2, **kwargs), 4
+    )
+    for p in range(2)
+  ]
+  unconditional = make_config('folder', 8, 3, image_dir=str(root))
+  images_only = take(
+    data_lib.train_batches(unconditional, start_step=0, process_count=1, **kwargs), 4
+  )
+  for (step, batch), (_, unlabelled) in zip(single, images_only, strict=True):
+    indices = train_indices(step=step, num_examples=5, process_index=0, process_count=1, **kwargs)
+    np.testing.assert_array_equal(batch['label'], expected[indices])
+    np.testing.assert_array_equal(batch['label'], [label_of_image(x) for x in batch['image']])
+    for key in ('image', 'label'):
+      joined = np.concatenate([s[step][1][key] for s in shares])
+      np.testing.assert_array_equal(joined, batch[key])
+    # Unconditional: the same images, bit for bit, and no labels.
+    assert unlabelled.keys() == {'image'}
+    np.testing.assert_array_equal(unlabelled['image'], batch['image'])
+  for (_, want), (_, got) in zip(single[2:], resumed, strict=True):
+    np.testing.assert_array_equal(got['label'], want['label'])
+    np.testing.assert_array_equal(got['image'], want['image'])
+  # The classes are part of the key of results computed from the folder; only when conditional.
+  assert data_lib.split_settings(config, 'train')['class_names'] == list(CLASSES)
+  assert 'class_names' not in data_lib.split_settings(unconditional, 'train')
+  with pytest.raises(ValueError, match='opened without classes'):
+    data_lib.create_source(unconditional, 'train').labels(np.arange(2))
+
+
+def test_folder_eval_labels_are_its_subdirectories(tmp_path):
+  write_class_folder(tmp_path / 'train', CLASS_FILES)
+  eval_files = {'cat/p.png': 'cat', 'dog/q.png': 'dog', 'emu/r.png': 'emu', 'emu/s.png': 'emu'}
+  file_of = write_class_folder(tmp_path / 'test', eval_files)
+  config = make_config(
+    'folder',
+    8,
+    3,
+    image_dir=str(tmp_path / 'train'),
+    eval_image_dir=str(tmp_path / 'test'),
+    num_classes=3,
+  )
+  assert data_lib.get_dataset_info(config).eval_split == 'test'
+  [(batch, mask)] = list(
+    data_lib.eval_batches(config, split='test', global_batch_size=6, process_count=1)
+  )
+  assert mask.tolist() == [True] * 4 + [False] * 2
+  expected = [CLASSES.index(eval_files[file_of[x.tobytes()]]) for x in batch['image'][:4]]
+  np.testing.assert_array_equal(batch['label'], [*expected, 0, 0])
+  np.testing.assert_array_equal(batch['label'][:4], [0, 1, 2, 2])  # In order of their paths.
+
+
+def test_folder_class_errors(tmp_path):
+  # An image directly in image_dir has no class.
+  root = tmp_path / 'classes'
+  write_class_folder(root, [*CLASS_FILES, 'stray.png'])
+  config = make_config('folder', 8, 3, image_dir=str(root), num_classes=3)
+  with pytest.raises(
+    ValueError, match=f'{root / "stray.png"} is directly in config.data.image_dir'
+  ):
+    data_lib.get_dataset_info(config)
+  config.model.num_classes = 0  # Unconditional, the folder is valid: it reads all six images.
+  assert len(data_lib.create_source(config, 'train')) == 6
+  # The eval folder must have the same classes.
+  write_class_folder(tmp_path / 'train', ['cat/a.png', 'dog/b.png'])
+  write_class_folder(tmp_path / 'test', ['cat/c.png', 'emu/d.png'])
+  config = make_config(
+    'folder',
+    8,
+    3,
+    image_dir=str(tmp_path / 'train'),
+    eval_image_dir=str(tmp_path / 'test'),
+    num_classes=2,
+  )
+  with pytest.raises(
+    ValueError, match='only image_dir has: dog; only eval_image_dir has: emu'
+  ) as error:
+    data_lib.get_dataset_info(config)
+  assert f"config.data.eval_image_dir = '{tmp_path / 'test'}'" in str(error.value)
+  # And config.model.num_classes must be the number of classes.
+  config.data.eval_image_dir = None
+  config.model.num_classes = 3
+  with pytest.raises(
+    ValueError, match=r"config.model.num_classes = 3, but 'folder' has 2 classes \(cat, dog\)"
+  ):
+    data_lib.get_dataset_info(config)

@@ -39,11 +39,12 @@ def _num_classes(config: ml_collections.ConfigDict) -> int:
 def _dataset(config: ml_collections.ConfigDict) -> core.Dataset:
   """The `core.Dataset` that `config.data.dataset` names (built without any I/O)."""
   data = config.data
+  with_labels = _num_classes(config) > 0
   if data.dataset == digits.NAME:
     return digits.Digits(data)
   if data.dataset == folder.NAME:
-    return folder.Folder(data)
-  return tfds_data.Tfds(data)
+    return folder.Folder(data, with_labels=with_labels)
+  return tfds_data.Tfds(data, with_labels=with_labels)
 
 
 def _checked_dataset(

@@ -12,6 +12,13 @@ Any other TFDS name (e.g. 'mnist', 'oxford_flowers102', 'tf_flowers', 'lsun/kitc
 read is its only `tfds.features.Image`, or the one named 'image' where it has several. TFDS
 learns a dataset's split names when it prepares it, so before that it has none.
 
+Class labels (read when `config.model.num_classes` > 0) are a `tfds.features.ClassLabel` feature:
+`config.data.label_key`, or where that is None the one named 'label', else the only one; the
+class names are the feature's (`ClassLabel.names`). Of the paper's datasets only cifar10 has one
+('label', 10 classes). A dataset without a ClassLabel has no labels; one whose ClassLabel cannot
+be picked (a `label_key` that is not one, several and none named 'label') is an error only when
+the run reads labels. Each example is read once: its label is kept as its image is read.
+
 The data is read through `tfds.data_source` under `config.data.data_dir` (None: $TFDS_DATA_DIR,
 else ~/tensorflow_datasets). On first use (`config.data.download`, True by default) the dataset
 is downloaded and prepared there: process 0 runs TFDS's `download_and_prepare` (with its progress
@@ -28,6 +35,7 @@ by `Tfds.info` for a name not in `PAPER_DATASETS`, else when a split is opened.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -42,7 +50,26 @@ from ddpm_jax.data import core, images
 PAPER_DATASETS = {
   info.name: info
   for info in (
-    core.DatasetInfo('cifar10', 32, 3, ('train', 'test')),
+    core.DatasetInfo(
+      'cifar10',
+      32,
+      3,
+      ('train', 'test'),
+      # The names TFDS writes when it prepares cifar10, from the download's batches.meta.txt.
+      class_names=(
+        'airplane',
+        'automobile',
+        'bird',
+        'cat',
+        'deer',
+        'dog',
+        'frog',
+        'horse',
+        'ship',
+        'truck',
+      ),
+      label_key='label',
+    ),
     core.DatasetInfo('celeb_a_hq/256', 256, 3, ('train',), manual_download=True),
     core.DatasetInfo('lsun/church_outdoor', None, 3, ('train', 'validation')),
     core.DatasetInfo('lsun/bedroom', None, 3, ('train', 'validation')),
@@ -83,8 +110,11 @@ def _builder(name: str, data_dir: str | None, **kwargs):
     raise NotTfdsError(name, tfds_names) from None  # TFDS's message lists all its datasets.
 
 
-def _builder_info(name: str, data_dir: str | None) -> core.DatasetInfo:
-  """The info of a TFDS image dataset, from its builder's features and (once prepared) splits."""
+def _builder_info(
+  name: str, data_dir: str | None
+) -> tuple[core.DatasetInfo, dict[str, tuple[str, ...]]]:
+  """The info of a TFDS image dataset, from its builder's features and (once prepared) splits,
+  without labels; and its `ClassLabel` features, {key: class names}."""
   tfds = _import_tfds()
   builder = _builder(name, data_dir)
   features = builder.info.features
@@ -105,7 +135,7 @@ def _builder_info(name: str, data_dir: str | None) -> core.DatasetInfo:
       'reads uint8 images only.'
     )
   height, width, channels = feature.shape
-  return core.DatasetInfo(
+  info = core.DatasetInfo(
     name,
     height if height is not None and height == width else None,
     channels,
@@ -113,12 +143,57 @@ def _builder_info(name: str, data_dir: str | None) -> core.DatasetInfo:
     manual_download=bool(getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)),
     image_key=keys[0],
   )
+  class_labels = {
+    key: tuple(feature.names)
+    for key, feature in items
+    if isinstance(feature, tfds.features.ClassLabel)
+  }
+  return info, class_labels
+
+
+def _label_feature(
+  name: str,
+  class_labels: dict[str, tuple[str, ...]],
+  label_key: str | None,
+  *,
+  required: bool,
+) -> str | None:
+  """The `ClassLabel` feature that holds the labels (module docstring), or None for none.
+
+  Args:
+    name: the dataset.
+    class_labels: its ClassLabel features, {key: class names}.
+    label_key: `config.data.label_key`; None picks 'label', else the only ClassLabel.
+    required: whether the run reads labels; only then is a ClassLabel that cannot be picked an
+      error (else there are no labels).
+
+  Raises:
+    ValueError: where `required`, for a `label_key` that is not a ClassLabel feature, or for
+      several ClassLabel features and none named 'label' (with `label_key` None).
+  """
+  if label_key is None:
+    keys = ['label'] if 'label' in class_labels else list(class_labels)
+    if len(keys) > 1 and required:
+      raise ValueError(
+        f'TFDS dataset {name!r} has several tfds.features.ClassLabel features '
+        f"({', '.join(keys)}) and none named 'label': set config.data.label_key to the one "
+        'that holds the classes.'
+      )
+    return keys[0] if len(keys) == 1 else None
+  if label_key not in class_labels and required:
+    raise ValueError(
+      f'config.data.label_key = {label_key!r} is not a tfds.features.ClassLabel feature of TFDS '
+      f'dataset {name!r}; its ClassLabel features: {", ".join(class_labels) or "none"}.'
+    )
+  return label_key if label_key in class_labels else None
 
 
 class TfdsSource:
   """Random access to one split of a TFDS dataset prepared in ArrayRecord format.
 
-  Reads and decodes only the requested examples, one by one, and keeps only their images.
+  Reads and decodes only the requested examples, one by one, and keeps only their images and,
+  with `with_labels`, their labels: those of the examples whose images were read are kept (an
+  int64 per example of the split), so that `labels` after `source[indices]` reads nothing again.
   """
 
   def __init__(
@@ -130,6 +205,7 @@ class TfdsSource:
     image_size: int,
     num_channels: int,
     download: bool,
+    with_labels: bool,
   ):
     """Opens the split, preparing the dataset first if `download`.
 
@@ -142,12 +218,15 @@ class TfdsSource:
       num_channels: channels of the returned images (`images.fit_image`).
       download: whether to download and prepare the dataset if it is not prepared
         (`prepare_tfds_dataset`).
+      with_labels: whether `labels` reads the labels (feature `info.label_key`, which must be
+        set); else it raises.
 
     Raises:
       FileNotFoundError: (saying how to prepare it) for a dataset not prepared in ArrayRecord
         format, or a manual download missing.
     """
     self.info = info
+    self.split = split
     self.image_size = image_size
     self.num_channels = num_channels
     tfds = _import_tfds()
@@ -167,15 +246,50 @@ class TfdsSource:
       else:
         problem += ', and config.data.download = False.'
       raise FileNotFoundError(_prepare_instructions(info, data_dir, problem)) from e
+    # The labels of the examples read so far (`_has_label`), where the run reads labels.
+    self._labels = np.zeros(len(self._source), np.int64) if with_labels else None
+    self._has_label = np.zeros(len(self._source), bool) if with_labels else None
 
   def __len__(self) -> int:
     return len(self._source)
 
+  def _read(self, index: int) -> np.ndarray:
+    """Example `index`'s image, as stored; its label is kept where the run reads labels."""
+    example = self._source[index]
+    if self._labels is not None:
+      self._labels[index] = example[self.info.label_key]
+      self._has_label[index] = True
+    return example[self.info.image_key]
+
   def __getitem__(self, indices: np.ndarray) -> np.ndarray:
     """indices: int [n] in [0, len(self)) -> uint8 [n, image_size, image_size, num_channels]."""
-    return images.fit_batch(
-      lambda i: self._source[i][self.info.image_key], indices, self.image_size, self.num_channels
-    )
+    return images.fit_batch(self._read, indices, self.image_size, self.num_channels)
+
+  def labels(self, indices: np.ndarray) -> np.ndarray:
+    """indices: int [n] in [0, len(self)) -> int64 [n] in [0, len(info.class_names)).
+
+    Reads only the examples whose images have not been read yet.
+
+    Raises:
+      ValueError: for a source opened without labels, or an example without a class (TFDS
+        stores -1 for an example of unknown class).
+    """
+    if self._labels is None:
+      raise ValueError(
+        f'TFDS dataset {self.info.name!r} was opened without labels (config.model.num_classes = 0).'
+      )
+    indices = np.asarray(indices, np.int64)
+    for index in indices[~self._has_label[indices]]:
+      self._read(int(index))
+    labels = self._labels[indices]
+    if len(labels) and labels.min() < 0:
+      index = int(indices[np.argmin(labels)])
+      raise ValueError(
+        f'Example {index} of split {self.split!r} of TFDS dataset {self.info.name!r} has label '
+        f'{labels.min()} in {self.info.label_key!r}: no class. A class-conditional model trains '
+        'and evaluates on splits whose examples all have one.'
+      )
+    return labels
 
 
 def prepare_tfds_dataset(info: core.DatasetInfo, *, data_dir: str | None) -> None:
@@ -231,24 +345,31 @@ def _where(data_dir: str | None) -> str:
 
 
 class Tfds:
-  """A TFDS dataset as a `core.Dataset`."""
+  """A TFDS dataset as a `core.Dataset`; `with_labels`: whether the run reads class labels."""
 
-  def __init__(self, data: ml_collections.ConfigDict):
+  def __init__(self, data: ml_collections.ConfigDict, *, with_labels: bool):
     self.data = data
+    self.with_labels = with_labels
 
   def info(self) -> core.DatasetInfo:
-    """The paper's datasets from `PAPER_DATASETS` (no TFDS import), others from TFDS.
+    """The paper's datasets from `PAPER_DATASETS` (no TFDS import), others from TFDS; the
+    labels of the `ClassLabel` feature `_label_feature` picks.
 
     Raises:
       NotTfdsError: for a name TFDS does not know.
       ValueError: for a paper dataset of another shape than the config's, an unknown config or
-        version of a TFDS dataset, or one without a uint8 image feature or with several.
+        version of a TFDS dataset, one without a uint8 image feature or with several, or (with
+        labels) a ClassLabel that cannot be picked (`_label_feature`).
     """
     name = self.data.dataset
     if name in PAPER_DATASETS:
-      core.check_stored_shape(PAPER_DATASETS[name], self.data)
-      return PAPER_DATASETS[name]
-    return _builder_info(name, self.data.data_dir)
+      info = PAPER_DATASETS[name]
+      core.check_stored_shape(info, self.data)
+      class_labels = {info.label_key: info.class_names} if info.label_key else {}
+    else:
+      info, class_labels = _builder_info(name, self.data.data_dir)
+    label_key = _label_feature(name, class_labels, self.data.label_key, required=self.with_labels)
+    return dataclasses.replace(info, label_key=label_key, class_names=class_labels.get(label_key))
 
   def open(self, info: core.DatasetInfo, split: str) -> TfdsSource:
     data = self.data
@@ -259,6 +380,7 @@ class Tfds:
       image_size=data.image_size,
       num_channels=data.num_channels,
       download=data.download,
+      with_labels=self.with_labels,
     )
 
   def content_key(self, split: str) -> dict[str, Any]:
