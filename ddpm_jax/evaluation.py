@@ -15,7 +15,11 @@ Parts, each skipped where it does not apply:
   digits     the embedded digits, where no Inception network applies: ddpm_jax/digits_classifier
              trained on the training split (cached), with the Frechet distance of samples vs the
              test split in its feature space next to the floor (as many training digits vs the
-             test split), and the share of samples classified confidently, per class.
+             test split), and the share of samples classified confidently, per class; for a
+             class-conditional model also the share of samples recognized as the digit they
+             were asked to be (`requested_accuracy`), overall and per digit.
+A class-conditional model's bits/dim is that of p(x | y) for each test image's own label, and
+its samples take `config.sampling.class_labels` in turn with `guidance_scale`.
 
 Results go to `<workdir>/eval/step_<N>/` (N: the evaluated checkpoint's step) as
 `results.json`, to TensorBoard in `<workdir>/eval`, and to the console as a short table; each
@@ -26,8 +30,9 @@ file or directory name (`settings_key`: a digest of the settings, which are also
 beside it), so that evaluations with other settings live side by side and a later run reuses
 only what it would have computed itself:
   samples      `step_<N>/samples_<sampler>_seed<S>_<key>/batch_<b>.npz`: the sampler and its
-               settings, seed, batch size, number of samples, the U-Net and diffusion configs,
-               the data shape (the checkpoint step is the directory);
+               settings, the classes and guidance scale of a class-conditional model, seed,
+               batch size, number of samples, the U-Net and diffusion configs, the data shape
+               (the checkpoint step is the directory);
   bits/dim     `step_<N>/bpd_partial_<key>.npz`, the running sums: number of images, batch size,
                seed, the diffusion (schedule, mean and variance types, T), the U-Net, the
                dataset, split and image shape (and a folder's path);
@@ -369,7 +374,7 @@ def digits_quality(
     template = digits_classifier.DigitsClassifier().init(jax.random.key(0), train.images[:1])
     params = flax.serialization.from_bytes(template['params'], path.read_bytes())
   else:
-    params = digits_classifier.train_classifier(train.images, train.labels, seed=seed)
+    params = digits_classifier.train_classifier(train.images, train.all_labels, seed=seed)
     if jax.process_index() == 0:
       path.write_bytes(flax.serialization.to_bytes(params))
   # The floor takes as many training digits as there are samples: the distance's bias
@@ -381,7 +386,7 @@ def digits_quality(
     params=params,
     train_images=floor_images,
     test_images=test.images,
-    test_labels=test.labels,
+    test_labels=test.all_labels,
     requested=labels,
   )
   per_class = report.pop('confident_share_per_class')

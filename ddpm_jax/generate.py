@@ -7,7 +7,12 @@ to `<workdir>/samples/` each of the comma-separated `config.sampling.kinds`:
   samples          `num_samples` images from the sampler `config.sampling.sampler` (and its
                    settings: `ddpm_jax/samplers.py`), as
                    `samples_<sampler tag>_step_<step>_seed_<seed>.npz` holding `samples`, uint8
-                   [N, H, W, C] in 0..255, and a PNG grid of the first 256 beside it.
+                   [N, H, W, C] in 0..255, and a PNG grid of the first 256 beside it. For a
+                   class-conditional model (`ddpm_jax/conditioning.py`), of the classes of
+                   `class_labels` in turn with `guidance_scale`: the tag names them, the npz
+                   also holds `labels` (int32 [N]) and `class_names` (those training wrote in
+                   `<workdir>/classes.json`, else the dataset's), and the grid has a row per
+                   class.
   progressive      paper Fig. 6: for `progressive_images` samples, the predicted x_0 at
                    t = T-1, T-1-every, ... and the final sample; a row per image.
   denoising_chain  paper Fig. 7: one ancestral trajectory stops at each t of `chain_t`, and
@@ -18,7 +23,9 @@ to `<workdir>/samples/` each of the comma-separated `config.sampling.kinds`:
                    noise draw, and (1 - lambda) x_t + lambda x_t' for `interpolation_steps`
                    lambdas in [0, 1] are denoised from t by the reverse process; a row per pair:
                    x_0, the decoded images, x_0'.
-The figures use the ancestral sampler and are PNG grids. Every path written is printed.
+The figures use the ancestral sampler and are PNG grids; for a class-conditional model the rows
+of the progressive figure and the samples of the denoising chain take the classes in turn, and
+the interpolation is decoded with the null class. Every path written is printed.
 
 The samples and figures are drawn by the compiled loops of `ddpm_jax/sample_loop.py` (its
 docstring says how they are sharded and why they do not depend on chunking, devices or

@@ -81,8 +81,8 @@ def test_digits_shapes_dtype_and_values():
   values = np.unique(np.concatenate([train.images.ravel(), test.images.ravel()]))
   assert values.min() == 0 and values.max() == 255
   assert np.isin(values, allowed).all()
-  assert train.labels.shape == (1497,) and test.labels.shape == (300,)
-  assert set(np.unique(train.labels)) == set(range(10))
+  assert train.all_labels.shape == (1497,) and test.all_labels.shape == (300,)
+  assert set(np.unique(train.all_labels)) == set(range(10))
   # Indexing with an index array returns those rows.
   np.testing.assert_array_equal(train[np.array([5, 0])], train.images[[5, 0]])
 
@@ -102,7 +102,7 @@ def test_digits_splits_are_disjoint_cover_all_and_fixed():
     )
 
   ours = rows(
-    np.concatenate([train.images, test.images]), np.concatenate([train.labels, test.labels])
+    np.concatenate([train.images, test.images]), np.concatenate([train.all_labels, test.all_labels])
   )
   assert ours == rows(expected, digits.target)
   # The split is fixed: a second call gives the same test set.
@@ -122,9 +122,9 @@ def test_digits_labels_are_sklearns_targets():
     # Each example's label is scikit-learn's target of the example with its image.
     expected = [label_of[image.tobytes()] for image in source[indices]]
     np.testing.assert_array_equal(labels, expected)
-    # The `labels` attribute (all of them, as ddpm_jax/evaluation.py reads it) agrees.
-    np.testing.assert_array_equal(np.asarray(source.labels)[indices], labels)
-    assert source.labels.shape == (size,)
+    # The `all_labels` attribute (as ddpm_jax/evaluation.py reads it) agrees.
+    np.testing.assert_array_equal(source.all_labels[indices], labels)
+    assert source.all_labels.shape == (size,)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def splits():
 @pytest.fixture(scope='module')
 def params(splits):
   train, _ = splits
-  return digits_classifier.train_classifier(train.images, train.labels)
+  return digits_classifier.train_classifier(train.images, train.all_labels)
 
 
 def _quality(samples, params, splits):
@@ -40,7 +40,7 @@ def _quality(samples, params, splits):
     params=params,
     train_images=train.images,
     test_images=test.images,
-    test_labels=test.labels,
+    test_labels=test.all_labels,
   )
 
 
@@ -52,14 +52,14 @@ def _blur(images, sigma=1.0):
 
 def test_training_is_deterministic(params, splits):
   train, _ = splits
-  again = digits_classifier.train_classifier(train.images, train.labels)
+  again = digits_classifier.train_classifier(train.images, train.all_labels)
   for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
     np.testing.assert_array_equal(ours, theirs)
 
 
 def test_test_accuracy(params, splits):
   _, test = splits
-  assert digits_classifier.accuracy(params, test.images, test.labels) >= 0.95
+  assert digits_classifier.accuracy(params, test.images, test.all_labels) >= 0.95
 
 
 def test_ranks_real_digits_far_above_noise_and_blur(params, splits):

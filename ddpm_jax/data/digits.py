@@ -45,26 +45,17 @@ def _split_indices(split: str) -> np.ndarray:
   return np.sort(chosen)
 
 
-class Labels(np.ndarray):
-  """int64 [N], the labels of a split held in memory, which are also `core.Source.labels`:
-  `labels(indices)` is `labels[indices]`, a plain int64 array [n]."""
-
-  def __call__(self, indices: np.ndarray) -> np.ndarray:
-    return np.asarray(self)[indices]
-
-
 class InMemorySource:
   """A split held in memory (the embedded digits).
 
   Attributes:
     images: uint8 [N, H, W, C] in 0..255.
-    labels: int64 [N] class labels (0..9 for digits), a `Labels`: called with indices [n], the
-      labels of those examples (`core.Source.labels`).
+    all_labels: int64 [N] class labels (0..9 for digits).
   """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray):
     self.images = images
-    self.labels = np.asarray(labels, np.int64).view(Labels)
+    self.all_labels = labels
 
   def __len__(self) -> int:
     return len(self.images)
@@ -72,6 +63,10 @@ class InMemorySource:
   def __getitem__(self, indices: np.ndarray) -> np.ndarray:
     """indices: int [n] in [0, N) -> uint8 [n, H, W, C]."""
     return self.images[indices]
+
+  def labels(self, indices: np.ndarray) -> np.ndarray:
+    """indices: int [n] in [0, N) -> int64 [n], their class labels."""
+    return self.all_labels[indices]
 
 
 class Digits:

@@ -149,7 +149,7 @@ def create_source(config: ml_collections.ConfigDict, split: str) -> core.Source:
     indices [n], H = W = config.data.image_size, C = config.data.num_channels, and
     `source.labels(indices)` -> int64 [n], their classes (for the digits always; for a TFDS
     dataset or a folder where `config.model.num_classes` > 0, else it raises). For 'digits' it
-    is a `digits.InMemorySource`, which also has `images` and `labels` (all of them); for a
+    is a `digits.InMemorySource`, which also has `images` and `all_labels`; for a
     folder a `folder.FolderSource`, which also has `paths` and `class_names`.
 
   Raises:
