@@ -20,7 +20,7 @@ def get_config():
   config.model.num_classes = 10
   config.training.label_dropout = 0.1
   # The guidance scale s of out_u + s (out_c - out_u): chosen on the sweep of BENCHMARKS.md.
-  config.sampling.guidance_scale = 2.0
+  config.sampling.guidance_scale = 1.25
   # The grids: 10 samples of each digit, one row per digit (all classes in turn).
   config.training.num_sample_images = 100
   config.sampling.num_samples = 100

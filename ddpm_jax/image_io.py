@@ -44,7 +44,10 @@ def image_grid(images: np.ndarray, num_cols: int | None = None, padding: int = 1
 
 def class_grid(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
   """`image_grid` with one row per class of `classes` (in that order): the images of label c,
-  in their order, on row c's, black where a class has fewer than the most."""
+  in their order, on row c's, black where a class has fewer than the most; a square
+  `image_grid` for a single class."""
+  if len(set(classes)) == 1:
+    return image_grid(images)
   rows = [images[labels == c] for c in dict.fromkeys(classes)]
   num_cols = max(len(row) for row in rows)
   padded = [

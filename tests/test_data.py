@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
 from configs import default
+from ddpm_jax import checks
 from ddpm_jax import data as data_lib
 from ddpm_jax.data import tfds as tfds_data
 from ddpm_jax.data.images import center_crop_and_resize
@@ -178,33 +179,24 @@ def test_conditional_batches_follow_the_resumable_order():
     np.testing.assert_array_equal(actual['label'], expected['label'])
 
 
-def test_conditional_shares_concatenate_to_the_single_process_batch():
-  config = make_config(num_classes=10)
-  kwargs = dict(global_batch_size=200, start_step=5, seed=0)
-  single = take(data_lib.train_batches(config, process_index=0, process_count=1, **kwargs), 3)
-  shares = [
-    take(data_lib.train_batches(config, process_index=p, process_count=2, **kwargs), 3)
-    for p in range(2)
-  ]
-  for step in range(3):
-    for key, shape in (('image', (100, 8, 8, 1)), ('label', (100,))):
-      assert all(share[step][1][key].shape == shape for share in shares)
-      joined = np.concatenate([share[step][1][key] for share in shares])
-      np.testing.assert_array_equal(joined, single[step][1][key])
-
-
-def test_global_batch_does_not_depend_on_process_count():
-  config = make_config()
+@pytest.mark.parametrize('num_classes', [0, 10], ids=['unconditional', 'conditional'])
+def test_global_batch_does_not_depend_on_process_count(num_classes):
+  # Expected: the 4 shares of each step, images (and labels) concatenated, are the batch of one
+  # process.
+  config = make_config(num_classes=num_classes)
   kwargs = dict(global_batch_size=200, start_step=5, seed=0)
   single = take(data_lib.train_batches(config, process_index=0, process_count=1, **kwargs), 4)
   shares = [
     take(data_lib.train_batches(config, process_index=p, process_count=4, **kwargs), 4)
     for p in range(4)
   ]
+  shapes = {'image': (50, 8, 8, 1), **({'label': (50,)} if num_classes else {})}
   for step in range(4):
-    assert all(share[step][1]['image'].shape == (50, 8, 8, 1) for share in shares)
-    joined = np.concatenate([share[step][1]['image'] for share in shares])
-    np.testing.assert_array_equal(joined, single[step][1]['image'])
+    assert all(sorted(share[step][1]) == sorted(shapes) for share in shares)
+    for key, shape in shapes.items():
+      assert all(share[step][1][key].shape == shape for share in shares)
+      joined = np.concatenate([share[step][1][key] for share in shares])
+      np.testing.assert_array_equal(joined, single[step][1][key])
 
 
 @pytest.mark.parametrize(
@@ -281,7 +273,7 @@ def test_num_classes_must_be_the_datasets_class_count():
   ):
     data_lib.check_config(make_config(num_classes=9))
   with pytest.raises(ValueError, match=r'config.model.num_classes must be an int >= 0'):
-    data_lib.check_config(make_config(num_classes=-1))
+    checks.check_config(make_config(num_classes=-1))  # models.check_config, after the data.
   # The paper's LSUN and CelebA-HQ have no tfds.features.ClassLabel (TFDS's features: image, id
   # or image/filename), so a class-conditional model has nothing to condition on.
   with pytest.raises(ValueError, match=r"num_classes = 2 .* 'lsun/bedroom' has no class labels"):

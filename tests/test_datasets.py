@@ -504,11 +504,9 @@ def test_folder_images_are_found_sorted_cropped_resized_and_converted(image_fold
   np.testing.assert_array_equal(images[1], grey)
 
 
-def test_folder_order_is_deterministic_resumable_and_shared_by_processes(image_folder):
-  directory, _ = image_folder
-  config = make_config('folder', 8, 3, image_dir=directory)
-  source = data_lib.create_source(config, 'train')
-  kwargs = dict(global_batch_size=4, seed=2)
+def folder_batches(config, **kwargs):
+  """(single, resumed, shares): 4 steps of one process, steps 2-3 of a run resumed at step 2,
+  and the 4 steps of each of 2 processes; each a list of (step, batch)."""
   single = take(
     data_lib.train_batches(config, start_step=0, process_index=0, process_count=1, **kwargs), 4
   )
@@ -521,6 +519,15 @@ def test_folder_order_is_deterministic_resumable_and_shared_by_processes(image_f
     )
     for p in range(2)
   ]
+  return single, resumed, shares
+
+
+def test_folder_order_is_deterministic_resumable_and_shared_by_processes(image_folder):
+  directory, _ = image_folder
+  config = make_config('folder', 8, 3, image_dir=directory)
+  source = data_lib.create_source(config, 'train')
+  kwargs = dict(global_batch_size=4, seed=2)
+  single, resumed, shares = folder_batches(config, **kwargs)
   for step, batch in single:
     indices = train_indices(step=step, num_examples=4, process_index=0, process_count=1, **kwargs)
     np.testing.assert_array_equal(batch['image'], source[indices])
@@ -660,18 +667,7 @@ def test_folder_labels_are_the_subdirectories(tmp_path):
     return CLASSES.index(CLASS_FILES[file_of[image.tobytes()]])
 
   kwargs = dict(global_batch_size=4, seed=2)
-  single = take(
-    data_lib.train_batches(config, start_step=0, process_index=0, process_count=1, **kwargs), 4
-  )
-  resumed = take(
-    data_lib.train_batches(config, start_step=2, process_index=0, process_count=1, **kwargs), 2
-  )
-  shares = [
-    take(
-      data_lib.train_batches(config, start_step=0, process_index=p, process_count=2, **kwargs), 4
-    )
-    for p in range(2)
-  ]
+  single, resumed, shares = folder_batches(config, **kwargs)
   unconditional = make_config('folder', 8, 3, image_dir=str(root))
   images_only = take(
     data_lib.train_batches(unconditional, start_step=0, process_count=1, **kwargs), 4

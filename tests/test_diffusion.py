@@ -763,16 +763,22 @@ LOSS_COMBOS = [
 ]
 
 
-@pytest.mark.parametrize('mean_type, var_type, loss_type', LOSS_COMBOS)
-def test_training_losses_match_reference(mean_type, var_type, loss_type):
-  diff = make_diffusion(mean_type, var_type, loss_type)
+def loss_inputs(diff, seed: int):
+  """(float64 reference, linear model as NumPy and JAX functions, x0, noise, t) of a loss test:
+  the linear schedule, images of SHAPE, t at both ends and between."""
   ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
-  rng = np.random.default_rng(10)
+  rng = np.random.default_rng(seed)
   channels = SHAPE[-1] * (2 if diff.learned_variance else 1)
   np_fn, jax_fn = linear_model(rng, channels)
   x0 = quantized_images(rng)
   noise = rng.normal(size=SHAPE)
-  t = np.array([0, 1, 250, 999])
+  return ref, np_fn, jax_fn, x0, noise, np.array([0, 1, 250, 999])
+
+
+@pytest.mark.parametrize('mean_type, var_type, loss_type', LOSS_COMBOS)
+def test_training_losses_match_reference(mean_type, var_type, loss_type):
+  diff = make_diffusion(mean_type, var_type, loss_type)
+  ref, np_fn, jax_fn, x0, noise, t = loss_inputs(diff, seed=10)
   loss = jax.jit(lambda x0, t, n: diff.training_losses(jax_fn, x0, t, n))(
     x0.astype(np.float32), t, noise.astype(np.float32)
   )
@@ -1061,13 +1067,7 @@ def test_min_snr_loss_is_min_snr_times_the_x0_loss(mean_type, var_type, loss_typ
   # Ref.pred_x0); 'hybrid' adds its bound term 1e-3 T L_{t-1} unweighted. gamma = 5.
   gamma = 5.0
   diff = min_snr_diffusion(mean_type, gamma, var_type, loss_type)
-  ref = Ref(dm.get_beta_schedule('linear', **SCHEDULE_ARGS))
-  rng = np.random.default_rng(24)
-  channels = SHAPE[-1] * (2 if diff.learned_variance else 1)
-  np_fn, jax_fn = linear_model(rng, channels)
-  x0 = quantized_images(rng)
-  noise = rng.normal(size=SHAPE)
-  t = np.array([0, 1, 250, 999])
+  ref, np_fn, jax_fn, x0, noise, t = loss_inputs(diff, seed=24)
   loss = diff.training_losses(
     jax_fn, jnp.asarray(x0, jnp.float32), t, jnp.asarray(noise, jnp.float32)
   )

@@ -32,8 +32,10 @@ Batch = dict[str, np.ndarray]
 
 def _num_classes(config: ml_collections.ConfigDict) -> int:
   """K = `config.model.num_classes`: the classes a conditional model has; 0 (the default):
-  unconditional, and no labels are read."""
-  return config.model.get('num_classes', 0)
+  unconditional, and no labels are read. (`models.check_config` refuses a value that is not an
+  int >= 0; here it reads no labels.)"""
+  num_classes = config.model.num_classes
+  return num_classes if validation.is_int(num_classes) and num_classes > 0 else 0
 
 
 def _dataset(config: ml_collections.ConfigDict) -> core.Dataset:
@@ -58,10 +60,6 @@ def _checked_dataset(
     f'config.data.image_size must be a positive int, got {image_size!r}.',
   )
   num_classes = _num_classes(config)
-  validation.require(
-    validation.is_int(num_classes) and num_classes >= 0,
-    f'config.model.num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}.',
-  )
   dataset = _dataset(config)
   try:
     info = dataset.info()
