@@ -295,7 +295,7 @@ def test_bfloat16_training_lowers_the_loss_like_float32():
     initial = float(eval_loss(state.params))
     with data.train_batches(config, global_batch_size=8, start_step=0, seed=0) as batches:
       for _ in range(60):
-        state, _ = step(state, next(batches)[1]['image'])
+        state, _ = step(state, next(batches)[1])
     assert {x.dtype for x in jax.tree.leaves(state.ema_params)} == {np.dtype(np.float32)}
     return initial, float(eval_loss(state.params))
 
