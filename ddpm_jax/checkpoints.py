@@ -1,4 +1,5 @@
-"""Orbax checkpoints in `<workdir>/checkpoints`: one step directory per save.
+"""Orbax checkpoints in `<workdir>/checkpoints`: one step directory per save; and the run's config
+beside them, `<workdir>/config.json` (`write_config`, `read_config`).
 
 Each checkpoint holds the items `params`, `ema_params`, `opt_state` (training runs only; an
 imported official model has none) and `meta` (JSON: the step, the seed and the number of
@@ -9,9 +10,11 @@ cannot be read.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -19,6 +22,9 @@ from etils import epath
 from ddpm_jax import tensors
 
 ITEMS = ('params', 'ema_params', 'opt_state', 'meta')
+# The config of the run whose checkpoints a workdir holds: written by training and by the
+# converter of official weights, read by the export to diffusers.
+CONFIG_FILE = 'config.json'
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -187,10 +193,11 @@ def step_directory(path: str) -> epath.Path:
   )
 
 
-def restore_init_params(path: str, abstract_params: Any) -> tuple[epath.Path, Any, Any]:
+def restore_weights(path: str, abstract_params: Any) -> tuple[epath.Path, Any, Any]:
   """(step directory, params, EMA params) of the checkpoint `path` names (`step_directory`),
-  shaped and sharded like `abstract_params`: where `training.init_from` starts a run. Raises
-  ValueError when the checkpoint does not fit `abstract_params`."""
+  shaped and sharded like `abstract_params`: where `training.init_from` starts a run, and what
+  `python -m ddpm_jax.export` writes out. Raises ValueError when the checkpoint does not fit
+  `abstract_params`."""
   step_dir = step_directory(path)
   check_architecture(step_dir, abstract_params)
   manager = _manager(step_dir.parent, async_save=False)
@@ -208,3 +215,30 @@ def is_imported(step_dir: epath.Path) -> bool:
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
   """jax.ShapeDtypeStruct twins of the arrays of `tree`, optionally all with `sharding`."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def write_config(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Writes `<workdir>/config.json`, the config as JSON (`to_json_best_effort`), on process 0; a
+  config written earlier, e.g. by the run that this one resumes, is replaced."""
+  if jax.process_index() == 0:
+    path = epath.Path(workdir) / CONFIG_FILE
+    path.write_text(config.to_json_best_effort(indent=2) + '\n')
+
+
+def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict | None:
+  """The config that `write_config` wrote in `workdir`, its lists as the tuples that the config
+  files write (`ch_mult`, `attn_resolutions`, ...); None where there is none (a workdir written
+  before runs recorded their config)."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return None
+  return ml_collections.ConfigDict(_as_tuples(json.loads(path.read_text())))
+
+
+def _as_tuples(value: Any) -> Any:
+  """JSON values with every list made a tuple, in nested dicts too."""
+  if isinstance(value, dict):
+    return {key: _as_tuples(item) for key, item in value.items()}
+  if isinstance(value, list):
+    return tuple(_as_tuples(item) for item in value)
+  return value

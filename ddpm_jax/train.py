@@ -323,7 +323,7 @@ def fine_tune(
 ) -> TrainState:
   """A fresh run from another checkpoint's weights (`training.init_from`): step 0, the params and
   EMA params of that checkpoint, the optimizer state of a new run."""
-  step_dir, params, ema_params = checkpoints.restore_init_params(init_from, abstract_params)
+  step_dir, params, ema_params = checkpoints.restore_weights(init_from, abstract_params)
   state = initialize().replace(params=params, ema_params=ema_params)
   logging.info('Starting from step 0 with the params and EMA params of %s.', step_dir)
   return state
@@ -523,7 +523,8 @@ def train(
 ) -> TrainState:
   """Trains (or resumes training) until `config.training.num_train_steps`; returns the state.
 
-  Writes checkpoints, TensorBoard logs and the sample grids of the EMA model in `workdir`.
+  Writes checkpoints, TensorBoard logs and the sample grids of the EMA model in `workdir`, and
+  the config, `<workdir>/config.json` (`checkpoints.write_config`), as each launch starts.
   `report(step, metrics)`, if given, is called on process 0 with what is logged every
   `log_every_steps` steps (the mean loss, grad_norm and learning_rate since the last log, and
   steps_per_sec): e.g. for a progress bar and a loss plot in a notebook.
@@ -557,6 +558,9 @@ def train(
   initialize = lambda: jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
   state = restore_or_initialize(config, workdir, manager, abstract_state, initialize)
   start_step = int(state.step)
+  # The config of the run, for what reads the workdir without it (python -m ddpm_jax.export);
+  # written once the run is sure to start, so that a refused one leaves the workdir as it was.
+  checkpoints.write_config(workdir_path, config)
 
   # Compiled once: every call, the shorter ones that end where the loop must act (`call_length`)
   # too, has its batches padded to steps_per_call and the number of steps as an argument.

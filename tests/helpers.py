@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: shrunken configs and their train step, `main.py`
-subprocesses, and what a training run leaves in its workdir (logged scalars, final params)."""
+subprocesses, what a training run leaves in its workdir (logged scalars, final params), and the
+diffusers U-Net of the published CIFAR10 model (its config, its forward pass)."""
 
 import functools
 import os
@@ -169,3 +170,14 @@ def cifar10_diffusers_config(ch=128):
     mid_block_scale_factor=1,
     time_embedding_type='positional',
   )
+
+
+def torch_forward(model, x, t, y=None):
+  """x: [B, H, W, C] NumPy, t: [B] ints, y: [B] class labels or None -> [B, H, W, C'] NumPy,
+  through a diffusers UNet2DModel `model` (in its dtype: float32, or float64 after .double())."""
+  import torch  # Only the tests against diffusers need it; slow to import.
+
+  labels = None if y is None else torch.tensor(y)
+  with torch.no_grad():
+    out = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.tensor(t), labels).sample
+  return out.numpy().transpose(0, 2, 3, 1)

@@ -26,7 +26,7 @@ import pytest
 import tensorflow as tf
 import torch
 from diffusers import UNet2DModel
-from helpers import DOWN_TYPES, assert_trees_equal, cifar10_diffusers_config
+from helpers import DOWN_TYPES, assert_trees_equal, cifar10_diffusers_config, torch_forward
 
 from configs.default import get_config
 from ddpm_jax import checkpoints, models, pretrained
@@ -46,15 +46,6 @@ def torch_unet(ch, seed=0, **changes):
 
 def numpy_state_dict(model):
   return {name: value.numpy() for name, value in model.state_dict().items()}
-
-
-def torch_forward(model, x, t, y=None):
-  """x: [B, H, W, C] NumPy, t: [B] ints, y: [B] class labels or None -> [B, H, W, C'] NumPy,
-  through diffusers."""
-  labels = None if y is None else torch.tensor(y)
-  with torch.no_grad():
-    out = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.tensor(t), labels).sample
-  return out.numpy().transpose(0, 2, 3, 1)
 
 
 def rel_err(actual, expected):

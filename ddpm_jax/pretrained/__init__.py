@@ -21,8 +21,10 @@ README of github.com/hojonathanho/diffusion) in /tmp/ddpm_tf:
 
 The converter checks the weights' architecture against the config and writes them as both the
 parameters and the EMA parameters of a checkpoint in `workdir/checkpoints`, at the step parsed from
-`model.ckpt-N` (else 0, or --step). From TF checkpoints it takes the EMA weights, which the paper
-samples from; --nouse_ema takes the raw training weights instead.
+`model.ckpt-N` (else 0, or --step), and the config as `workdir/config.json`, which
+`python -m ddpm_jax.export` (the way back, to a diffusers folder) reads. From TF checkpoints it
+takes the EMA weights, which the paper samples from; --nouse_ema takes the raw training weights
+instead.
 
 A class-conditional diffusers UNet2DModel (`num_class_embeds` = N, `class_embed_type` null) is
 imported as a U-Net with `model.num_classes` = N - 1, its last embedding row read as the null label
@@ -49,9 +51,12 @@ from ddpm_jax.pretrained.converter import (
   shipped_config,
 )
 from ddpm_jax.pretrained.diffusers import (
+  diffusers_config,
   load_diffusers_model,
   model_config_from_diffusers,
   params_from_diffusers,
+  save_diffusers_model,
+  state_dict_from_params,
 )
 from ddpm_jax.pretrained.hub import fetch_from_hub, is_hub_id
 from ddpm_jax.pretrained.tf_checkpoint import (
@@ -65,6 +70,7 @@ __all__ = [
   'convert',
   'default_step',
   'derived_config',
+  'diffusers_config',
   'fetch_from_hub',
   'flat_param_shapes',
   'is_hub_id',
@@ -74,5 +80,7 @@ __all__ = [
   'model_config_from_tf_checkpoint',
   'params_from_diffusers',
   'params_from_tf_checkpoint',
+  'save_diffusers_model',
   'shipped_config',
+  'state_dict_from_params',
 ]

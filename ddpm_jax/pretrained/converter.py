@@ -45,14 +45,16 @@ def load_shipped_configs() -> dict[str, ml_collections.ConfigDict]:
       f'No config files in {SHIPPED_CONFIGS_DIR}/ of the working directory: run in the '
       'repository root, or pass --config, the config these weights were trained with.'
     )
-  configs = {}
-  for path in paths:
-    name = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(f'shipped_config_{name}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    configs[name] = module.get_config()
-  return configs
+  return {os.path.splitext(os.path.basename(path))[0]: _load_config_file(path) for path in paths}
+
+
+def _load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file, read by its path as main.py's --config reads one."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'config_file_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def shipped_config(
@@ -144,8 +146,9 @@ def convert(
     revision: Hub only: a branch, tag or commit hash to pin (default: main).
 
   Returns:
-    Without `config`, the path of the config to sample with; else None. Nothing is written
-    when an error is raised.
+    Without `config`, the path of the config to sample with; else None. That config is also
+    written as `<workdir>/config.json` (`checkpoints.write_config`). Nothing is written when an
+    error is raised.
   """
   config_path, config_text = None, None
   if source_format == 'diffusers':
@@ -178,4 +181,7 @@ def convert(
   if config_text is not None:
     with open(config_path, 'w') as f:
       f.write(config_text)
+    config = _load_config_file(config_path)
+  # The config to sample with, also as the record that the export to diffusers reads.
+  checkpoints.write_config(workdir, config)
   return config_path

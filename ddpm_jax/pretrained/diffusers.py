@@ -1,5 +1,8 @@
 """The diffusers ports of the official weights (UNet2DModel: `config.json` and
-`diffusion_pytorch_model.safetensors`; REFERENCE.md, "Official weights", "Keys") as our params.
+`diffusion_pytorch_model.safetensors`; REFERENCE.md, "Official weights", "Keys") as our params,
+and back: our U-Net and params as such a folder (`diffusers_config`, `state_dict_from_params`,
+`save_diffusers_model`, for `python -m ddpm_jax.export`), through the same tables of names and
+layouts.
 
 A class-conditional UNet2DModel (`num_class_embeds` = N with `class_embed_type` null: a learned
 `class_embedding`, nn.Embedding(N, 4 ch), added to the timestep embedding after its MLP, as ours
@@ -16,8 +19,10 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from safetensors import numpy as safetensors_numpy
 
+from ddpm_jax import models, tensors
 from ddpm_jax.pretrained import architecture
 
 # Our layer name -> diffusers layer names, newest first (older files name attention layers
@@ -64,28 +69,52 @@ def _diffusers_modules(module: architecture.ParamPath, num_levels: int) -> tuple
   return tuple(f'{prefix}.{name}' for name in _DIFFUSERS_LAYERS[layer])
 
 
-def _diffusers_sources(
+# The layouts of our parameters in torch: (torch -> ours, ours -> torch) by kind.
+_TORCH_LAYOUTS = {
+  # Biases, GroupNorm scales, the class embedding [N, 4 ch]: the same array.
+  'same': (lambda w: w, lambda w: w),
+  # A 3x3 conv: torch [out, in, kh, kw] <-> [kh, kw, in, out].
+  'conv': (lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1)),
+  # A 1x1 conv over channels (nin_shortcut): torch [out, in, 1, 1] <-> [in, out].
+  'nin': (lambda w: w[:, :, 0, 0].T, lambda w: w.T[:, :, None, None]),
+  # A linear layer: torch [out, in] <-> [in, out].
+  'dense': (lambda w: w.T, lambda w: w.T),
+}
+
+
+def _diffusers_tensors(
   shapes: Mapping[architecture.ParamPath, jax.ShapeDtypeStruct], num_levels: int
-) -> dict[architecture.ParamPath, architecture.Source]:
-  """Where each of our parameters lives in a UNet2DModel state dict, and its torch layout."""
+) -> dict[architecture.ParamPath, tuple[tuple[str, ...], tuple[int, ...], str]]:
+  """Where each of our parameters lives in a UNet2DModel state dict: its candidate names (the
+  newest first), its torch shape and its layout (a key of `_TORCH_LAYOUTS`)."""
   kinds = architecture.module_kinds(shapes)
-  sources = {}
+  tensors = {}
   for path, shape in shapes.items():
     module, leaf = path[:-1], path[-1]
     names = _diffusers_modules(module, num_levels)
     names = tuple(f'{name}.{"bias" if leaf == "bias" else "weight"}' for name in names)
     if leaf != 'kernel':
-      sources[path] = (names, shape.shape, lambda w: w)
-    elif kinds[module] == 'conv':  # torch [out, in, kh, kw] -> [kh, kw, in, out]
+      tensors[path] = (names, shape.shape, 'same')
+    elif kinds[module] == 'conv':
       kh, kw, c_in, c_out = shape.shape
-      sources[path] = (names, (c_out, c_in, kh, kw), lambda w: w.transpose(2, 3, 1, 0))
-    elif module[-1] == 'nin_shortcut':  # torch 1x1 conv [out, in, 1, 1] -> [in, out]
+      tensors[path] = (names, (c_out, c_in, kh, kw), 'conv')
+    elif module[-1] == 'nin_shortcut':
       c_in, c_out = shape.shape
-      sources[path] = (names, (c_out, c_in, 1, 1), lambda w: w[:, :, 0, 0].T)
-    else:  # torch linear [out, in] -> [in, out]
+      tensors[path] = (names, (c_out, c_in, 1, 1), 'nin')
+    else:
       c_in, c_out = shape.shape
-      sources[path] = (names, (c_out, c_in), lambda w: w.T)
-  return sources
+      tensors[path] = (names, (c_out, c_in), 'dense')
+  return tensors
+
+
+def _diffusers_sources(
+  shapes: Mapping[architecture.ParamPath, jax.ShapeDtypeStruct], num_levels: int
+) -> dict[architecture.ParamPath, architecture.Source]:
+  """Where each of our parameters lives in a UNet2DModel state dict, and its torch layout."""
+  return {
+    path: (names, torch_shape, _TORCH_LAYOUTS[layout][0])
+    for path, (names, torch_shape, layout) in _diffusers_tensors(shapes, num_levels).items()
+  }
 
 
 # UNet2DModel.__init__ defaults, which apply to keys a config.json omits.
@@ -240,3 +269,93 @@ def load_diffusers_model(folder: str) -> tuple[ml_collections.ConfigDict, dict]:
     model_config = model_config_from_diffusers(json.load(f))
   state_dict = safetensors_numpy.load_file(weights)
   return model_config, params_from_diffusers(state_dict, model_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# And back: our U-Net and params as a UNet2DModel folder (`python -m ddpm_jax.export`).
+# ---------------------------------------------------------------------------------------------
+
+
+def diffusers_config(config: ml_collections.ConfigDict) -> dict:
+  """The UNet2DModel `config.json` of the U-Net of a project config (its `model`, `data` image
+  shape and `diffusion.model_var_type`): what `model_config_from_diffusers` reads back as the
+  same U-Net. A class-conditional U-Net (`model.num_classes` = K) gets `num_class_embeds` K + 1,
+  the last row the null label (this module's docstring).
+
+  Raises:
+    ValueError: for a U-Net that UNet2DModel cannot represent (resampling without convolutions).
+  """
+  unet = models.create_model(config)
+  if not unet.resamp_with_conv:
+    raise ValueError(
+      'model.resamp_with_conv is False: the U-Net resamples without convolutions, which '
+      "diffusers' UNet2DModel cannot represent (its DownBlock2D / UpBlock2D resample with one)."
+    )
+  size = config.data.image_size
+  attention = [size // 2**level in unet.attn_resolutions for level in range(len(unet.ch_mult))]
+  unet_config = {
+    '_class_name': 'UNet2DModel',
+    'sample_size': size,
+    'in_channels': config.data.num_channels,
+    'out_channels': unet.out_ch,
+    'block_out_channels': [unet.ch * mult for mult in unet.ch_mult],
+    'layers_per_block': unet.num_res_blocks,
+    'down_block_types': ['AttnDownBlock2D' if a else 'DownBlock2D' for a in attention],
+    # up_blocks.{k} is up level L - 1 - k.
+    'up_block_types': ['AttnUpBlock2D' if a else 'UpBlock2D' for a in reversed(attention)],
+    'dropout': float(unet.dropout),
+    'attention_head_dim': None,  # One head.
+    'act_fn': 'silu',
+    'num_class_embeds': unet.num_classes + 1 if unet.num_classes else None,
+    **{key: required for key, _, required in _DIFFUSERS_REQUIRED},
+  }
+  # The reader is the one definition of what a config.json means: it must read back this U-Net.
+  architecture.check_weights_match_config(model_config_from_diffusers(unet_config), config)
+  return unet_config
+
+
+def state_dict_from_params(params: Mapping, config: ml_collections.ConfigDict) -> dict:
+  """The UNet2DModel state dict of our params: the inverse of `params_from_diffusers`.
+
+  Args:
+    params: the params tree of `models.create_model(config)` (arrays of any float dtype).
+    config: the U-Net's config (a project config, or `model_config_from_diffusers`).
+
+  Returns:
+    {tensor name: float32 NumPy array in torch layout}, named as current diffusers names them
+    (to_q, to_k, to_v, to_out.0).
+
+  Raises:
+    ValueError: naming every parameter missing from, unexpected in or misshapen in `params`.
+  """
+  shapes = architecture.flat_param_shapes(config)
+  found = traverse_util.flatten_dict(dict(params))
+  tensors.check_tensors(
+    {'/'.join(path): shape.shape for path, shape in shapes.items()},
+    {'/'.join(path): np.shape(value) for path, value in found.items()},
+    what='The params',
+    hint="They are not those of the config's U-Net: use the config they were trained with.",
+  )
+  state_dict = {}
+  for path, (names, _, layout) in _diffusers_tensors(shapes, len(config.model.ch_mult)).items():
+    value = _TORCH_LAYOUTS[layout][1](np.asarray(found[path], np.float32))
+    state_dict[names[0]] = np.ascontiguousarray(value)
+  return state_dict
+
+
+def save_diffusers_model(folder: str, config: ml_collections.ConfigDict, params: Mapping) -> None:
+  """Writes our U-Net and params as a UNet2DModel folder, `config.json` and
+  `diffusion_pytorch_model.safetensors` (safetensors' NumPy writer: no torch), which
+  `load_diffusers_model` and diffusers' `UNet2DModel.from_pretrained` read. Everything is
+  computed before the first file is written, so an error leaves no file."""
+  unet_config = diffusers_config(config)
+  state_dict = state_dict_from_params(params, config)
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, 'config.json'), 'w') as f:
+    json.dump(unet_config, f, indent=2)
+    f.write('\n')
+  safetensors_numpy.save_file(
+    state_dict,
+    os.path.join(folder, 'diffusion_pytorch_model.safetensors'),
+    metadata={'format': 'pt'},  # As torch's writer marks the file, which loaders read.
+  )
