@@ -71,16 +71,8 @@ def learned_range_config():
   return config
 
 
-def cifar10_topology_config():
-  """configs/cifar10.py at width 32 instead of 128 (the topology is what the test is about; 2.2M
-  instead of 35.7M parameters)."""
-  config = cifar10.get_config()
-  config.model.ch = 32
-  return config
-
-
 CASES = {
-  'cifar10_ch32': cifar10_topology_config,
+  'cifar10': cifar10.get_config,
   'digits': digits.get_config,
   'learned_range': learned_range_config,
   'class_conditional': digits_cond.get_config,
@@ -139,9 +131,9 @@ def test_import_of_export_restores_the_checkpoint_bitwise(trained, tmp_path, par
 def test_diffusers_unet_computes_our_network(exported, case):
   # Expected: UNet2DModel.from_pretrained(out/unet) has exactly the tensors of the file (names
   # and shapes: its loader only warns on missing ones), and in float64 gives our float32
-  # network's output to 1e-5 max abs (outputs reach |1.2| to |2.6|), at t = 0, 17, 500, 999,
+  # network's output to 1e-5 max abs (outputs reach |1.2| to |2.0|), at t = 0, 17, 500, 999,
   # with labels 0, 3, 9 and the null label 10 for the class-conditional model. Measured (CPU):
-  # 5.2e-6 (CIFAR10 topology), 2.3e-6 (digits), 2.7e-6 (learned range), 2.1e-6 (conditional).
+  # 2.3e-6 (digits), 2.7e-6 (learned range), 2.1e-6 (conditional); CIFAR10 below.
   config, params, _, out = exported[case]
   unet = UNet2DModel.from_pretrained(str(out / 'unet')).eval()
   written = safetensors_numpy.load_file(out / 'unet' / 'diffusion_pytorch_model.safetensors')
@@ -158,11 +150,19 @@ def test_diffusers_unet_computes_our_network(exported, case):
   theirs = torch_forward(copy.deepcopy(unet).double(), x.astype(np.float64), t, y)
   assert ours.shape == theirs.shape == (4, size, size, models.create_model(config).out_ch)
   max_abs = np.abs(ours - theirs).max()
+  relative = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
   print(
-    f'{case}: max abs error vs diffusers (float64) {max_abs:.2e}; |out| <= '
-    f'{np.abs(theirs).max():.2f}'
+    f'{case}: max abs error vs diffusers (float64) {max_abs:.2e}, relative {relative:.2e}; '
+    f'|out| <= {np.abs(theirs).max():.2f}'
   )
-  assert max_abs <= 1e-5
+  if case == 'cifar10':
+    # The full 35.7M-parameter network, every weight random (outputs to |4.3|): float32's
+    # rounding grows with its depth and width, so the criterion is that of its import
+    # (tests/test_pretrained.py, issue 2): 1e-5 relative. Measured: 2.3e-6 relative, 1.05e-5
+    # max abs.
+    assert relative <= 1e-5
+  else:
+    assert max_abs <= 1e-5
   assert np.abs(theirs).max() > 0.1  # Every weight random: the output is not near 0.
 
 
@@ -465,7 +465,7 @@ def test_model_card_of_a_conditional_run(exported, tmp_path):
 def test_model_card_of_an_unconditional_export(exported):
   # Without eval results or grids: no such sections; the tags of an unconditional model; the
   # DDPMPipeline snippet runs (2 steps instead of T).
-  _, _, _, out = exported['cifar10_ch32']
+  _, _, _, out = exported['cifar10']
   card = (out / 'README.md').read_text()
   meta = front_matter(card)
   assert 'unconditional-image-generation' in meta['tags']
