@@ -89,10 +89,13 @@ class Conditioning:
   Attributes:
     classes: the classes sampled in turn: sample i is of classes[i mod len(classes)].
     guidance_scale: s of `guide`; 1: no guidance.
+    every_class: whether `classes` are all the model's, asked for as None (file names then omit
+      them).
   """
 
   classes: tuple[int, ...]
   guidance_scale: float
+  every_class: bool = False
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> Conditioning | None:
@@ -100,9 +103,10 @@ class Conditioning:
     num_classes = config.model.num_classes
     if not num_classes:
       return None
-    labels = config.sampling.class_labels
-    classes = tuple(range(num_classes)) if labels is None else tuple(int(c) for c in labels)
-    return cls(classes, float(config.sampling.guidance_scale))
+    labels, scale = config.sampling.class_labels, float(config.sampling.guidance_scale)
+    if labels is None:
+      return cls(tuple(range(num_classes)), scale, every_class=True)
+    return cls(tuple(int(c) for c in labels), scale)
 
   def labels(self, start: int, num: int) -> np.ndarray:
     """The labels of samples start, ..., start + num - 1: int32 [num]."""
@@ -118,7 +122,7 @@ class Conditioning:
     scale = f'guidance{self.guidance_scale:g}'
     if len(self.classes) == 1:
       return f'class{self.classes[0]}_{scale}'
-    if self.classes == tuple(range(len(self.classes))):
+    if self.every_class:
       return scale
     return f'classes{"-".join(map(str, self.classes))}_{scale}'
 

@@ -104,7 +104,8 @@ def test_labels_take_the_classes_in_turn_whatever_the_batches():
   np.testing.assert_array_equal(classes.labels(4, 3), [5, 7, 3])  # Samples 4, 5, 6.
   assert classes.tag == 'classes3-5-7_guidance2'
   assert conditioning.Conditioning((7,), 1.5).tag == 'class7_guidance1.5'
-  assert conditioning.Conditioning(tuple(range(10)), 3.0).tag == 'guidance3'
+  assert conditioning.Conditioning(tuple(range(10)), 3.0, every_class=True).tag == 'guidance3'
+  assert conditioning.Conditioning((0, 1), 3.0).tag == 'classes0-1_guidance3'
 
 
 # ----------------------------------------------------------------------------------------------
