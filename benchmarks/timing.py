@@ -14,9 +14,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
-
-_Built = TypeVar('_Built')
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -75,7 +73,7 @@ def append_json(path: str | None, record: dict) -> None:
       f.write(json.dumps(record) + '\n')
 
 
-def build_at_once(build: Callable[[Any], _Built], variants: Sequence[Any]) -> list[_Built]:
+def build_at_once[Built](build: Callable[[Any], Built], variants: Sequence[Any]) -> list[Built]:
   """[build(v) for v in variants], all at once on threads: XLA's compiler releases the GIL, so
   the variants compile side by side, ready to be timed round by round."""
   with concurrent.futures.ThreadPoolExecutor(len(variants)) as pool:

@@ -41,7 +41,6 @@ import math
 import os
 import sys
 
-import torch_compat
 from absl import app, flags
 from timing import Runner, measure
 
@@ -49,9 +48,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _path in (REPO, os.path.join(REPO, 'tests')):
   if _path not in sys.path:
     sys.path.append(_path)
-
-# diffusers imports torchvision, whose PyPI build fails next to the CPU torch without this.
-torch_compat.import_torchvision_without_its_cpp_ops()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -36,13 +36,7 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
 # main.py does: they are read when JAX starts its backend.
 import ddpm_jax  # noqa: E402, F401
 
-# The torchvision workaround (for pytorch-fid and diffusers) lives with the benchmarks, which
-# need it outside pytest too.
-_BENCHMARKS = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'
+# The benchmarks' modules (tpu_aot, train, torch_reference) are imported by tests as well.
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
 )
-sys.path.insert(0, _BENCHMARKS)
-
-import torch_compat  # noqa: E402
-
-torch_compat.import_torchvision_without_its_cpp_ops()

@@ -6,9 +6,6 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Generic, TypeVar
-
-T = TypeVar('T')
 
 _END = object()
 
@@ -18,7 +15,7 @@ class _Failure:
   error: Exception
 
 
-class PrefetchIterator(Generic[T], Iterator[T]):
+class PrefetchIterator[T](Iterator[T]):
   """Runs an iterator on a background thread, keeping up to `buffer_size` items ready.
 
   Reading and decoding thus overlap the training step. An exception raised while reading is
