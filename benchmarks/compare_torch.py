@@ -10,6 +10,11 @@ runner runs one window of --steps steps, in an order reversed every other round,
 drift of a shared machine falls on both sides alike. Prints each side's median images/s with its
 spread, and the ratio of the medians (above 1: ddpm-jax is faster).
 
+`--sides=jax,jax_ynnpack,torch` adds a third side: ddpm-jax with XLA:CPU's own choice of
+convolution library (YNNPACK; `DDPM_JAX_KEEP_XLA_FLAGS=1`) instead of the Eigen convolutions that
+`import ddpm_jax` asks for (ddpm_jax/xla_cpu.py), so that the option is judged side by side too.
+Every pair of sides gets its ratio, the earlier side over the later.
+
 Each side lives in its own worker process, which waits idle while the other side runs: in one
 process the thread pool of either framework slows the other (measured here: PyTorch's train
 step 5x slower next to a warm XLA runtime). Threads: PyTorch gets `torch.set_num_threads
@@ -19,6 +24,7 @@ step 5x slower next to a warm XLA runtime). Threads: PyTorch gets `torch.set_num
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import statistics
@@ -40,17 +46,21 @@ flags.DEFINE_integer(
 flags.DEFINE_integer('threads', os.cpu_count(), 'PyTorch threads; XLA uses one per core.')
 flags.DEFINE_integer('rounds', 6, 'Timed rounds; each runs one window of every runner.')
 flags.DEFINE_integer('steps', 3, 'Steps per window.')
+flags.DEFINE_list('sides', ['jax', 'torch'], 'Sides to compare, in order: jax, jax_ynnpack, torch.')
 
 WORKS = ('train', 'sample step')
+# Each side's environment on top of this process's: the worker reads it before JAX starts.
+SIDE_ENV = {'jax': {}, 'jax_ynnpack': {'DDPM_JAX_KEEP_XLA_FLAGS': '1'}, 'torch': {}}
 
 
 def _worker(
   side: str, batch_size: int, dtype: str, threads: int, steps_per_call: int | None, connection
 ) -> None:
   """Builds one side's runners, sends their names, then runs the windows it is asked for."""
+  os.environ.update(SIDE_ENV[side])
   from timing import window
 
-  if side == 'jax':
+  if side.startswith('jax'):
     import sample
     import train
 
@@ -77,9 +87,12 @@ def _worker(
 
 def main(argv):
   del argv
+  unknown = sorted(set(FLAGS.sides) - set(SIDE_ENV))
+  if unknown:
+    raise app.UsageError(f'--sides: unknown {unknown}; choose from {", ".join(SIDE_ENV)}')
   context = multiprocessing.get_context('spawn')
   sides = {}
-  for side in ('jax', 'torch'):
+  for side in FLAGS.sides:
     ours, theirs = context.Pipe()
     process = context.Process(
       target=_worker,
@@ -110,10 +123,11 @@ def main(argv):
       values = rates[work, side]
       medians[side] = statistics.median(values)
       print(
-        f'  {names[side][work]}: {medians[side]:.3g} images/s '
+        f'  {side}, {names[side][work]}: {medians[side]:.3g} images/s '
         f'(spread {min(values):.3g}-{max(values):.3g})'
       )
-    print(f'  {work}: ours / PyTorch = {medians["jax"] / medians["torch"]:.2f}')
+    for first, second in itertools.combinations(sides, 2):
+      print(f'  {work}: {first} / {second} = {medians[first] / medians[second]:.2f}')
 
 
 if __name__ == '__main__':
