@@ -1,10 +1,12 @@
 """XLA options for the CPU backend, set when `ddpm_jax` is imported, before JAX starts a backend.
 
-XLA:CPU hands each convolution to one of two libraries: YNNPACK (jaxlib 0.10's default) or Eigen.
-On the U-Net's shapes Eigen is the faster one, most of all for the kernel gradient (a convolution
-whose window is the whole image): the CIFAR10 train step at batch 8 runs 1.2x faster and one
-sampling step 1.14x faster, the digits sampler 1.3x (BENCHMARKS.md, "XLA's convolution
-library"). Dots, reductions and elementwise fusions stay with YNNPACK, which is faster for them.
+XLA:CPU hands each convolution to one of two libraries: YNNPACK (the default since jaxlib 0.10) or
+Eigen. On the U-Net's shapes Eigen is the faster one, most of all for the kernel gradient (a
+convolution whose window is the whole image): on jaxlib 0.10 the CIFAR10 train step at batch 8
+ran 1.2x faster and one sampling step 1.14x faster, the digits sampler 1.3x (BENCHMARKS.md,
+"XLA's convolution library"); on jaxlib 0.12, side by side in one run, 1.06x and 1.03x
+(BENCHMARKS.md, "ddpm-jax against PyTorch"). Dots, reductions and elementwise fusions stay with
+YNNPACK, which is faster for them.
 
 XLA reads `XLA_FLAGS` once, when JAX starts its first backend, so the option takes effect when
 `ddpm_jax` is imported before JAX computes anything (main.py and the benchmarks do). A
