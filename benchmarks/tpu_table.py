@@ -1,0 +1,146 @@
+"""BENCHMARKS.md's TPU table from the JSON lines of benchmarks/tpu_aot.py, and what changed between
+two libtpu releases' figures of the same programs.
+
+  python benchmarks/tpu_table.py benchmarks/results/tpu_aot.jsonl \\
+      --compare=benchmarks/results/tpu_aot_libtpu0.0.42.1.jsonl
+
+XLA's estimate is `optimal_seconds` with the -1 s that libtpu counts for each op its cost model
+does not know added back (tpu_aot.UNESTIMATED_OPS). Records written before tpu_aot counted those
+ops have no count; there it is read off the reported seconds, the whole seconds below zero
+(marked *), which is the count wherever both are known.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string(
+  'compare', None, "Another release's JSON lines: the same programs side by side."
+)
+
+KEY_FIELDS = ('slice', 'program', 'dtype', 'steps_per_call', 'sampler', 'batch_size', 'remat')
+
+
+def load(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def key(record: dict) -> tuple:
+  return tuple(record.get(field) for field in KEY_FIELDS)
+
+
+def estimate(record: dict) -> tuple[float | None, str]:
+  """(XLA's estimated seconds with the unestimated ops left out, '*' where their count is read off
+  the seconds); None where there is no positive estimate."""
+  seconds = record.get('seconds')
+  if seconds is None:
+    return None, ''
+  if 'unestimated_ops' in record:
+    count, mark = record['unestimated_ops'], ''
+  else:
+    count, mark = (math.ceil(-seconds), '*') if seconds < 0 else (0, '')
+  corrected = seconds + count
+  return (corrected if corrected > 0 else None), mark
+
+
+def program_name(record: dict) -> str:
+  if record['program'] == 'train_cifar10':
+    calls = '' if record['steps_per_call'] == 1 else f', {record["steps_per_call"]} steps per call'
+    return f'CIFAR10 train, batch {record["batch_size"]}, {record["dtype"]}{calls}'
+  if record['program'] == 'train_256':
+    remat = ', remat' if record['remat'] else ''
+    return f'256x256 train, batch {record["batch_size"]}, f32{remat}'
+  return f'sampler chunk, {record["num_images"]} CIFAR10 images, {record["sampler"]}'
+
+
+def row(record: dict) -> str:
+  where = f'{record["slice"]} ({record["num_devices"]}, {record["hosts"]})'
+  if 'hbm_bytes' not in record:
+    return f'| {where} | {program_name(record)} | does not fit: out of HBM | | | | | |'
+  gib = 2**30
+  hbm = f'{record["hbm_bytes"] / gib:.2f} of {record["hbm_capacity"] / gib:.0f} GiB'
+  if not record['fits']:
+    hbm = f'**does not fit**: {hbm}'
+  compute = record['flops'] / (record['peak_tflops'] * 1e12)
+  memory = record['bytes_accessed'] / (record['hbm_gbps'] * 1e9)
+  bound = max(compute, memory)
+  unit = record['unit']
+  seconds, mark = estimate(record)
+  if seconds is None:
+    xla = f'{record["seconds"]:.4g} (unusable)'
+  else:
+    share = record['flops'] / seconds / 1e12 / record['peak_tflops']
+    xla = (
+      f'{seconds * 1e3:.2f} ms{mark}: {record["work"] / seconds:,.1f} {unit}/s, '
+      f'{100 * share:.0f}% of peak; {seconds / bound:.2f}x the roofline'
+    )
+  return (
+    f'| {where} | {program_name(record)} | {hbm} | {record["flops"] / 1e9:,.1f}, '
+    f'{record["bytes_accessed"] / 1e9:.2f} | {compute * 1e3:.2f} / {memory * 1e3:.2f} ms | '
+    f'{record["work"] / bound:,.1f} {unit}/s | {xla} | {record["compile_s"]:.0f} s |'
+  )
+
+
+def table(records: list[dict]) -> list[str]:
+  lines = [
+    '| slice (devices, hosts) | program | HBM per device | GFLOP, GB per device | roofline: '
+    "FLOPs at peak / bytes at HBM bandwidth | hence at most | XLA's estimate | compile |",
+    '|---|---|---|---|---|---|---|---|',
+  ]
+  searches = []
+  for record in records:
+    if record['program'] == 'max_batch_256':
+      searches.append(record)
+    else:
+      lines.append(row(record))
+  for record in searches:
+    fits, does_not = record['found'] or (None, None)
+    remat = 'with' if record['remat'] else 'without'
+    lines.append(
+      f'\nLargest 256x256 batch {remat} remat on {record["slice"]}: fits {fits}, '
+      f'does not fit {does_not if does_not else "(not found in the compiles allowed)"}.'
+    )
+  return lines
+
+
+def comparison(new: list[dict], old: list[dict]) -> list[str]:
+  old_by_key = {key(r): r for r in old if 'hbm_bytes' in r}
+  lines = [
+    f"| program | GFLOP | GB accessed | HBM per device, GiB | XLA's estimate, ms "
+    f'| libtpu {old[0].get("libtpu", FLAGS.compare)} -> {new[0].get("libtpu", "new")} |',
+    '|---|---|---|---|---|---|',
+  ]
+  for record in new:
+    before = old_by_key.get(key(record))
+    if before is None or 'hbm_bytes' not in record:
+      continue
+    estimates = [estimate(r) for r in (before, record)]
+    shown = [f'{s * 1e3:.2f}{mark}' if s else '-' for s, mark in estimates]
+    lines.append(
+      f'| {record["slice"]} {program_name(record)} | {before["flops"] / 1e9:,.1f} -> '
+      f'{record["flops"] / 1e9:,.1f} | {before["bytes_accessed"] / 1e9:.2f} -> '
+      f'{record["bytes_accessed"] / 1e9:.2f} | {before["hbm_bytes"] / 2**30:.2f} -> '
+      f'{record["hbm_bytes"] / 2**30:.2f} | {shown[0]} -> {shown[1]} | '
+      f'raw {before["seconds"]:.4g} -> {record["seconds"]:.4g} |'
+    )
+  return lines
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError('one JSON lines file of benchmarks/tpu_aot.py')
+  records = load(argv[1])
+  print('\n'.join(table(records)))
+  if FLAGS.compare:
+    print()
+    print('\n'.join(comparison(records, load(FLAGS.compare))))
+
+
+if __name__ == '__main__':
+  sys.exit(app.run(main))
