@@ -49,8 +49,8 @@ def test_an_older_jaxlib_or_the_opt_out_leaves_xla_flags_alone(monkeypatch):
 
 
 def test_importing_ddpm_jax_takes_convolutions_off_ynnpack():
-  """jaxlib's own default (0.10 to 0.12) gives convolutions to YNNPACK (seen with DDPM_JAX_KEEP_XLA_FLAGS);
-  after `import ddpm_jax` they go to Eigen."""
+  """jaxlib's own default (0.10 to 0.12) gives convolutions to YNNPACK (seen with
+  DDPM_JAX_KEEP_XLA_FLAGS); after `import ddpm_jax` they go to Eigen."""
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'DDPM_JAX_KEEP_XLA_FLAGS')}
   assert not _convolution_on_ynnpack(env)
   assert _convolution_on_ynnpack({**env, 'DDPM_JAX_KEEP_XLA_FLAGS': '1'})
