@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 from absl import app, flags
@@ -111,9 +112,10 @@ def table(records: list[dict]) -> list[str]:
 
 def comparison(new: list[dict], old: list[dict]) -> list[str]:
   old_by_key = {key(r): r for r in old if 'hbm_bytes' in r}
+  releases = (old[0].get('libtpu', os.path.basename(FLAGS.compare)), new[0].get('libtpu', 'new'))
   lines = [
     f"| program | GFLOP | GB accessed | HBM per device, GiB | XLA's estimate, ms "
-    f'| libtpu {old[0].get("libtpu", FLAGS.compare)} -> {new[0].get("libtpu", "new")} |',
+    f'| libtpu {releases[0]} -> {releases[1]} |',
     '|---|---|---|---|---|---|',
   ]
   for record in new:
