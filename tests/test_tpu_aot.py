@@ -89,6 +89,6 @@ def test_xla_estimate_leaves_out_the_ops_it_counts_as_minus_one_second(mesh):
   assert -figures.unestimated_ops < figures.seconds < -figures.unestimated_ops + 0.01
   # What is left is an estimate like those libtpu reports whole (the digits network at 32
   # channels): within a factor 2 of the roofline's bound, bytes accessed at the HBM bandwidth
-  # (0.89x to 1.45x for the usable estimates of BENCHMARKS.md's TPU table).
+  # (0.63x to 1.52x across the programs of BENCHMARKS.md's TPU tables).
   bound = max(figures.roofline(SLICE))
   assert 0.5 * bound < figures.estimate() < 2 * bound
