@@ -12,11 +12,13 @@ ops have no count; there it is read off the reported seconds, the whole seconds 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 
+import tpu_aot
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -36,18 +38,21 @@ def key(record: dict) -> tuple:
   return tuple(record.get(field) for field in KEY_FIELDS)
 
 
-def estimate(record: dict) -> tuple[float | None, str]:
-  """(XLA's estimated seconds with the unestimated ops left out, '*' where their count is read off
-  the seconds); None where there is no positive estimate."""
+def figures(record: dict) -> tuple[tpu_aot.Figures, str]:
+  """The record's tpu_aot.Figures, and '*' where the count of unestimated ops is read off the
+  seconds (a record written before tpu_aot counted them)."""
+  fields = {f.name: record[f.name] for f in dataclasses.fields(tpu_aot.Figures) if f.name in record}
   seconds = record.get('seconds')
-  if seconds is None:
-    return None, ''
-  if 'unestimated_ops' in record:
-    count, mark = record['unestimated_ops'], ''
-  else:
-    count, mark = (math.ceil(-seconds), '*') if seconds < 0 else (0, '')
-  corrected = seconds + count
-  return (corrected if corrected > 0 else None), mark
+  if 'unestimated_ops' in record or seconds is None or seconds >= 0:
+    return tpu_aot.Figures(**fields), ''
+  return tpu_aot.Figures(**fields | {'unestimated_ops': math.ceil(-seconds)}), '*'
+
+
+def estimate(record: dict) -> tuple[float | None, str]:
+  """(XLA's estimated seconds with the unestimated ops left out, None where it has none; '*' where
+  their count is read off the seconds)."""
+  record_figures, mark = figures(record)
+  return record_figures.estimate(), mark
 
 
 def program_name(record: dict) -> str:
@@ -68,8 +73,7 @@ def row(record: dict) -> str:
   hbm = f'{record["hbm_bytes"] / gib:.2f} of {record["hbm_capacity"] / gib:.0f} GiB'
   if not record['fits']:
     hbm = f'**does not fit**: {hbm}'
-  compute = record['flops'] / (record['peak_tflops'] * 1e12)
-  memory = record['bytes_accessed'] / (record['hbm_gbps'] * 1e9)
+  compute, memory = figures(record)[0].roofline(tpu_aot.SLICES[record['slice']])
   bound = max(compute, memory)
   unit = record['unit']
   seconds, mark = estimate(record)
