@@ -12,6 +12,14 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
+# triton (which the CUDA build of torch brings, and diffusers imports) segfaults when it is first
+# imported after tensorflow; imported before it, both work. Test modules import tensorflow, torch
+# and diffusers in whatever order collection reaches them, so triton comes first, here.
+try:
+  import triton  # noqa: E402, F401
+except ImportError:  # A CPU build of torch has none.
+  pass
+
 import jax  # noqa: E402
 
 # One persistent compilation cache for the whole test session, in this process, in the pytest-xdist
