@@ -11,9 +11,12 @@ client's calls are replaced.
 
 import copy
 import functools
+import importlib.util
+import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -25,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.schedulers import scheduling_ddpm
 from helpers import REPO, assert_trees_equal, final_params, tiny_digits_config, torch_forward
 from huggingface_hub import HfApi, errors
@@ -33,7 +36,7 @@ from safetensors import numpy as safetensors_numpy
 
 import ddpm_jax.export as export_lib
 from configs import cifar10, digits, digits_cond
-from ddpm_jax import checkpoints, image_io, models, pretrained, train
+from ddpm_jax import checkpoints, generate, image_io, models, pretrained, samplers, train
 from ddpm_jax import diffusion as diffusion_lib
 
 STEP = 1234  # The step of the checkpoints of random weights.
@@ -71,11 +74,25 @@ def learned_range_config():
   return config
 
 
+def cosine_v_config():
+  """The class-conditional digits model with a diffusion unlike the paper's in every field that
+  a scheduler config carries: improved DDPM's cosine schedule on 100 timesteps, v-prediction and
+  a learned-range variance."""
+  config = digits_cond.get_config()
+  config.diffusion.beta_schedule = 'cosine'
+  config.diffusion.num_diffusion_timesteps = 100
+  config.diffusion.model_mean_type = 'v'
+  config.diffusion.model_var_type = 'learned_range'
+  config.diffusion.loss_type = 'hybrid'
+  return config
+
+
 CASES = {
   'cifar10': cifar10.get_config,
   'digits': digits.get_config,
   'learned_range': learned_range_config,
   'class_conditional': digits_cond.get_config,
+  'cosine_v': cosine_v_config,
 }
 
 
@@ -190,9 +207,178 @@ def test_converted_export_exports_the_same_folder(exported, tmp_path):
   pretrained.convert(None, source=str(out), workdir=str(workdir), step=STEP)
   assert checkpoints.read_config(workdir) is not None
   again = export_lib.export(str(workdir), str(tmp_path / 'again'))
-  for name in ('unet/config.json', 'unet/diffusion_pytorch_model.safetensors'):
+  for name in (
+    'unet/config.json',
+    'unet/diffusion_pytorch_model.safetensors',
+    'scheduler/scheduler_config.json',
+  ):
     with open(out / name, 'rb') as a, open(os.path.join(again, name), 'rb') as b:
       assert a.read() == b.read(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# The way back: the importer reads the scheduler config as the diffusion.
+# ---------------------------------------------------------------------------------------------
+
+# The diffusion fields that every scheduler config sets (DDPMScheduler's also model_var_type).
+SCHEDULER_FIELDS = (
+  'beta_schedule',
+  'beta_start',
+  'beta_end',
+  'num_diffusion_timesteps',
+  'model_mean_type',
+)
+
+
+def load_config_file(path):
+  """`get_config()` of a config file, as main.py's --config reads it."""
+  spec = importlib.util.spec_from_file_location('written_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def draw(config, workdir, sampler):
+  """The 'samples' npz arrays that --mode=sample writes for `config` with `sampler` (20
+  evaluations; the ancestral sampler all T steps), 20 images: 2 of each digit."""
+  config = copy.deepcopy(config)
+  config.sampling.update(
+    {'kinds': 'samples', 'sampler': sampler, 'steps': 20, 'num_samples': 20, 'batch_size': 20}
+  )
+  (path,) = [p for p in generate.sample(config, str(workdir)) if p.endswith('.npz')]
+  return dict(np.load(path))
+
+
+def test_import_of_export_samples_bit_identically(exported, tmp_path):
+  # The class-conditional cosine / v / learned-range model, exported and imported back without
+  # --config: the importer writes <workdir>/config.py (digits_cond's U-Net, the diffusion of the
+  # scheduler config) and config.json with the original's diffusion, and the imported workdir
+  # draws the original's samples, bit for bit, with every sampler (guided, at digits_cond's
+  # scale 1.25). Expected: the original workdir's own samples. Read without the scheduler, the
+  # same weights would be sampled as linear-schedule eps predictions (configs/digits_cond.py).
+  config, _, workdir, out = exported['cosine_v']
+  imported = tmp_path / 'imported'
+  config_path = pretrained.convert(None, source=str(out), workdir=str(imported), step=STEP)
+  assert config_path == str(imported / 'config.py')
+  written = load_config_file(config_path)
+  recorded = checkpoints.read_config(imported)
+  for field in (*SCHEDULER_FIELDS, 'model_var_type'):
+    assert written.diffusion[field] == recorded.diffusion[field] == config.diffusion[field], field
+  assert written.model.to_dict() == config.model.to_dict()
+  for sampler in samplers.SAMPLERS:
+    ours, theirs = draw(config, workdir, sampler), draw(written, imported, sampler)
+    assert ours.keys() == theirs.keys() == {'samples', 'labels', 'class_names'}
+    for key in ours:
+      assert np.array_equal(ours[key], theirs[key]), (sampler, key)
+
+
+def with_scheduler(folder, tmp_path, scheduler):
+  """A copy of the exported `folder` whose scheduler/ is `scheduler`'s (diffusers' own
+  `save_config`), or none for None."""
+  copied = tmp_path / 'folder'
+  shutil.copytree(folder, copied)
+  shutil.rmtree(copied / 'scheduler')
+  if scheduler is not None:
+    scheduler.save_config(copied / 'scheduler')
+  return copied
+
+
+# Our warmup10 betas (1e-4..0.02, T = 1000) as diffusers keeps trained betas: float32.
+WARMUP10_FLOAT32 = diffusion_lib.get_beta_schedule(
+  'warmup10', beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=1000
+).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+  'kwargs, schedule, ends',
+  [
+    (
+      dict(beta_schedule='scaled_linear', beta_start=8.5e-4, beta_end=0.012),
+      'quad',
+      (8.5e-4, 0.012),
+    ),
+    (dict(trained_betas=WARMUP10_FLOAT32.tolist()), 'warmup10', (1e-4, 0.02)),
+  ],
+  ids=['scaled_linear', 'trained_betas'],
+)
+def test_ddim_scheduler_folder_imports_with_its_betas(exported, tmp_path, kwargs, schedule, ends):
+  # A pipeline folder whose scheduler is diffusers' DDIMScheduler (as the Hub's DDPM repos carry)
+  # with v-prediction: the written config has the schedule of ours that gives its betas, with
+  # their ends, and the v network. Expected: DDIMScheduler's own betas (float32), which ours
+  # (float64) equal to float32 rounding, 1e-6 relative.
+  _, _, _, out = exported['digits']
+  ddim = DDIMScheduler(prediction_type='v_prediction', **kwargs)
+  folder = with_scheduler(out, tmp_path, ddim)
+  workdir = tmp_path / 'workdir'
+  config = load_config_file(pretrained.convert(None, source=str(folder), workdir=str(workdir)))
+  diffusion = config.diffusion
+  assert (diffusion.beta_schedule, diffusion.beta_start, diffusion.beta_end) == (schedule, *ends)
+  assert diffusion.model_mean_type == 'v'
+  assert diffusion.model_var_type == digits.get_config().diffusion.model_var_type  # No variance.
+  ours = diffusion_lib.GaussianDiffusion.from_config(diffusion).betas
+  np.testing.assert_allclose(ours, ddim.betas.numpy(), rtol=1e-6, atol=0)
+
+
+def test_folder_without_scheduler_takes_the_shipped_diffusion(exported, tmp_path, caplog):
+  # A U-Net without a scheduler config imports as before: the shipped config of its U-Net
+  # (configs/digits.py), and the log says so.
+  _, _, _, out = exported['digits']
+  folder = with_scheduler(out, tmp_path, None)
+  with caplog.at_level('WARNING'):
+    path = pretrained.convert(None, source=str(folder), workdir=str(tmp_path / 'workdir'))
+  assert path == os.path.join('configs', 'digits.py')
+  assert 'No scheduler config' in caplog.text and 'scheduler_config.json' in caplog.text
+
+
+@pytest.mark.parametrize(
+  'change, message',
+  [
+    ({'_class_name': 'EulerDiscreteScheduler'}, "_class_name = 'EulerDiscreteScheduler'"),
+    ({'num_train_timesteps': 0}, 'num_train_timesteps = 0: expected a positive int'),
+    ({'beta_schedule': 'sigmoid'}, "beta_schedule = 'sigmoid': expected one of linear"),
+    ({'trained_betas': (WARMUP10_FLOAT32**2).tolist()}, 'trained_betas = .*not the betas of any'),
+    ({'trained_betas': [0.01] * 10}, 'trained_betas = .*10 betas for num_train_timesteps = 1000'),
+    ({'prediction_type': 'flow'}, "prediction_type = 'flow'"),
+    ({'variance_type': 'learned'}, "variance_type = 'learned'"),
+    ({'variance_type': 'fixed_small_log'}, "variance_type = 'fixed_small_log'"),
+    ({'clip_sample': False}, 'clip_sample = False'),
+    ({'clip_sample_range': 2.0}, 'clip_sample_range = 2.0'),
+    ({'thresholding': True}, 'thresholding = True'),
+    ({'rescale_betas_zero_snr': True}, 'rescale_betas_zero_snr = True'),
+    ({'variance_type': 'learned_range'}, r"model_var_type = 'learned_range'\) does not fit"),
+  ],
+)
+def test_unrepresentable_scheduler_is_refused(exported, tmp_path, change, message):
+  # Expected: a ValueError naming the key and its value, and no workdir.
+  _, _, _, out = exported['digits']
+  folder = with_scheduler(out, tmp_path, None)
+  scheduler = json.loads((out / 'scheduler' / 'scheduler_config.json').read_text())
+  (folder / 'scheduler').mkdir()
+  (folder / 'scheduler' / 'scheduler_config.json').write_text(json.dumps(scheduler | change))
+  with pytest.raises(ValueError, match=message):
+    pretrained.convert(None, source=str(folder), workdir=str(tmp_path / 'workdir'))
+  assert not (tmp_path / 'workdir').exists()
+
+
+def test_config_with_another_diffusion_is_refused(exported, tmp_path):
+  # --config whose diffusion differs from the scheduler's: each field named, nothing written.
+  config, _, _, out = exported['digits']
+  config = copy.deepcopy(config)
+  config.diffusion.beta_schedule = 'cosine'
+  config.diffusion.model_mean_type = 'v'
+  with pytest.raises(ValueError) as error:
+    pretrained.convert(config, source=str(out), workdir=str(tmp_path / 'workdir'))
+  message = str(error.value)
+  assert "diffusion.beta_schedule: the scheduler has 'linear', the config 'cosine'" in message
+  assert "diffusion.model_mean_type: the scheduler has 'eps', the config 'v'" in message
+  assert not (tmp_path / 'workdir').exists()
+
+
+def test_scheduler_defaults_are_diffusers():
+  # The defaults that omitted keys take are DDPMScheduler.__init__'s (diffusers, installed).
+  defaults = inspect.signature(DDPMScheduler.__init__).parameters
+  for key, value in pretrained.scheduler.SCHEDULER_DEFAULTS.items():
+    assert defaults[key].default == value, key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,9 +430,13 @@ def test_ddpm_scheduler_is_our_process(
   # Measured (printed): betas 5e-8 to 3e-7 relative, coefficients <= 2e-7, fixed variances
   # <= 5e-9, learned_range log-variances 1.2e-6, steps <= 5.4e-7. With its own float32 tables
   # the coefficients are off by up to 1.8e-4 near t = 0: diffusers' rounding, not the config's.
+  # And the importer reads the config back as the same diffusion, field for field.
   diffusion_config_ = diffusion_config(beta_schedule, model_var_type, model_mean_type)
   config = export_lib.scheduler_config(diffusion_config_)
   assert config.get('beta_schedule') == named and (config['trained_betas'] is None) == bool(named)
+  read = pretrained.diffusion_from_scheduler(config)
+  assert read == {field: diffusion_config_[field] for field in read}
+  assert set(read) == {*SCHEDULER_FIELDS, 'model_var_type'}
   scheduler = DDPMScheduler.from_config(config)
   ours = diffusion_lib.GaussianDiffusion.from_config(diffusion_config_)
   betas = diffusion_lib.get_beta_schedule(

@@ -713,19 +713,26 @@ def test_hub_repo_errors_say_what_to_do(monkeypatch):
 
 
 @pytest.mark.parametrize(
-  'repo_id, expected',
+  'repo_id, variance_type, expected',
   [
-    ('google/ddpm-cifar10-32', 'cifar10'),
-    ('google/ddpm-church-256', 'lsun_church256'),
-    ('google/ddpm-ema-bedroom-256', 'lsun_bedroom256'),
-    ('google/ddpm-cat-256', 'lsun_cat256'),
-    ('google/ddpm-celebahq-256', 'celebahq256'),
+    ('google/ddpm-cifar10-32', 'fixed_large', 'cifar10'),
+    ('google/ddpm-church-256', 'fixed_small', 'lsun_church256'),
+    ('google/ddpm-ema-bedroom-256', 'fixed_small', 'lsun_bedroom256'),
+    ('google/ddpm-cat-256', 'fixed_small', 'lsun_cat256'),
+    ('google/ddpm-celebahq-256', None, 'celebahq256'),
   ],
 )
-def test_published_models_name_their_shipped_config(repo_id, expected):
+def test_published_models_name_their_shipped_config(repo_id, variance_type, expected):
   # REFERENCE.md's published configs: CIFAR10's U-Net fits configs/cifar10.py; the four 256x256
-  # models share one U-Net, told apart by the data named in the repo id.
+  # models share one U-Net, told apart by the data named in the repo id. Their schedulers
+  # (linear 1e-4..0.02, 1000 steps, clipped; fixed_large for CIFAR10, fixed_small for LSUN) fit
+  # those configs' diffusion; CelebA-HQ's is matched by its U-Net alone (no scheduler read).
   config = cifar10_diffusers_config() if expected == 'cifar10' else diffusers_256_config()
   model_config = pretrained.model_config_from_diffusers(config)
   shipped = pretrained.load_shipped_configs()
-  assert pretrained.shipped_config(model_config, repo_id, shipped) == expected
+  diffusion = None
+  if variance_type:
+    scheduler = {'beta_schedule': 'linear', 'beta_start': 1e-4, 'beta_end': 0.02}
+    scheduler |= {'num_train_timesteps': 1000, 'clip_sample': True, 'variance_type': variance_type}
+    diffusion = pretrained.diffusion_from_scheduler({'_class_name': 'DDPMScheduler', **scheduler})
+  assert pretrained.shipped_config(model_config, repo_id, shipped, diffusion) == expected

@@ -28,7 +28,7 @@ passes no labels, so the model card shows a sampling loop that does.
 from ddpm_jax.export.folder import MODEL_INDEX, PARAMS, export, run_config
 from ddpm_jax.export.hub import check_repo_id, hub_token, push_to_hub
 from ddpm_jax.export.model_card import CardFacts, model_card
-from ddpm_jax.export.scheduler import (
+from ddpm_jax.pretrained.scheduler import (
   BETA_SCHEDULES,
   PREDICTION_TYPES,
   VARIANCE_TYPES,

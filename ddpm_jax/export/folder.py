@@ -16,8 +16,8 @@ from etils import epath
 
 from ddpm_jax import checkpoints, conditioning, models
 from ddpm_jax.export import hub, model_card
-from ddpm_jax.export import scheduler as scheduler_lib
 from ddpm_jax.pretrained import diffusers
+from ddpm_jax.pretrained import scheduler as scheduler_lib
 
 PARAMS = ('ema', 'raw')
 # The folder's files beside unet/ and scheduler/, read by DDPMPipeline.from_pretrained.

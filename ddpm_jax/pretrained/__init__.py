@@ -7,8 +7,8 @@ Two published forms of the same weights (REFERENCE.md, "Official weights") are r
 - the original TensorFlow checkpoints (`model.ckpt-790000` for CIFAR10), whose variable names our
   parameter tree mirrors; the EMA copies are taken by default.
 
-From the Hub (the config comes from the model's config.json: the shipped config that fits it is
-named, or one is written to <workdir>/config.py), e.g.:
+From the Hub (the config comes from the model's config.json and its scheduler config: the
+shipped config that fits both is named, or one is written to <workdir>/config.py), e.g.:
 
   python -m ddpm_jax.pretrained --source=google/ddpm-cifar10-32 \
     --workdir=/tmp/ddpm_cifar10_official
@@ -34,11 +34,17 @@ Imports are strict: every parameter of our tree must come from exactly one tenso
 shape, and every model tensor in the source must be used; anything else raises a ValueError that
 names the tensors.
 
+A diffusers folder's scheduler config (`scheduler/scheduler_config.json`, or
+`scheduler_config.json` beside the U-Net's config.json) sets the diffusion: the beta schedule
+and number of timesteps, the prediction type and the variance (`scheduler`, which also writes it
+for the export); what ddpm-jax cannot sample as diffusers would is refused, naming the key. A
+folder without one takes the diffusion of the config, as the log says.
+
 Each importer describes the weights' U-Net as a project config does (the `model` section, the
 `data` image shape and `diffusion.model_var_type`), which `models.create_model` builds:
 `architecture` (that description, the parameter shapes, the strict assembly, the check against a
-config), `diffusers`, `tf_checkpoint`, `hub` (the Hugging Face Hub), `converter` (`convert`) and
-`__main__` (the command line).
+config), `diffusers`, `scheduler`, `tf_checkpoint`, `hub` (the Hugging Face Hub), `converter`
+(`convert`) and `__main__` (the command line).
 """
 
 from ddpm_jax.pretrained.architecture import check_weights_match_config, flat_param_shapes
@@ -59,6 +65,12 @@ from ddpm_jax.pretrained.diffusers import (
   state_dict_from_params,
 )
 from ddpm_jax.pretrained.hub import fetch_from_hub, is_hub_id
+from ddpm_jax.pretrained.scheduler import (
+  check_diffusion_matches_config,
+  diffusion_from_scheduler,
+  load_scheduler,
+  scheduler_config,
+)
 from ddpm_jax.pretrained.tf_checkpoint import (
   model_config_from_tf_checkpoint,
   params_from_tf_checkpoint,
@@ -66,21 +78,25 @@ from ddpm_jax.pretrained.tf_checkpoint import (
 
 __all__ = [
   'SHIPPED_CONFIGS_DIR',
+  'check_diffusion_matches_config',
   'check_weights_match_config',
   'convert',
   'default_step',
   'derived_config',
   'diffusers_config',
+  'diffusion_from_scheduler',
   'fetch_from_hub',
   'flat_param_shapes',
   'is_hub_id',
   'load_diffusers_model',
+  'load_scheduler',
   'load_shipped_configs',
   'model_config_from_diffusers',
   'model_config_from_tf_checkpoint',
   'params_from_diffusers',
   'params_from_tf_checkpoint',
   'save_diffusers_model',
+  'scheduler_config',
   'shipped_config',
   'state_dict_from_params',
 ]

@@ -2,16 +2,19 @@
 used with; without one, the shipped config in configs/ that fits them, or a config written for
 them."""
 
+import copy
 import glob
 import importlib.util
 import os
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
+from absl import logging
 
 from ddpm_jax import checkpoints, models
-from ddpm_jax.pretrained import architecture, diffusers, hub, tf_checkpoint
+from ddpm_jax.pretrained import architecture, diffusers, hub, scheduler, tf_checkpoint
 
 # The folder of the shipped configs, relative to the working directory: the repository root,
 # where main.py runs with the path that `convert` returns.
@@ -57,21 +60,29 @@ def _load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
+def _diffusion_fits(diffusion: Mapping[str, Any] | None, config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.diffusion` has every field of `diffusion` (None: nothing is known)."""
+  return all(config.diffusion[field] == value for field, value in (diffusion or {}).items())
+
+
 def shipped_config(
   model_config: ml_collections.ConfigDict,
   source: str,
   shipped: Mapping[str, ml_collections.ConfigDict],
+  diffusion: Mapping[str, Any] | None = None,
 ) -> str | None:
   """The name of the shipped config (`load_shipped_configs`) whose U-Net and images are those of
-  `model_config`; of several, the first whose data the source's name names. None when none
-  fits."""
+  `model_config` and whose diffusion has the fields of `diffusion` (the scheduler's,
+  `scheduler.diffusion_from_scheduler`; None: any); of several, the first whose data the source's
+  name names. None when none fits."""
   fits = []
   for name, config in shipped.items():
     try:
       architecture.check_weights_match_config(model_config, config)
     except ValueError:
       continue
-    fits.append(name)
+    if _diffusion_fits(diffusion, config):
+      fits.append(name)
   basename = os.path.basename(source.rstrip('/'))
   datasets = {name: shipped[name].data.dataset for name in fits}
   named = [name for name in fits if _HUB_DATA_NAMES.get(datasets[name], datasets[name]) in basename]
@@ -82,19 +93,33 @@ def derived_config(
   model_config: ml_collections.ConfigDict,
   source: str,
   shipped: Mapping[str, ml_collections.ConfigDict],
+  diffusion: Mapping[str, Any] | None = None,
 ) -> str:
-  """The text of a config file for weights that no shipped config fits: the first shipped config
-  (`load_shipped_configs`) of the same image size and channels with the U-Net of `model_config`.
-  Raises ValueError when no shipped config has those images, or the model has a learned
-  variance."""
+  """The text of a config file for weights that no shipped config fits: a shipped config
+  (`load_shipped_configs`) with the U-Net of `model_config` and the diffusion fields of
+  `diffusion` (the scheduler's; None: the base's), and improved DDPM's hybrid loss for a learned
+  variance where the base's is mse. The base is the first shipped config with that U-Net
+  (`shipped_config` without the diffusion), else the first of the same image size and channels.
+
+  Raises:
+    ValueError: when no shipped config has those images, or the variance is learned and no
+      scheduler says how (`model_var_type`).
+  """
   image_size, num_channels = model_config.data.image_size, model_config.data.num_channels
-  bases = [
+  diffusion = dict(diffusion or {})
+  # The U-Nets of the shipped configs as they would be with this diffusion (its variance).
+  rediffused = {}
+  for name, config in shipped.items():
+    rediffused[name] = copy.deepcopy(config)
+    rediffused[name].diffusion.update(diffusion)
+  bases = [shipped_config(model_config, source, rediffused)] + [
     name
     for name, config in shipped.items()
     if (config.data.image_size, config.data.num_channels) == (image_size, num_channels)
   ]
+  bases = [name for name in bases if name is not None]
   out_ch = models.create_model(model_config).out_ch
-  if not bases or out_ch != num_channels:
+  if not bases or (out_ch != num_channels and 'model_var_type' not in diffusion):
     raise ValueError(
       f'No config in configs/ is for {image_size}x{image_size}x{num_channels} images and '
       f'{out_ch} output channels: pass --config, the config these weights were trained with.'
@@ -102,13 +127,36 @@ def derived_config(
   values = {name: model_config.model[name] for name in architecture.ARCH_FIELDS if name != 'out_ch'}
   values = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in values.items()}
   lines = [f'  config.model.{name} = {value!r}' for name, value in values.items()]
+  lines += [f'  config.diffusion.{name} = {value!r}' for name, value in diffusion.items()]
+  learned = diffusion.get('model_var_type') in ('learned', 'learned_range')
+  if learned and shipped[bases[0]].diffusion.loss_type == 'mse':
+    # The mse loss cannot train a variance; a scheduler names no loss.
+    lines.append("  config.diffusion.loss_type = 'hybrid'  # Improved DDPM's, for the variance.")
+  scheduler_part = ' and the diffusion of its scheduler config' if diffusion else ''
   return (
     f'"""The config of the weights converted from {source} by ddpm_jax.pretrained:\n'
-    f'configs/{bases[0]}.py with the U-Net of their config.json."""\n\n'
+    f'configs/{bases[0]}.py with the U-Net of their config.json{scheduler_part}."""\n\n'
     f'from configs import {bases[0]}\n\n\n'
     'def get_config():\n'
     f'  config = {bases[0]}.get_config()\n' + '\n'.join(lines) + '\n  return config\n'
   )
+
+
+def _check_variance_fits_unet(
+  diffusion: Mapping[str, Any], model_config: ml_collections.ConfigDict
+) -> None:
+  """Raises a ValueError when the scheduler's variance type is learned and the U-Net outputs no
+  variance, or the other way round."""
+  if 'model_var_type' not in diffusion:
+    return
+  learned = diffusion['model_var_type'] in ('learned', 'learned_range')
+  if learned != (model_config.diffusion.model_var_type == 'learned'):
+    out_ch = models.create_model(model_config).out_ch
+    raise ValueError(
+      f"The scheduler's variance (diffusion.model_var_type = {diffusion['model_var_type']!r}) "
+      f'does not fit the U-Net, which outputs {out_ch} channels for '
+      f'{model_config.data.num_channels}-channel images.'
+    )
 
 
 def default_step(source: str, source_format: str) -> int:
@@ -135,8 +183,11 @@ def convert(
 
   Args:
     config: the project config the weights will be used with; None (diffusers weights only):
-      the shipped config in configs/ that fits their config.json (`shipped_config`), else a
-      config written to `<workdir>/config.py` (`derived_config`).
+      the shipped config in configs/ that fits their config.json and their scheduler config
+      (`shipped_config`), else a config written to `<workdir>/config.py` (`derived_config`).
+      Diffusers weights with a scheduler config (`scheduler.load_scheduler`) set the diffusion:
+      a `config` whose diffusion differs is refused (`check_diffusion_matches_config`), as is a
+      scheduler that ddpm-jax cannot sample as diffusers would.
     source: a diffusers folder, a Hub model repo id ('google/ddpm-cifar10-32', fetched with
       `fetch_from_hub`), or a TF checkpoint prefix/directory.
     source_format: 'diffusers' or 'tf'.
@@ -154,16 +205,26 @@ def convert(
   if source_format == 'diffusers':
     folder = hub.fetch_from_hub(source, revision) if hub.is_hub_id(source) else source
     model_config, params = diffusers.load_diffusers_model(folder)
+    diffusion = scheduler.load_scheduler(folder)
+    if diffusion is None:
+      logging.warning(
+        'No scheduler config in %s (%s): the diffusion is that of the project config.',
+        source,
+        ' or '.join(scheduler.SCHEDULER_FILES),
+      )
+    else:
+      _check_variance_fits_unet(diffusion, model_config)
     if config is None:
       shipped = load_shipped_configs()
-      name = shipped_config(model_config, source, shipped)
+      name = shipped_config(model_config, source, shipped, diffusion)
       if name is None:
-        config_text = derived_config(model_config, source, shipped)
+        config_text = derived_config(model_config, source, shipped, diffusion)
         config_path = os.path.join(workdir, 'config.py')
       else:
         config, config_path = shipped[name], os.path.join(SHIPPED_CONFIGS_DIR, f'{name}.py')
     if config is not None:
       architecture.check_weights_match_config(model_config, config)
+      scheduler.check_diffusion_matches_config(diffusion or {}, config)
   elif config is None:
     raise ValueError('TF checkpoints carry no model config: pass --config.')
   elif source_format == 'tf':

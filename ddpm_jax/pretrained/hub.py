@@ -4,12 +4,15 @@
 import os
 import re
 
-# The files of a UNet2DModel, at the top of a repo or in the `unet/` folder of a pipeline.
+from ddpm_jax.pretrained import scheduler
+
+# The files of a UNet2DModel, at the top of a repo or in the `unet/` folder of a pipeline, and
+# of its scheduler (`scheduler.SCHEDULER_FILES`).
 _HUB_PATTERNS = [
   f'{folder}{name}'
   for folder in ('', 'unet/')
   for name in ('config.json', 'diffusion_pytorch_model.safetensors')
-]
+] + list(scheduler.SCHEDULER_FILES)
 
 
 def is_hub_id(source: str) -> bool:
@@ -18,8 +21,8 @@ def is_hub_id(source: str) -> bool:
 
 
 def fetch_from_hub(repo_id: str, revision: str | None = None) -> str:
-  """The local folder of a Hub model repo's UNet2DModel files, downloaded into the Hugging Face
-  cache (`HF_HUB_CACHE`) unless already there.
+  """The local folder of a Hub model repo's UNet2DModel and scheduler files, downloaded into the
+  Hugging Face cache (`HF_HUB_CACHE`) unless already there.
 
   huggingface_hub resumes interrupted downloads, reads `HF_TOKEN` for private or gated repos and,
   with `HF_HUB_OFFLINE=1`, only the cache. Raises FileNotFoundError with what to do when the repo,
