@@ -12,7 +12,7 @@ writes the EMA parameters of the latest checkpoint (`--checkpoint_step=N` for an
 `diffusers.DDPMPipeline.from_pretrained` loads: `model_index.json`; `unet/` with `config.json`
 and `diffusion_pytorch_model.safetensors` (a `UNet2DModel`, torch layouts and names, written
 through the importer's own tables, `pretrained.diffusers`); `scheduler/scheduler_config.json`
-(a `DDPMScheduler` of the run's diffusion, `scheduler`); `README.md`, a model card
+(a `DDPMScheduler` of the run's diffusion, `pretrained.scheduler`); `README.md`, a model card
 (`model_card`); and the latest training sample grid, `samples.png`. `--push_to_hub` then uploads
 it to that model repo (`hub`).
 
