@@ -16,7 +16,9 @@ conditional model without guidance and s = 0 the unconditional one; Ho & Saliman
 eps = (1 + w) eps_c - w eps_u, so s = 1 + w. The combination is of the mean output, whatever it
 predicts: eps, x_0, v and the posterior mean are each an affine function of eps at a given
 (x_t, t), and the weights (1 - s) and s sum to 1, so combining any of them equals combining eps
-and converting. A learned variance output is the conditional one (as GLIDE does).
+and converting. A learned variance output is the conditional one (as GLIDE does). Sampling
+without labels (the interpolation figure of --mode=sample, whose pairs may differ in class) is
+of the unconditional model alone: out_u, one call with the null label (`unconditional_model_fn`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,14 @@ def guided_model_fn(
     return guide(cond, uncond, scale, x.shape[-1])
 
   return model_fn
+
+
+def unconditional_model_fn(
+  apply: ApplyFn, num_classes: int
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """`model_fn(x, t)` of the unconditional model that a class-conditional network learned:
+  apply(x, t, K) with the null label K on every row of x [B, H, W, C], one call, no guidance."""
+  return lambda x, t: apply(x, t, jnp.full(x.shape[:1], null_label(num_classes), jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,8 @@ to `<workdir>/samples/` each of the comma-separated `config.sampling.kinds`:
                    x_0, the decoded images, x_0'.
 The figures use the ancestral sampler and are PNG grids; for a class-conditional model the rows
 of the progressive figure and the samples of the denoising chain take the classes in turn, and
-the interpolation is decoded with the null class. Every path written is printed.
+the interpolation is decoded by the unconditional model (the null class, unguided). Every path
+written is printed.
 
 The samples and figures are drawn by the compiled loops of `ddpm_jax/sample_loop.py` (its
 docstring says how they are sharded and why they do not depend on chunking, devices or
@@ -171,24 +172,18 @@ def interpolation(
   t: int,
   num_steps: int,
   num_timesteps: int,
-  null_class: conditioning.Conditioning | None = None,
 ) -> np.ndarray:
   """Paper Fig. 8: float32 [P, num_steps + 2, H, W, C] in [-1, 1], a row x_0, decoded, x_0'.
 
   images: uint8 [2P, H, W, C], the pairs in consecutive rows. The latents are
   `make_latents(images, noise_rng)` (`interpolation_latents`), decoded with loop key loop_rng,
-  where (noise_rng, loop_rng) = split(rng). A class-conditional model decodes them as
-  `null_class` says: with the null label, unconditionally, since the pairs may differ in class.
+  where (noise_rng, loop_rng) = split(rng). They are decoded without labels: a
+  class-conditional model by its unconditional model (the null label, unguided:
+  `sample_loop.make_model_fn`), since the pairs may differ in class.
   """
   noise_rng, loop_rng = jax.random.split(rng)
   latents = make_latents(images, noise_rng)
-  decoded, _ = loop.run(
-    latents,
-    loop_rng,
-    num_timesteps - 1 - t,
-    num_timesteps,
-    labels=_labels(latents, null_class),
-  )
+  decoded, _ = loop.run(latents, loop_rng, num_timesteps - 1 - t, num_timesteps)
   num_pairs = len(images) // 2
   decoded = mesh_lib.gather(decoded)[: num_pairs * num_steps].reshape(
     num_pairs, num_steps, *images.shape[1:]
@@ -383,11 +378,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
           t=sampling.interpolation_t,
           num_steps=sampling.interpolation_steps,
           num_timesteps=num_timesteps,
-          null_class=None
-          if classes is None
-          else conditioning.Conditioning(
-            (conditioning.null_label(config.model.num_classes),), scale
-          ),
         )
     return {f'{kind}_{suffix}.png': functools.partial(image_io.save_figure, figure=figure)}
 

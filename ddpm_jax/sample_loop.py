@@ -60,8 +60,11 @@ def make_model_fn(
   """The network as `model_fn(x, t)` for the diffusion functions, in inference mode.
 
   With `sharding` (inside jit), x is constrained to it: the batch stays split over the devices.
-  A class-conditional network is given `labels` int [B] and guided with `guidance_scale`
-  (`conditioning.guided_model_fn`); an unconditional one, labels None.
+  A class-conditional network (`model.num_classes` = K > 0, as the U-Net's) is given `labels`
+  int [B] and guided with `guidance_scale` (`conditioning.guided_model_fn`); with labels None it
+  is the unconditional model of classifier-free guidance, the network with the null label K,
+  unguided (`conditioning.unconditional_model_fn`). An unconditional network (K = 0) takes
+  labels None.
   """
 
   def apply(x, t, y=None):
@@ -70,9 +73,11 @@ def make_model_fn(
     inputs = (x, t) if y is None else (x, t, y)
     return model.apply({'params': params}, *inputs, train=False)
 
-  if labels is None:
-    return apply
-  return conditioning.guided_model_fn(apply, labels, guidance_scale, model.num_classes)
+  if labels is not None:
+    return conditioning.guided_model_fn(apply, labels, guidance_scale, model.num_classes)
+  if model.num_classes:
+    return conditioning.unconditional_model_fn(apply, model.num_classes)
+  return apply
 
 
 def create_chunk_fn(
@@ -89,8 +94,8 @@ def create_chunk_fn(
   x, float32 [B, H, W, C] (B a multiple of the device count; the result is sharded along B);
   pred_xstart is that of step start-1 in, that of step stop-1 out. start and stop are traced:
   one compilation per batch shape serves every range. labels: int32 [B], the classes of a
-  class-conditional model, guided with `guidance_scale` (`make_model_fn`); None for an
-  unconditional one.
+  class-conditional model, guided with `guidance_scale`; None for an unconditional model, or
+  for a class-conditional one's unconditional model (the null label, unguided: `make_model_fn`).
   """
   batch_sharding = mesh_lib.batch_sharded(mesh)
 
@@ -141,7 +146,8 @@ class ChunkedLoop:
     labels: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[int, tuple[jax.Array, jax.Array | None]]]:
     """Runs steps [start, stop) on x (for a multistep sampler, start is 0), of the classes
-    `labels` (int32 [B], sharded like x) for a class-conditional model.
+    `labels` (int32 [B], sharded like x) for a class-conditional model; labels None: of the
+    unconditional model (`make_model_fn`).
 
     Returns the final x and, for each s in `keep` (start <= s <= stop), the state after steps
     [start, s): `(x, pred_xstart of step s - 1)`, with pred_xstart None for s == start.

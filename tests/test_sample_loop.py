@@ -1,5 +1,8 @@
 """Tests of the compiled sample loop (`ddpm_jax/sample_loop.py`): the chunked compiled loops of
-every sampler against the diffusion loops, bit for bit, and against a float64 DDIM recursion."""
+every sampler against the diffusion loops, bit for bit, and against a float64 DDIM recursion; a
+class-conditional network without labels as the null label's network, unguided."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -17,7 +20,8 @@ def tiny_model_and_params(config, seed=0):
   """The tiny U-Net with random weights, perturbed so that no layer starts at zero."""
   model = models.create_model(config)
   x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
-  params = model.init(jax.random.key(seed), x, t, train=False)['params']
+  y = (jnp.zeros((1,), jnp.int32),) if model.num_classes else ()
+  params = model.init(jax.random.key(seed), x, t, *y, train=False)['params']
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
@@ -89,10 +93,50 @@ def test_chunked_loops_equal_the_diffusion_loops():
     assert not np.array_equal(expected, samples)
 
 
+def test_a_conditional_network_without_labels_is_the_null_label_unguided():
+  # The unconditional model of classifier-free guidance: make_model_fn of a class-conditional
+  # U-Net (K = 10) given no labels is expected to equal model.apply with y = K (the null label)
+  # on every row, one call and no guidance, bit for bit, whatever the guidance scale; and the
+  # compiled chunk of a guided sampler run without labels, that of the unguided sampler given
+  # labels K.
+  config = tiny_digits_config(
+    1, **{'model.num_classes': 10, 'model.ch_mult': (1,), 'model.attn_resolutions': ()}
+  )
+  model, params = tiny_model_and_params(config)
+  x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
+  t = jnp.array([0, 5, 50, 99], jnp.int32)
+  null = jnp.full((4,), 10, jnp.int32)
+
+  @jax.jit
+  def network(params, x, t, y):
+    return model.apply({'params': params}, x, t, y, train=False)
+
+  expected = network(params, x, t, null)
+  assert not np.array_equal(expected, network(params, x, t, jnp.zeros_like(null)))
+
+  @functools.partial(jax.jit, static_argnums=3)
+  def without_labels(params, x, t, scale):
+    return sample_loop.make_model_fn(model, params, guidance_scale=scale)(x, t)
+
+  for scale in (1.0, 3.0):
+    np.testing.assert_array_equal(without_labels(params, x, t, scale), expected, err_msg=scale)
+
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  mesh = mesh_lib.create_mesh()
+  x_T, loop_rng = sample_loop.create_init_fn(diffusion, mesh)((4, 8, 8, 1), jax.random.key(3))
+  args = (params, x_T, jnp.zeros_like(x_T), loop_rng, np.int32(0), np.int32(5))
+  guided = sample_loop.create_chunk_fn(diffusion, model, mesh, samplers.DDIM(5), 3.0)
+  unguided = sample_loop.create_chunk_fn(diffusion, model, mesh, samplers.DDIM(5))
+  np.testing.assert_array_equal(
+    guided(*args)[0], unguided(*args, sample_loop.sharded_like(x_T, np.full(4, 10, np.int32)))[0]
+  )
+
+
 class LinearEps(nn.Module):
   """eps(x, t) = 0.1 tanh(x W + b + t / T): a smooth model with an exact float64 twin."""
 
   num_timesteps: int
+  num_classes: int = 0  # Unconditional, as `sample_loop.make_model_fn` reads it.
 
   @nn.compact
   def __call__(self, x, t, *, train):
