@@ -137,12 +137,6 @@ class Conditioning:
     return f'classes{"-".join(map(str, self.classes))}_{scale}'
 
 
-def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`Conditioning.settings()` of the config, {} for an unconditional model."""
-  conditioning = Conditioning.from_config(config)
-  return {} if conditioning is None else conditioning.settings()
-
-
 def check_sampling(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError, naming the field, for `config.sampling.class_labels` or
   `guidance_scale` values that the model of `config.model` cannot sample."""

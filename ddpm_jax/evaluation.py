@@ -246,12 +246,14 @@ def draw_eval_samples(
   *,
   mesh,
   eval_dir: epath.Path,
-) -> tuple[np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
   """`config.eval.num_samples` samples, uint8 [N, H, W, C], resuming from saved batches.
 
-  Drawn as --mode=sample draws them (`config.sampling`'s sampler, batch size and seed: batch b
-  starts from `fold_in(key(seed), b)`); each batch is saved in the samples directory of these
-  settings (module docstring) once drawn. Returns the samples and the settings.
+  Drawn as --mode=sample draws them (`config.sampling`'s sampler, classes, guidance scale,
+  batch size and seed: batch b starts from `fold_in(key(seed), b)`); each batch is saved in the
+  samples directory of these settings (module docstring) once drawn. Returns the samples, their
+  labels (int32 [N], the classes in turn: `Conditioning.labels`; None for an unconditional
+  model) and the settings.
   """
   sampler = samplers.from_config(config)
   classes = conditioning.Conditioning.from_config(config)
@@ -259,13 +261,13 @@ def draw_eval_samples(
   batch_size = min(config.sampling.batch_size, mesh_lib.round_up(num_samples, jax.device_count()))
   settings = {
     **sampler.settings(),
-    **conditioning.settings(config),
+    **({} if classes is None else classes.settings()),
     'seed': config.seed,
     'batch_size': batch_size,
     'num_samples': num_samples,
   }
   key = settings_key({**settings, **network_settings(config)})
-  tag = sampler.tag if classes is None else f'{sampler.tag}_{classes.tag}'
+  tag = samplers.samples_tag(sampler, classes)
   sample_dir = eval_dir / f'samples_{tag}_seed{config.seed}_{key}'
   _write_json(sample_dir / 'settings.json', {**settings, **network_settings(config)})
 
@@ -291,7 +293,8 @@ def draw_eval_samples(
     save=save,
     classes=classes,
   )
-  return samples, settings
+  labels = None if classes is None else classes.labels(0, num_samples)
+  return samples, labels, settings
 
 
 def _concatenate(batches) -> dict[str, np.ndarray]:
@@ -450,12 +453,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.eval.num_bpd_images:
     results.update(evaluate_bpd(config, diffusion, model, params, mesh=mesh, eval_dir=eval_dir))
   if config.eval.num_samples:
-    samples, results['sample_settings'] = draw_eval_samples(
+    samples, labels, results['sample_settings'] = draw_eval_samples(
       config, diffusion, model, params, mesh=mesh, eval_dir=eval_dir
     )
     if is_digits:
-      classes = conditioning.Conditioning.from_config(config)
-      labels = None if classes is None else classes.labels(0, len(samples))
       results.update(
         digits_quality(config, samples, seed=config.seed, cache_dir=cache_dir, labels=labels)
       )

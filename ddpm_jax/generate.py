@@ -37,15 +37,19 @@ fold_in(key(seed), FIGURE_KEYS[kind]), split as its function says.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 from absl import logging
 from etils import epath
+from flax import linen as nn
 
 from ddpm_jax import (
   checkpoints,
@@ -226,8 +230,180 @@ def load_test_images(config: ml_collections.ConfigDict) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# --mode=sample.
+# --mode=sample: each kind drawn from the restored model.
 # ----------------------------------------------------------------------------------------------
+
+# {file name: function that writes that file to a path}: what a kind draws, not yet written.
+_Files = dict[str, Callable[[epath.Path], None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """What every kind is drawn with: the restored EMA params and the compiled loops."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  diffusion: diffusion_lib.GaussianDiffusion
+  mesh: jax.sharding.Mesh
+  model: nn.Module
+  params: Any
+  step: int  # The checkpoint's.
+  init: Callable  # `sample_loop.create_init_fn`.
+  ancestral: sample_loop.ChunkFn  # With config.sampling's guidance scale: the figures' sampler.
+  classes: conditioning.Conditioning | None
+  test_images: np.ndarray | None  # `load_test_images`, for the interpolation.
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    size = self.config.data.image_size
+    return size, size, self.config.data.num_channels
+
+  @property
+  def suffix(self) -> str:
+    """The end of every file name: 'step_<step>_seed_<seed>'."""
+    return f'step_{self.step:08d}_seed_{self.config.seed}'
+
+  def figure_loop(self, kind: str, total: int) -> tuple[sample_loop.ChunkedLoop, tqdm.tqdm]:
+    """The ancestral loop of a figure, and its progress bar of `total` steps."""
+    bar = progress.bar(total, kind, unit='step')
+    return sample_loop.ChunkedLoop(self.ancestral, self.params, bar), bar
+
+
+def _draw_samples(setup: _Setup) -> _Files:
+  """'samples': `num_samples` images of config.sampling's sampler, as an npz and a PNG grid."""
+  config, classes = setup.config, setup.classes
+  sampling = config.sampling
+  sampler = samplers.from_config(config)
+  run_chunk = setup.ancestral  # Compiled already, for the figures.
+  if sampler != samplers.Ancestral():
+    run_chunk = sample_loop.create_chunk_fn(
+      setup.diffusion, setup.model, setup.mesh, sampler, sampling.guidance_scale
+    )
+  images = sample_loop.draw_samples(
+    run_chunk,
+    setup.init,
+    setup.params,
+    batch_rng=sample_loop.seed_batch_rng(config.seed),
+    num_samples=sampling.num_samples,
+    batch_size=sampling.batch_size,
+    image_shape=setup.image_shape,
+    num_steps=sampler.num_steps(setup.diffusion.num_timesteps),
+    classes=classes,
+  )
+  name = f'samples_{samplers.samples_tag(sampler, classes)}_{setup.suffix}'
+  if classes is None:
+    grid = functools.partial(image_io.save_grid, images=images[:MAX_GRID_IMAGES])
+    arrays = {'samples': images}
+  else:
+    labels = classes.labels(0, len(images))
+    shown = slice(0, MAX_GRID_IMAGES)
+    grid = functools.partial(
+      image_io.save_png,
+      image=image_io.class_grid(images[shown], labels[shown], classes.classes),
+      upscale=image_io.upscale_factor(config.data.image_size),
+    )
+    arrays = {'samples': images, 'labels': labels}
+    # Those of the training run, else those of the dataset.
+    class_names = (
+      conditioning.read_class_names(setup.workdir) or data.get_dataset_info(config).class_names
+    )
+    if class_names is not None:
+      arrays['class_names'] = np.asarray(class_names)
+  return {f'{name}.npz': functools.partial(image_io.save_npz, **arrays), f'{name}.png': grid}
+
+
+def _draw_progressive(setup: _Setup, rng: jax.Array) -> np.ndarray:
+  """Paper Fig. 6, `progressive` with config.sampling's settings."""
+  sampling, num_timesteps = setup.config.sampling, setup.diffusion.num_timesteps
+  loop, bar = setup.figure_loop('progressive', num_timesteps)
+  with bar:
+    return progressive(
+      loop,
+      setup.init,
+      rng,
+      num_images=sampling.progressive_images,
+      every=sampling.progressive_every,
+      image_shape=setup.image_shape,
+      num_timesteps=num_timesteps,
+      classes=setup.classes,
+    )
+
+
+def _draw_denoising_chain(setup: _Setup, rng: jax.Array) -> np.ndarray:
+  """Paper Fig. 7, `denoising_chain` with config.sampling's settings."""
+  sampling, num_timesteps = setup.config.sampling, setup.diffusion.num_timesteps
+  ts = tuple(sorted(set(sampling.chain_t), reverse=True))
+  broadcast_first = jax.jit(
+    lambda x: jnp.broadcast_to(x[:1], x.shape), out_shardings=mesh_lib.batch_sharded(setup.mesh)
+  )
+  loop, bar = setup.figure_loop(
+    'denoising_chain', num_timesteps - 1 - min(ts) + sum(t + 1 for t in ts)
+  )
+  with bar:
+    return denoising_chain(
+      loop,
+      setup.init,
+      broadcast_first,
+      rng,
+      ts=ts,
+      num_samples=sampling.chain_samples,
+      image_shape=setup.image_shape,
+      num_timesteps=num_timesteps,
+      classes=setup.classes,
+    )
+
+
+def _draw_interpolation(setup: _Setup, rng: jax.Array) -> np.ndarray:
+  """Paper Fig. 8, `interpolation` of the test images with config.sampling's settings."""
+  sampling = setup.config.sampling
+  num_rows = len(setup.test_images) // 2 * sampling.interpolation_steps
+  make_latents = jax.jit(
+    functools.partial(
+      interpolation_latents,
+      setup.diffusion,
+      t=sampling.interpolation_t,
+      num_steps=sampling.interpolation_steps,
+      num_rows=mesh_lib.round_up(num_rows, jax.device_count()),
+    ),
+    out_shardings=mesh_lib.batch_sharded(setup.mesh),
+  )
+  loop, bar = setup.figure_loop('interpolation', sampling.interpolation_t + 1)
+  with bar:
+    return interpolation(
+      loop,
+      make_latents,
+      setup.test_images,
+      rng,
+      t=sampling.interpolation_t,
+      num_steps=sampling.interpolation_steps,
+      num_timesteps=setup.diffusion.num_timesteps,
+    )
+
+
+# `draw(setup, rng) -> figure` of each figure kind, float32 [rows, columns, H, W, C] in [-1, 1].
+_FIGURES = {
+  'progressive': _draw_progressive,
+  'denoising_chain': _draw_denoising_chain,
+  'interpolation': _draw_interpolation,
+}
+
+
+def _draw_figure(setup: _Setup, kind: str) -> _Files:
+  """A figure kind, drawn from `figure_rng(seed, kind)`, as a PNG grid."""
+  figure = _FIGURES[kind](setup, figure_rng(setup.config.seed, kind))
+  return {f'{kind}_{setup.suffix}.png': functools.partial(image_io.save_figure, figure=figure)}
+
+
+def _write(files: _Files, out_dir: epath.Path) -> list[str]:
+  """Writes the files to out_dir on process 0, printing each path; returns the paths."""
+  paths = []
+  for filename, save in files.items():
+    path = out_dir / filename
+    if jax.process_index() == 0:
+      save(path)
+      print(f'Wrote {path}', flush=True)
+    paths.append(str(path))
+  return paths
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -237,27 +413,19 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   Every setting and the checkpoint are checked before anything compiles or is written: a bad
   one raises ValueError, a workdir without checkpoints FileNotFoundError.
   """
-  sampling = config.sampling
-  # ---------------------------------------------------------------------------------------------
   # Check everything that can be checked before compiling.
-  # ---------------------------------------------------------------------------------------------
   diffusion = checks.check_config(config, samplers.check_config)
-  kinds = samplers.parse_kinds(sampling.kinds)
+  kinds = samplers.parse_kinds(config.sampling.kinds)
   test_images = load_test_images(config) if 'interpolation' in kinds else None
 
-  # ---------------------------------------------------------------------------------------------
   # Set up mesh and model; restore the EMA params.
-  # ---------------------------------------------------------------------------------------------
   mesh = mesh_lib.create_mesh()
-  batch_sharding = mesh_lib.batch_sharded(mesh)
   model = models.create_model(config)
-  size = config.data.image_size
-  image_shape = (size, size, config.data.num_channels)
-  abstract_params = models.param_shapes(model, size, config.data.num_channels)
+  abstract_params = models.param_shapes(model, config.data.image_size, config.data.num_channels)
   step, params = checkpoints.restore_ema_params(
     workdir,
     checkpoints.abstract_like(abstract_params, mesh_lib.replicated(mesh)),
-    step=sampling.checkpoint_step,
+    step=config.sampling.checkpoint_step,
   )
   logging.info(
     'Sampling %s from the EMA params at step %d in %s, on %d devices.',
@@ -270,126 +438,26 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   if jax.process_index() == 0:
     validation.ensure_writable(str(out_dir))
 
-  # ---------------------------------------------------------------------------------------------
-  # The compiled loops.
-  # ---------------------------------------------------------------------------------------------
-  init = sample_loop.create_init_fn(diffusion, mesh)
-  scale = sampling.guidance_scale
-  ancestral = sample_loop.create_chunk_fn(diffusion, model, mesh, samplers.Ancestral(), scale)
-  classes = conditioning.Conditioning.from_config(config)
-  class_names = None
-  if classes is not None:  # Those of the training run, else those of the dataset.
-    class_names = (
-      conditioning.read_class_names(workdir) or data.get_dataset_info(config).class_names
-    )
-  num_timesteps = diffusion.num_timesteps
-  suffix = f'step_{step:08d}_seed_{config.seed}'
+  # The compiled loops, shared by the kinds.
+  setup = _Setup(
+    config=config,
+    workdir=workdir,
+    diffusion=diffusion,
+    mesh=mesh,
+    model=model,
+    params=params,
+    step=step,
+    init=sample_loop.create_init_fn(diffusion, mesh),
+    ancestral=sample_loop.create_chunk_fn(
+      diffusion, model, mesh, samplers.Ancestral(), config.sampling.guidance_scale
+    ),
+    classes=conditioning.Conditioning.from_config(config),
+    test_images=test_images,
+  )
 
-  def figure_loop(kind: str, total: int):
-    bar = progress.bar(total, kind, unit='step')
-    return sample_loop.ChunkedLoop(ancestral, params, bar), bar
-
-  def draw_kind(kind: str) -> dict[str, Callable[[epath.Path], None]]:
-    """Samples one kind; returns {file name: function that writes that file to a path}."""
-    if kind == 'samples':
-      sampler = samplers.from_config(config)
-      images = sample_loop.draw_samples(
-        ancestral
-        if sampler == samplers.Ancestral()
-        else sample_loop.create_chunk_fn(diffusion, model, mesh, sampler, scale),
-        init,
-        params,
-        batch_rng=sample_loop.seed_batch_rng(config.seed),
-        num_samples=sampling.num_samples,
-        batch_size=sampling.batch_size,
-        image_shape=image_shape,
-        num_steps=sampler.num_steps(num_timesteps),
-        classes=classes,
-      )
-      if classes is None:
-        name = f'samples_{sampler.tag}_{suffix}'
-        grid = functools.partial(image_io.save_grid, images=images[:MAX_GRID_IMAGES])
-        arrays = {'samples': images}
-      else:
-        name = f'samples_{sampler.tag}_{classes.tag}_{suffix}'
-        labels = classes.labels(0, len(images))
-        shown = slice(0, MAX_GRID_IMAGES)
-        grid = functools.partial(
-          image_io.save_png,
-          image=image_io.class_grid(images[shown], labels[shown], classes.classes),
-          upscale=image_io.upscale_factor(size),
-        )
-        arrays = {'samples': images, 'labels': labels}
-        if class_names is not None:
-          arrays['class_names'] = np.asarray(class_names)
-      return {f'{name}.npz': functools.partial(image_io.save_npz, **arrays), f'{name}.png': grid}
-
-    rng = figure_rng(config.seed, kind)
-    if kind == 'progressive':
-      loop, bar = figure_loop(kind, num_timesteps)
-      with bar:
-        figure = progressive(
-          loop,
-          init,
-          rng,
-          num_images=sampling.progressive_images,
-          every=sampling.progressive_every,
-          image_shape=image_shape,
-          num_timesteps=num_timesteps,
-          classes=classes,
-        )
-    elif kind == 'denoising_chain':
-      ts = tuple(sorted(set(sampling.chain_t), reverse=True))
-      broadcast_first = jax.jit(
-        lambda x: jnp.broadcast_to(x[:1], x.shape), out_shardings=batch_sharding
-      )
-      loop, bar = figure_loop(kind, num_timesteps - 1 - min(ts) + sum(t + 1 for t in ts))
-      with bar:
-        figure = denoising_chain(
-          loop,
-          init,
-          broadcast_first,
-          rng,
-          ts=ts,
-          num_samples=sampling.chain_samples,
-          image_shape=image_shape,
-          num_timesteps=num_timesteps,
-          classes=classes,
-        )
-    else:
-      num_rows = len(test_images) // 2 * sampling.interpolation_steps
-      make_latents = jax.jit(
-        functools.partial(
-          interpolation_latents,
-          diffusion,
-          t=sampling.interpolation_t,
-          num_steps=sampling.interpolation_steps,
-          num_rows=mesh_lib.round_up(num_rows, jax.device_count()),
-        ),
-        out_shardings=batch_sharding,
-      )
-      loop, bar = figure_loop(kind, sampling.interpolation_t + 1)
-      with bar:
-        figure = interpolation(
-          loop,
-          make_latents,
-          test_images,
-          rng,
-          t=sampling.interpolation_t,
-          num_steps=sampling.interpolation_steps,
-          num_timesteps=num_timesteps,
-        )
-    return {f'{kind}_{suffix}.png': functools.partial(image_io.save_figure, figure=figure)}
-
-  # ---------------------------------------------------------------------------------------------
   # Sample and write, kind by kind.
-  # ---------------------------------------------------------------------------------------------
   written = []
   for kind in kinds:
-    for filename, save in draw_kind(kind).items():
-      path = out_dir / filename
-      if jax.process_index() == 0:
-        save(path)
-        print(f'Wrote {path}', flush=True)
-      written.append(str(path))
+    files = _draw_samples(setup) if kind == 'samples' else _draw_figure(setup, kind)
+    written.extend(_write(files, out_dir))
   return written

@@ -199,6 +199,13 @@ def from_config(config: ml_collections.ConfigDict) -> Sampler:
   return SAMPLERS[config.sampling.sampler].from_config(config.sampling)
 
 
+def samples_tag(sampler: Sampler, classes: conditioning.Conditioning | None) -> str:
+  """The file tag of samples drawn by `sampler` (--mode=sample's npz, --mode=eval's directory):
+  `sampler.tag`, then for a class-conditional model `classes.tag`
+  ('dpm_solver++20_static_guidance1.25')."""
+  return sampler.tag if classes is None else f'{sampler.tag}_{classes.tag}'
+
+
 # ----------------------------------------------------------------------------------------------
 # Checks before anything compiles.
 # ----------------------------------------------------------------------------------------------

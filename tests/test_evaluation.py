@@ -25,6 +25,7 @@ from ddpm_jax import (
   sample_loop,
   train,
 )
+from ddpm_jax import mesh as mesh_lib
 from ddpm_jax.models import inception
 
 NUM_STEPS = 20  # Diffusion timesteps of the tiny models: the bound has 20 terms.
@@ -436,6 +437,24 @@ def test_conditional_eval_is_keyed_by_its_classes_and_guidance(tmp_path):
     jax.random.fold_in(jax.random.key(0), 0),
   )
   np.testing.assert_allclose(guided['bpd'], np.mean(out['total_bpd']), rtol=1e-5)
+
+  # The samples' labels come back with them: expected, sample i of the classes (7,) is a 7, and
+  # of all 10 classes in turn the digit i mod 10 (`Conditioning.labels`); the samples are the
+  # batches the evaluations above saved.
+  for extra, pattern, expected in [
+    ({'sampling.class_labels': (7,)}, '*_class7_guidance2_seed0_*', [7] * 12),
+    ({}, '*_static_guidance2_seed0_*', np.arange(12) % 10),
+  ]:
+    samples, labels, _ = evaluation.draw_eval_samples(
+      config(**extra, **{'sampling.guidance_scale': 2.0}),
+      diff,
+      model,
+      params,
+      mesh=mesh_lib.create_mesh(),
+      eval_dir=workdir / 'eval' / 'step_2',
+    )
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(samples, saved_samples(workdir, pattern))
 
   fresh = tmp_path / 'fresh'
   shutil.copytree(workdir, fresh, ignore=shutil.ignore_patterns('eval'))

@@ -8,7 +8,7 @@ import re
 import ml_collections
 import pytest
 
-from ddpm_jax import samplers
+from ddpm_jax import conditioning, samplers
 
 T = 1000
 
@@ -71,3 +71,14 @@ def test_tags_and_settings(sampler, tag, settings, num_steps):
   assert list(sampler.settings().items()) == list(settings.items())  # The order too.
   assert sampler.num_steps(T) == num_steps
   assert samplers.SAMPLERS[settings['sampler']] is type(sampler)
+
+
+def test_samples_tag_names_the_sampler_then_the_classes():
+  # Expected: the file names of --mode=sample and --mode=eval (docstrings of generate.py and
+  # evaluation.py): the sampler's tag, then for a class-conditional model the classes' tag.
+  dpm = samplers.DPMSolver(20)
+  assert samplers.samples_tag(dpm, None) == 'dpm_solver++20_static'
+  every_digit = conditioning.Conditioning(tuple(range(10)), 1.25, every_class=True)
+  assert samplers.samples_tag(dpm, every_digit) == 'dpm_solver++20_static_guidance1.25'
+  sevens = conditioning.Conditioning((7,), 2.0)
+  assert samplers.samples_tag(samplers.Ancestral(), sevens) == 'ancestral_class7_guidance2'
