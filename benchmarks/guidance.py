@@ -32,7 +32,6 @@ from ml_collections import config_flags  # noqa: E402
 from ddpm_jax import (  # noqa: E402
   checkpoints,
   checks,
-  conditioning,
   evaluation,
   models,
   train,
@@ -69,10 +68,9 @@ def main(argv):
   print('|---|---|---|---|')
   for scale in map(float, FLAGS.scales):
     config.sampling.guidance_scale = scale
-    samples, settings = evaluation.draw_eval_samples(
+    samples, labels, settings = evaluation.draw_eval_samples(
       config, diffusion, model, params, mesh=mesh, eval_dir=eval_dir
     )
-    labels = conditioning.Conditioning.from_config(config).labels(0, len(samples))
     report = evaluation.digits_quality(
       config, samples, seed=config.seed, cache_dir=cache_dir, labels=labels
     )
