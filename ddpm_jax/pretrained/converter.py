@@ -60,11 +60,6 @@ def _load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def _diffusion_fits(diffusion: Mapping[str, Any] | None, config: ml_collections.ConfigDict) -> bool:
-  """Whether `config.diffusion` has every field of `diffusion` (None: nothing is known)."""
-  return all(config.diffusion[field] == value for field, value in (diffusion or {}).items())
-
-
 def shipped_config(
   model_config: ml_collections.ConfigDict,
   source: str,
@@ -81,7 +76,7 @@ def shipped_config(
       architecture.check_weights_match_config(model_config, config)
     except ValueError:
       continue
-    if _diffusion_fits(diffusion, config):
+    if all(config.diffusion[field] == value for field, value in (diffusion or {}).items()):
       fits.append(name)
   basename = os.path.basename(source.rstrip('/'))
   datasets = {name: shipped[name].data.dataset for name in fits}
@@ -107,11 +102,10 @@ def derived_config(
   """
   image_size, num_channels = model_config.data.image_size, model_config.data.num_channels
   diffusion = dict(diffusion or {})
-  # The U-Nets of the shipped configs as they would be with this diffusion (its variance).
-  rediffused = {}
-  for name, config in shipped.items():
-    rediffused[name] = copy.deepcopy(config)
-    rediffused[name].diffusion.update(diffusion)
+  # The shipped configs with this diffusion: their U-Nets with its variance (output channels).
+  rediffused = {name: copy.deepcopy(config) for name, config in shipped.items()}
+  for config in rediffused.values():
+    config.diffusion.update(diffusion)
   bases = [shipped_config(model_config, source, rediffused)] + [
     name
     for name, config in shipped.items()
