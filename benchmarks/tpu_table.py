@@ -55,6 +55,18 @@ def estimate(record: dict) -> tuple[float | None, str]:
   return record_figures.estimate(), mark
 
 
+def order(record: dict) -> tuple:
+  """Rows by slice (tpu_aot.SLICES), then program (tpu_aot.PROGRAMS), then their settings."""
+  return (
+    list(tpu_aot.SLICES).index(record['slice']),
+    tpu_aot.PROGRAMS.index(record['program']),
+    record.get('dtype') != 'float32',
+    bool(record.get('remat')),
+    record.get('batch_size') or 0,
+    record.get('sampler') or '',
+  )
+
+
 def program_name(record: dict) -> str:
   if record['program'] == 'train_cifar10':
     calls = '' if record['steps_per_call'] == 1 else f', {record["steps_per_call"]} steps per call'
@@ -99,7 +111,7 @@ def table(records: list[dict]) -> list[str]:
     '|---|---|---|---|---|---|---|---|',
   ]
   searches = []
-  for record in records:
+  for record in sorted(records, key=order):
     if record['program'] == 'max_batch_256':
       searches.append(record)
     else:
