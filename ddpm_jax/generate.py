@@ -242,7 +242,6 @@ class _Setup:
   """What every kind is drawn with: the restored EMA params and the compiled loops."""
 
   config: ml_collections.ConfigDict
-  workdir: str
   diffusion: diffusion_lib.GaussianDiffusion
   mesh: jax.sharding.Mesh
   model: nn.Module
@@ -251,6 +250,7 @@ class _Setup:
   init: Callable  # `sample_loop.create_init_fn`.
   ancestral: sample_loop.ChunkFn  # With config.sampling's guidance scale: the figures' sampler.
   classes: conditioning.Conditioning | None
+  class_names: tuple[str, ...] | None  # Of a class-conditional model: the run's, else the data's.
   test_images: np.ndarray | None  # `load_test_images`, for the interpolation.
 
   @property
@@ -303,12 +303,8 @@ def _draw_samples(setup: _Setup) -> _Files:
       upscale=image_io.upscale_factor(config.data.image_size),
     )
     arrays = {'samples': images, 'labels': labels}
-    # Those of the training run, else those of the dataset.
-    class_names = (
-      conditioning.read_class_names(setup.workdir) or data.get_dataset_info(config).class_names
-    )
-    if class_names is not None:
-      arrays['class_names'] = np.asarray(class_names)
+    if setup.class_names is not None:
+      arrays['class_names'] = np.asarray(setup.class_names)
   return {f'{name}.npz': functools.partial(image_io.save_npz, **arrays), f'{name}.png': grid}
 
 
@@ -439,9 +435,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     validation.ensure_writable(str(out_dir))
 
   # The compiled loops, shared by the kinds.
+  classes = conditioning.Conditioning.from_config(config)
   setup = _Setup(
     config=config,
-    workdir=workdir,
     diffusion=diffusion,
     mesh=mesh,
     model=model,
@@ -451,7 +447,10 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     ancestral=sample_loop.create_chunk_fn(
       diffusion, model, mesh, samplers.Ancestral(), config.sampling.guidance_scale
     ),
-    classes=conditioning.Conditioning.from_config(config),
+    classes=classes,
+    class_names=None
+    if classes is None
+    else conditioning.read_class_names(workdir) or data.get_dataset_info(config).class_names,
     test_images=test_images,
   )
 
