@@ -8,6 +8,7 @@ Figures are medians over several timed windows after warm-up, printed with their
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import dataclasses
 import json
@@ -71,6 +72,19 @@ def append_json(path: str | None, record: dict) -> None:
   if path:
     with open(path, 'a') as f:
       f.write(json.dumps(record) + '\n')
+
+
+def parse_overrides(items: list[str]) -> dict:
+  """{'section.field': value} of an --overrides flag's 'section.field=value' items (values
+  Python literals, else strings), for `train.load_config`."""
+  overrides = {}
+  for item in items:
+    key, _, text = item.partition('=')
+    try:
+      overrides[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      overrides[key] = text
+  return overrides
 
 
 def build_at_once[Built](build: Callable[[Any], Built], variants: Sequence[Any]) -> list[Built]:

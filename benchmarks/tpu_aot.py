@@ -48,7 +48,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-import ast  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import importlib.metadata  # noqa: E402
@@ -59,7 +58,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
-from timing import append_json  # noqa: E402
+from timing import append_json, parse_overrides  # noqa: E402
 from train import load_config  # noqa: E402
 
 from ddpm_jax import diffusion as diffusion_lib  # noqa: E402
@@ -328,19 +327,6 @@ def describe(slice_: Slice, figures: Figures | None, rate_unit: str, work: float
       f'{slice_.peak_tflops:g}'
     )
   return text
-
-
-def parse_overrides(items: list[str]) -> dict:
-  """{'section.field': value} of --overrides' 'section.field=value' items (Python literals, else
-  strings)."""
-  overrides = {}
-  for item in items:
-    key, _, text = item.partition('=')
-    try:
-      overrides[key] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      overrides[key] = text
-  return overrides
 
 
 def compile_slice(slice_name: str, FLAGS) -> None:
