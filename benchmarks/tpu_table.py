@@ -134,7 +134,7 @@ def comparison(new: list[dict], old: list[dict]) -> list[str]:
     f'| libtpu {releases[0]} -> {releases[1]} |',
     '|---|---|---|---|---|---|',
   ]
-  for record in new:
+  for record in sorted(new, key=order):
     before = old_by_key.get(key(record))
     if before is None or 'hbm_bytes' not in record:
       continue
