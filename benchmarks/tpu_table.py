@@ -30,8 +30,11 @@ KEY_FIELDS = ('slice', 'program', 'dtype', 'steps_per_call', 'sampler', 'batch_s
 
 
 def load(path: str) -> list[dict]:
+  """The records of a JSON lines file, the last of each program (`key`) where one was compiled
+  again."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in f if line.strip()]
+  return list({key(record): record for record in records}.values())
 
 
 def key(record: dict) -> tuple:
