@@ -140,7 +140,8 @@ SCHEDULER_DEFAULTS = {
 # Where a diffusers model folder keeps its scheduler: a pipeline's scheduler/ folder, or the top
 # of a repo that holds the U-Net there too (the Hub's google/ddpm-* repos).
 SCHEDULER_FILES = ('scheduler/scheduler_config.json', 'scheduler_config.json')
-# The relative difference of two float32 roundings of the same betas, at most.
+# Trained betas within this relative difference of a schedule's are its betas: diffusers keeps
+# betas in float32, and float32 computations of one schedule differ by a few ulp (about 1e-7).
 _BETAS_RTOL = 1e-6
 
 
