@@ -14,6 +14,7 @@ import ml_collections
 from absl import logging
 
 from ddpm_jax import checkpoints, models
+from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax.pretrained import architecture, diffusers, hub, scheduler, tf_checkpoint
 
 # The folder of the shipped configs, relative to the working directory: the repository root,
@@ -76,7 +77,7 @@ def shipped_config(
       architecture.check_weights_match_config(model_config, config)
     except ValueError:
       continue
-    if all(config.diffusion[field] == value for field, value in (diffusion or {}).items()):
+    if not scheduler.diffusion_mismatches(diffusion or {}, config):
       fits.append(name)
   basename = os.path.basename(source.rstrip('/'))
   datasets = {name: shipped[name].data.dataset for name in fits}
@@ -122,7 +123,7 @@ def derived_config(
   values = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in values.items()}
   lines = [f'  config.model.{name} = {value!r}' for name, value in values.items()]
   lines += [f'  config.diffusion.{name} = {value!r}' for name, value in diffusion.items()]
-  learned = diffusion.get('model_var_type') in ('learned', 'learned_range')
+  learned = diffusion.get('model_var_type') in diffusion_lib.LEARNED_VAR_TYPES
   if learned and shipped[bases[0]].diffusion.loss_type == 'mse':
     # The mse loss cannot train a variance; a scheduler names no loss.
     lines.append("  config.diffusion.loss_type = 'hybrid'  # Improved DDPM's, for the variance.")
@@ -143,8 +144,8 @@ def _check_variance_fits_unet(
   variance, or the other way round."""
   if 'model_var_type' not in diffusion:
     return
-  learned = diffusion['model_var_type'] in ('learned', 'learned_range')
-  if learned != (model_config.diffusion.model_var_type == 'learned'):
+  learned = diffusion['model_var_type'] in diffusion_lib.LEARNED_VAR_TYPES
+  if learned != (model_config.diffusion.model_var_type in diffusion_lib.LEARNED_VAR_TYPES):
     out_ch = models.create_model(model_config).out_ch
     raise ValueError(
       f"The scheduler's variance (diffusion.model_var_type = {diffusion['model_var_type']!r}) "

@@ -145,8 +145,10 @@ SCHEDULER_FILES = ('scheduler/scheduler_config.json', 'scheduler_config.json')
 _BETAS_RTOL = 1e-6
 
 
-def _inverse(table: Mapping[str, str]) -> dict[str, str]:
-  return {theirs: ours for ours, theirs in table.items()}
+# diffusers' names -> ours: the tables above, read backwards.
+_OUR_BETA_SCHEDULES = {theirs: ours for ours, theirs in BETA_SCHEDULES.items()}
+_OUR_PREDICTION_TYPES = {theirs: ours for ours, theirs in PREDICTION_TYPES.items()}
+_OUR_VARIANCE_TYPES = {theirs: ours for ours, theirs in VARIANCE_TYPES.items()}
 
 
 def _schedule_of_betas(
@@ -178,7 +180,7 @@ def diffusion_from_scheduler(scheduler: Mapping[str, Any]) -> dict[str, Any]:
   problems = []
 
   def refuse(key: str, why: str) -> None:
-    problems.append(f'{key} = {scheduler.get(key, SCHEDULER_DEFAULTS.get(key))!r}: {why}')
+    problems.append(f'{key} = {get(key)!r}: {why}')
 
   class_name = scheduler.get('_class_name', 'DDPMScheduler')
   if class_name not in SCHEDULER_CLASSES:
@@ -205,20 +207,20 @@ def diffusion_from_scheduler(scheduler: Mapping[str, Any]) -> dict[str, Any]:
           f'({", ".join(diffusion_lib.BETA_SCHEDULES)}), to float32 rounding',
         )
     diffusion |= schedule or {}
-  elif get('beta_schedule') in _inverse(BETA_SCHEDULES):
-    diffusion['beta_schedule'] = _inverse(BETA_SCHEDULES)[get('beta_schedule')]
+  elif get('beta_schedule') in _OUR_BETA_SCHEDULES:
+    diffusion['beta_schedule'] = _OUR_BETA_SCHEDULES[get('beta_schedule')]
   else:
     refuse('beta_schedule', f'expected one of {", ".join(BETA_SCHEDULES.values())}')
-  if get('prediction_type') in _inverse(PREDICTION_TYPES):
-    diffusion['model_mean_type'] = _inverse(PREDICTION_TYPES)[get('prediction_type')]
+  if get('prediction_type') in _OUR_PREDICTION_TYPES:
+    diffusion['model_mean_type'] = _OUR_PREDICTION_TYPES[get('prediction_type')]
   else:
     refuse('prediction_type', f'expected one of {", ".join(PREDICTION_TYPES.values())}')
   # DDPMScheduler has a variance (fixed_small unless it says); the others none, or (DPM-Solver)
   # only whether the network outputs one.
   default_variance = 'fixed_small' if class_name == 'DDPMScheduler' else None
   variance_type = scheduler.get('variance_type', default_variance)
-  if variance_type in _inverse(VARIANCE_TYPES):
-    diffusion['model_var_type'] = _inverse(VARIANCE_TYPES)[variance_type]
+  if variance_type in _OUR_VARIANCE_TYPES:
+    diffusion['model_var_type'] = _OUR_VARIANCE_TYPES[variance_type]
   elif variance_type or class_name == 'DDPMScheduler':
     refuse('variance_type', f'expected one of {", ".join(VARIANCE_TYPES.values())}')
   if get('clip_sample') is not True:
@@ -245,16 +247,23 @@ def load_scheduler(folder: str) -> dict[str, Any] | None:
   return None
 
 
-def check_diffusion_matches_config(
+def diffusion_mismatches(
   diffusion: Mapping[str, Any], config: ml_collections.ConfigDict
-) -> None:
-  """Raises a ValueError listing each `config.diffusion` field that the scheduler's `diffusion`
-  (`diffusion_from_scheduler`) sets otherwise."""
-  mismatches = [
+) -> list[str]:
+  """Each `config.diffusion` field that the scheduler's `diffusion` (`diffusion_from_scheduler`)
+  sets otherwise, said as both have it; [] where the config has the scheduler's diffusion."""
+  return [
     f'diffusion.{field}: the scheduler has {value!r}, the config {config.diffusion[field]!r}'
     for field, value in diffusion.items()
     if config.diffusion[field] != value
   ]
+
+
+def check_diffusion_matches_config(
+  diffusion: Mapping[str, Any], config: ml_collections.ConfigDict
+) -> None:
+  """Raises a ValueError listing the `diffusion_mismatches` of the config, if any."""
+  mismatches = diffusion_mismatches(diffusion, config)
   if mismatches:
     raise ValueError(
       "The weights' scheduler does not match the config:\n  " + '\n  '.join(mismatches)
