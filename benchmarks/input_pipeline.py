@@ -72,7 +72,7 @@ from absl import app, flags  # noqa: E402
 from timing import append_json, parse_overrides  # noqa: E402
 from train import load_config  # noqa: E402
 
-from ddpm_jax import data, tf_support  # noqa: E402
+from ddpm_jax import data  # noqa: E402
 from ddpm_jax.data import folder, images  # noqa: E402
 from ddpm_jax.data import tfds as tfds_data  # noqa: E402
 
@@ -109,9 +109,7 @@ def encode(image: np.ndarray, format: str, **options) -> bytes:
 
 
 def _import_tfds():
-  tf_support.import_tensorflow()  # Before TFDS, as the pipeline does.
-  import tensorflow_datasets as tfds
-
+  tfds = tfds_data.import_tfds()  # As the pipeline imports it.
   tfds.disable_progress_bar()
   return tfds
 

@@ -86,7 +86,8 @@ class NotTfdsError(ValueError):
     self.tfds_names = tfds_names
 
 
-def _import_tfds():
+def import_tfds():
+  """The tensorflow_datasets module, imported after TensorFlow (`tf_support`)."""
   tf_support.import_tensorflow()  # Before TFDS, which may import TF to read the data.
   import tensorflow_datasets as tfds  # Only TFDS datasets need it; slow to import.
 
@@ -100,7 +101,7 @@ def base_name(name: str) -> str:
 
 def _builder(name: str, data_dir: str | None, **kwargs):
   """`tfds.builder(name)`; a `NotTfdsError` for a name TFDS does not know."""
-  tfds = _import_tfds()
+  tfds = import_tfds()
   try:
     return tfds.builder(name, data_dir=data_dir, **kwargs)
   except (ValueError, AssertionError) as e:  # DatasetNotFoundError is a ValueError.
@@ -115,7 +116,7 @@ def _builder_info(
 ) -> tuple[core.DatasetInfo, dict[str, tuple[str, ...]]]:
   """The info of a TFDS image dataset, from its builder's features and (once prepared) splits,
   without labels; and its `ClassLabel` features, {key: class names}."""
-  tfds = _import_tfds()
+  tfds = import_tfds()
   builder = _builder(name, data_dir)
   features = builder.info.features
   items = features.items() if isinstance(features, tfds.features.FeaturesDict) else ()
@@ -229,7 +230,7 @@ class TfdsSource:
     self.split = split
     self.image_size = image_size
     self.num_channels = num_channels
-    tfds = _import_tfds()
+    tfds = import_tfds()
     if download:
       prepare_tfds_dataset(info, data_dir=data_dir)
     try:
