@@ -1,8 +1,10 @@
 """Helpers shared by the test modules: shrunken configs and their train step, `main.py`
-subprocesses, what a training run leaves in its workdir (logged scalars, final params), and the
-diffusers U-Net of the published CIFAR10 model (its config, its forward pass)."""
+subprocesses, what a training run leaves in its workdir (logged scalars, final params), a
+config file read as main.py reads one, and the diffusers U-Net of the published CIFAR10 model
+(its config, its forward pass)."""
 
 import functools
+import importlib.util
 import os
 import socket
 import subprocess
@@ -147,6 +149,15 @@ def assert_trees_equal(a, b):
 # The diffusers config of google/ddpm-cifar10-32 (REFERENCE.md), at width `ch`.
 DOWN_TYPES = ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D']
 UP_TYPES = ['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D']
+
+
+def load_config_file(path) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (e.g. one the converter wrote), read by its path as main.py's
+  --config reads it."""
+  spec = importlib.util.spec_from_file_location('written_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def cifar10_diffusers_config(ch=128):

@@ -11,7 +11,6 @@ client's calls are replaced.
 
 import copy
 import functools
-import importlib.util
 import inspect
 import json
 import os
@@ -30,7 +29,14 @@ import torch
 import yaml
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.schedulers import scheduling_ddpm
-from helpers import REPO, assert_trees_equal, final_params, tiny_digits_config, torch_forward
+from helpers import (
+  REPO,
+  assert_trees_equal,
+  final_params,
+  load_config_file,
+  tiny_digits_config,
+  torch_forward,
+)
 from huggingface_hub import HfApi, errors
 from safetensors import numpy as safetensors_numpy
 
@@ -228,14 +234,6 @@ SCHEDULER_FIELDS = (
   'num_diffusion_timesteps',
   'model_mean_type',
 )
-
-
-def load_config_file(path):
-  """`get_config()` of a config file, as main.py's --config reads it."""
-  spec = importlib.util.spec_from_file_location('written_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def draw(config, workdir, sampler):

@@ -11,7 +11,6 @@ REFERENCE.md.
 
 import copy
 import functools
-import importlib.util
 import os
 import pathlib
 import re
@@ -26,7 +25,13 @@ import pytest
 import tensorflow as tf
 import torch
 from diffusers import UNet2DModel
-from helpers import DOWN_TYPES, assert_trees_equal, cifar10_diffusers_config, torch_forward
+from helpers import (
+  DOWN_TYPES,
+  assert_trees_equal,
+  cifar10_diffusers_config,
+  load_config_file,
+  torch_forward,
+)
 
 from configs.default import get_config
 from ddpm_jax import checkpoints, models, pretrained
@@ -650,10 +655,7 @@ def test_hub_id_converts_from_the_cache_with_a_written_config(small, small_param
     assert result.returncode == 0, result.stderr[-3000:]
     command = f'python main.py --config={workdir / "config.py"} --mode=sample --workdir={workdir}'
     assert command in result.stdout
-  spec = importlib.util.spec_from_file_location('written_config', workdir / 'config.py')
-  written = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(written)
-  config = written.get_config()
+  config = load_config_file(workdir / 'config.py')
   assert (config.model.ch, config.data.dataset) == (32, 'cifar10')
   pretrained.check_weights_match_config(model_config, config)
   abstract = models.param_shapes(models.create_model(config), 32, 3)
