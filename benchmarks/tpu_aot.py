@@ -28,8 +28,10 @@ does not know: UNESTIMATED_OPS), hence the estimated steps/s or images/s and the
 chip's bfloat16 peak. These are the compiler's estimates, not measurements.
 
 On a 2-core CPU the CIFAR10 train call takes minutes to compile for one topology, and the 256x256
-one longer: every program compiled is kept in JAX's persistent compilation cache
-(--compilation_cache_dir), so that a rerun loads it in seconds.
+one longer, and nothing keeps them: JAX's persistent compilation cache cannot serve a compile-only
+device (libtpu 0.0.50 writes the entry, then refuses to read it back: "PjRtCompiler must be
+constructed with a Client to deserialize"), so this script does not use it. Choose the programs,
+--remat modes and slices a run needs.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def _libtpu_version() -> str:
 # Recorded with every figure: the estimates are the compiler's of that release.
 VERSIONS = {'jax': jax.__version__, 'libtpu': _libtpu_version()}
 PROGRAMS = ('train_cifar10', 'train_256', 'max_batch_256', 'sample_cifar10')
+REMAT = ('false', 'true')  # --remat: config.model.remat of the 256x256 programs
 SAMPLE_IMAGES = 256
 DPM_SOLVER_STEPS = 20
 
@@ -356,7 +359,7 @@ def compile_slice(slice_name: str, FLAGS) -> None:
         lower = functools.partial(lower_train, 'cifar10', mesh, batch_size=128, **overrides)
         settings = {'batch_size': 128, 'dtype': dtype, 'steps_per_call': k}
         report('train_cifar10', settings, compile_for(lower), 'steps', 1)
-  for remat in (False, True):
+  for remat in (value == 'true' for value in FLAGS.remat):
     overrides = {'model.remat': remat, 'training.steps_per_call': 1} | extra
     lower_256 = functools.partial(lower_train, 'celebahq256', mesh, **overrides)
     if 'train_256' in FLAGS.programs:
@@ -387,10 +390,7 @@ def compile_slice(slice_name: str, FLAGS) -> None:
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
-  if FLAGS.compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  for name, choices in (('topologies', SLICES), ('programs', PROGRAMS)):
+  for name, choices in (('topologies', SLICES), ('programs', PROGRAMS), ('remat', REMAT)):
     unknown = sorted(set(FLAGS[name].value) - set(choices))
     if unknown:
       raise app.UsageError(f'--{name}: unknown {unknown}; choose from {", ".join(choices)}')
@@ -407,14 +407,7 @@ if __name__ == '__main__':
     'steps_per_call', ['1', '8'], 'config.training.steps_per_call of train_cifar10.'
   )
   flags.DEFINE_integer('max_batch_compiles', 6, 'Compiles of max_batch_256 per remat mode at most.')
-  flags.DEFINE_string(
-    'compilation_cache_dir',
-    os.environ.get('JAX_COMPILATION_CACHE_DIR')
-    or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'ddpm_jax', 'xla'
-    ),
-    "JAX's persistent compilation cache (main.py's default); empty: none.",
-  )
+  flags.DEFINE_list('remat', list(REMAT), 'config.model.remat of train_256, max_batch_256.')
   flags.DEFINE_multi_string(
     'overrides',
     [],
