@@ -53,6 +53,7 @@ if REPO not in sys.path:
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import importlib.metadata  # noqa: E402
+import json  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -250,8 +251,7 @@ def fits(slice_: Slice, figures: Figures | None) -> bool:
 def largest_batch(
   slice_: Slice,
   num_devices: int,
-  lower_at: Callable[[int], jax.stages.Lowered],
-  report: Callable[[int, Figures | None], None],
+  figures_at: Callable[[int], Figures | None],
   max_compiles: int,
 ) -> tuple[int, int | None] | None:
   """(fits, does_not) global batches, multiples of the device count, that bracket the largest one
@@ -259,22 +259,22 @@ def largest_batch(
   stopped at `max_compiles` compiles before finding one that does not fit.
 
   The memory of 4 and 8 images per device gives a line; its prediction is compiled, then one
-  more image per device; while the bracket is wider than that, it is halved. `report(batch,
-  figures)` is called with every compile (figures None: it does not fit).
+  more image per device; while the bracket is wider than that, it is halved. `figures_at(batch)`
+  compiles (or recalls) the program of a global batch: None where the compiler ran out of HBM.
   """
   compiled: dict[int, Figures | None] = {}
 
   def try_batch(per_device: int) -> Figures | None:
     """The figures of per_device * num_devices images where they fit, else None."""
     if per_device not in compiled:
-      figures = compile_for(functools.partial(lower_at, per_device * num_devices))
-      report(per_device * num_devices, figures)
+      figures = figures_at(per_device * num_devices)
       compiled[per_device] = figures if fits(slice_, figures) else None
     return compiled[per_device]
 
-  small, large = try_batch(4), try_batch(8)
+  small = try_batch(4)
   if small is None:
     return None
+  large = try_batch(8)
   if large is None:
     lo, hi = 4, 8
   else:
@@ -295,6 +295,30 @@ def largest_batch(
     else:
       lo = middle
   return lo * num_devices, None if hi is None or hi - lo > 1 else hi * num_devices
+
+
+def record_key(program: str, settings: dict) -> tuple:
+  return program, tuple(sorted((k, str(v)) for k, v in settings.items()))
+
+
+def recorded_figures(path: str | None, slice_name: str) -> dict[tuple, Figures]:
+  """{record_key: figures} of the programs that `path` (--json_out) records for the slice with
+  this jax and libtpu (JAX's compilation cache cannot load a compile-only program back)."""
+  if not path or not os.path.exists(path):
+    return {}
+  fields = [field.name for field in dataclasses.fields(Figures)]
+  context = {'slice', 'device_kind', 'num_devices', 'hosts', 'program', 'fits', 'hbm_capacity'}
+  context |= {'peak_tflops', 'hbm_gbps', 'work', 'unit', *VERSIONS, *fields}
+  figures = {}
+  with open(path) as f:
+    for record in map(json.loads, f):
+      same = record['slice'] == slice_name and all(k in record for k in fields)
+      if same and all(record.get(k) == v for k, v in VERSIONS.items()):
+        settings = {k: v for k, v in record.items() if k not in context}
+        figures[record_key(record['program'], settings)] = Figures(
+          **{k: record[k] for k in fields if k in record}
+        )
+  return figures
 
 
 def describe(slice_: Slice, figures: Figures | None, rate_unit: str, work: float):
@@ -341,9 +365,19 @@ def compile_slice(slice_name: str, FLAGS) -> None:
   where = f'{slice_name} ({devices[0].device_kind}, {num_devices} devices, {hosts} hosts)'
   extra = parse_overrides(FLAGS.overrides)
 
-  def report(program: str, settings: dict, figures: Figures | None, unit: str, work: float):
+  recorded = recorded_figures(FLAGS.json_out, slice_name) if FLAGS.reuse else {}
+
+  def report(program: str, settings: dict, lower: Callable, unit: str, work: float):
+    """Compiles the program that `lower()` lowers (or recalls its recorded figures), prints its
+    line and records it; returns its figures."""
     settings = settings | extra
     label = ' '.join(f'{k}={v}' for k, v in settings.items())
+    key = record_key(program, settings)
+    if key in recorded:
+      figures = recorded[key]
+      print(f'{where} {program} {label} (recorded): {describe(slice_, figures, unit, work)}')
+      return figures
+    figures = compile_for(lower)
     print(f'{where} {program} {label}: {describe(slice_, figures, unit, work)}', flush=True)
     record = {'slice': slice_name, 'device_kind': devices[0].device_kind, **VERSIONS}
     record |= {'num_devices': num_devices, 'hosts': hosts, 'program': program, **settings}
@@ -351,6 +385,7 @@ def compile_slice(slice_name: str, FLAGS) -> None:
     record |= {'peak_tflops': slice_.peak_tflops, 'hbm_gbps': slice_.hbm_gbps}
     record |= {'work': work, 'unit': unit}
     append_json(FLAGS.json_out, record | (dataclasses.asdict(figures) if figures else {}))
+    return figures
 
   if 'train_cifar10' in FLAGS.programs:
     for dtype in FLAGS.dtype:
@@ -358,23 +393,20 @@ def compile_slice(slice_name: str, FLAGS) -> None:
         overrides = {'model.dtype': dtype, 'training.steps_per_call': k} | extra
         lower = functools.partial(lower_train, 'cifar10', mesh, batch_size=128, **overrides)
         settings = {'batch_size': 128, 'dtype': dtype, 'steps_per_call': k}
-        report('train_cifar10', settings, compile_for(lower), 'steps', 1)
+        report('train_cifar10', settings, lower, 'steps', 1)
   for remat in (value == 'true' for value in FLAGS.remat):
     overrides = {'model.remat': remat, 'training.steps_per_call': 1} | extra
     lower_256 = functools.partial(lower_train, 'celebahq256', mesh, **overrides)
     if 'train_256' in FLAGS.programs:
-      figures = compile_for(functools.partial(lower_256, batch_size=64))
-      report('train_256', {'batch_size': 64, 'remat': remat}, figures, 'steps', 1)
+      lower = functools.partial(lower_256, batch_size=64)
+      report('train_256', {'batch_size': 64, 'remat': remat}, lower, 'steps', 1)
     if 'max_batch_256' in FLAGS.programs:
-      found = largest_batch(
-        slice_,
-        num_devices,
-        lambda batch_size, lower_256=lower_256: lower_256(batch_size=batch_size),
-        lambda batch, figures, remat=remat: report(
-          'train_256', {'batch_size': batch, 'remat': remat}, figures, 'steps', 1
-        ),
-        FLAGS.max_batch_compiles,
-      )
+
+      def figures_at(batch, lower_256=lower_256, remat=remat):
+        lower = functools.partial(lower_256, batch_size=batch)
+        return report('train_256', {'batch_size': batch, 'remat': remat}, lower, 'steps', 1)
+
+      found = largest_batch(slice_, num_devices, figures_at, FLAGS.max_batch_compiles)
       print(f'{where} largest batch of train_256 remat={remat} (fits, does not): {found}')
       record = {'slice': slice_name, 'program': 'max_batch_256', 'remat': remat, 'found': found}
       append_json(FLAGS.json_out, record | VERSIONS)
@@ -384,7 +416,7 @@ def compile_slice(slice_name: str, FLAGS) -> None:
       settings = {'sampler': sampler.tag, 'num_images': SAMPLE_IMAGES}
       # One compiled step does 1 / steps of each image.
       work = SAMPLE_IMAGES / sampler.num_steps(1000)
-      report('sample_cifar10', settings, compile_for(lower), 'images', work)
+      report('sample_cifar10', settings, lower, 'images', work)
 
 
 def main(argv):
@@ -407,6 +439,12 @@ if __name__ == '__main__':
     'steps_per_call', ['1', '8'], 'config.training.steps_per_call of train_cifar10.'
   )
   flags.DEFINE_integer('max_batch_compiles', 6, 'Compiles of max_batch_256 per remat mode at most.')
+  flags.DEFINE_bool(
+    'reuse',
+    False,
+    'Print, not compile again, the programs --json_out already records for the slice with this '
+    'jax and libtpu (the same settings and --overrides).',
+  )
   flags.DEFINE_list('remat', list(REMAT), 'config.model.remat of train_256, max_batch_256.')
   flags.DEFINE_multi_string(
     'overrides',

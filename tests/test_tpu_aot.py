@@ -92,3 +92,45 @@ def test_xla_estimate_leaves_out_the_ops_it_counts_as_minus_one_second(mesh):
   # (0.63x to 1.52x across the programs of BENCHMARKS.md's TPU tables).
   bound = max(figures.roofline(SLICE))
   assert 0.5 * bound < figures.estimate() < 2 * bound
+
+
+def _memory_model(base_gib: float, per_image_gib: float, step_at: int | None = None):
+  """figures_at(batch) of a program whose per-chip HBM is base + per_image * (its images), plus
+  a 4 GiB jump from `step_at` images per chip on (as when XLA changes a buffer's layout), None
+  (the compiler's out-of-HBM) beyond twice the chip; and the batches it was asked for."""
+  asked = []
+
+  def figures_at(batch):
+    asked.append(batch)
+    per_chip = batch // 8
+    gib = base_gib + per_image_gib * per_chip + (4 if step_at and per_chip >= step_at else 0)
+    if gib > 2 * SLICE.hbm_bytes / tpu_aot.GiB:
+      return None
+    return tpu_aot.Figures(0.0, int(gib * tpu_aot.GiB), 0, 0, 0, None, None, None)
+
+  return figures_at, asked
+
+
+@pytest.mark.parametrize(
+  ('base', 'per_image', 'step_at', 'expected', 'compiles'),
+  [
+    # Linear: the line through 4 and 8 images per chip predicts (16 - 3) / 0.6 = 21.7, so 21
+    # fits and 22 does not, in 4 compiles.
+    (3.0, 0.6, None, (21 * 8, 22 * 8), [32, 64, 168, 176]),
+    # The jump at 15 per chip (3 + 0.6 * 15 + 4 = 16.0 GiB fits, 16.6 at 16 does not): the
+    # prediction 21 does not fit, and halving 8..21 finds 15 | 16.
+    (3.0, 0.6, 15, (15 * 8, 16 * 8), [32, 64, 168, 112, 136, 120, 128]),
+    # 8 per chip already does not fit (4 + 1.6 * 8 = 16.8 GiB): halving 4..8 finds 7 | 8.
+    (4.0, 1.6, None, (7 * 8, 8 * 8), [32, 64, 48, 56]),
+    # 4 per chip does not fit: there is no answer, and 8 is not tried.
+    (12.0, 1.1, None, None, [32]),
+  ],
+)
+def test_largest_batch_brackets_the_largest_batch_that_fits(
+  base, per_image, step_at, expected, compiles
+):
+  """The search of max_batch_256 on memory models whose answer is known exactly: the largest
+  images per chip with base + per_image * images (+ the jump) <= the v5e's 16 GiB."""
+  figures_at, asked = _memory_model(base, per_image, step_at)
+  assert tpu_aot.largest_batch(SLICE, 8, figures_at, max_compiles=10) == expected
+  assert asked == compiles
