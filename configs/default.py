@@ -39,6 +39,17 @@ def get_config() -> ml_collections.ConfigDict:
   # feature label_key (None: the one named 'label', else the only one); a folder's classes, one
   # subdirectory of image_dir (and of eval_image_dir) per class.
   data.label_key = ml_collections.config_dict.placeholder(str)
+  # The host's input pipeline (ddpm_jax/data/workers.py, decoded.py). Worker processes that read
+  # and decode examples; None: all the host's cores but 2, at most 32 (0 on 2 cores or fewer);
+  # 0: one thread.
+  data.num_workers = ml_collections.config_dict.placeholder(int)
+  # The training split is decoded once into host memory where that takes at most cache_gib GiB
+  # (CIFAR10: 0.14); 0: never.
+  data.cache_gib = 1.0
+  # A directory: the training split is decoded once into an uncompressed copy there and read
+  # from it (LSUN's crop and resize done once; 24.8 GB for church_outdoor at 256x256). None: no
+  # copy.
+  data.prepared_dir = ml_collections.config_dict.placeholder(str)
 
   # The U-Net (REFERENCE.md, "The U-Net").
   config.model = model = ml_collections.ConfigDict()

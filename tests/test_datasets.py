@@ -589,6 +589,7 @@ def test_unreadable_image_error_names_the_file(image_folder):
     with pytest.raises(ValueError, match=f'Cannot read image file {root / relative}: .*{reason}'):
       source[np.array([index])]
   # Read on the prefetch thread, the error reaches the training loop: batch 0 holds all 7 files.
+  config.data.cache_gib = 0  # (Decoded at the start, the start raises it: test_input_workers.)
   batches = data_lib.train_batches(
     config, global_batch_size=7, start_step=0, seed=0, process_count=1
   )

@@ -14,7 +14,8 @@ paper's TFDS datasets and any other TFDS image dataset (`tfds`), and 'folder', t
 under `config.data.image_dir` (`folder`). Each is a `core.Dataset`: its splits and classes,
 random access to the images (and labels) of a split, and the settings that fix them. Images
 other than the digits are made the configured size and depth (`images`). Training reads
-`config.data.split` ('train') in the order of `order` on a background thread (`prefetch`); the
+`config.data.split` ('train') in the order of `order` on a background thread (`prefetch`),
+decoding on worker processes (`workers`) or once, into memory or a prepared copy (`decoded`); the
 held-out split for bits/dim (and the test images of the interpolation figure) is
 `get_dataset_info(config).eval_split`. TFDS and TensorFlow are imported only for TFDS datasets:
 the digits and folders need neither.

@@ -85,6 +85,33 @@ class Source(Protocol):
     ...
 
 
+class InMemorySource:
+  """A split held in memory, or in a memory-mapped file: the digits, a training split decoded
+  once (`decoded`).
+
+  Attributes:
+    images: uint8 [N, H, W, C] in 0..255 (a NumPy array or memmap).
+    all_labels: int64 [N] class labels, or None for a split read without labels.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None):
+    self.images = images
+    self.all_labels = labels
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+    """indices: int [n] in [0, N) -> uint8 [n, H, W, C]."""
+    return np.asarray(self.images[indices])
+
+  def labels(self, indices: np.ndarray) -> np.ndarray:
+    """indices: int [n] in [0, N) -> int64 [n], their class labels."""
+    if self.all_labels is None:
+      raise ValueError('This split was read without labels (config.model.num_classes = 0).')
+    return self.all_labels[indices]
+
+
 class Dataset(Protocol):
   """One dataset named by `config.data.dataset`, built from `config.data` without I/O."""
 

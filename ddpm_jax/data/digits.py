@@ -45,30 +45,6 @@ def _split_indices(split: str) -> np.ndarray:
   return np.sort(chosen)
 
 
-class InMemorySource:
-  """A split held in memory (the embedded digits).
-
-  Attributes:
-    images: uint8 [N, H, W, C] in 0..255.
-    all_labels: int64 [N] class labels (0..9 for digits).
-  """
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
-    self.images = images
-    self.all_labels = labels
-
-  def __len__(self) -> int:
-    return len(self.images)
-
-  def __getitem__(self, indices: np.ndarray) -> np.ndarray:
-    """indices: int [n] in [0, N) -> uint8 [n, H, W, C]."""
-    return self.images[indices]
-
-  def labels(self, indices: np.ndarray) -> np.ndarray:
-    """indices: int [n] in [0, N) -> int64 [n], their class labels."""
-    return self.all_labels[indices]
-
-
 class Digits:
   """The digits as a `core.Dataset`: read as stored, so the config must ask for 8x8x1."""
 
@@ -79,10 +55,10 @@ class Digits:
     core.check_stored_shape(INFO, self.data)
     return INFO
 
-  def open(self, info: core.DatasetInfo, split: str) -> InMemorySource:
+  def open(self, info: core.DatasetInfo, split: str) -> core.InMemorySource:
     images, labels = _load_digits()
     indices = _split_indices(split)
-    return InMemorySource(images[indices], labels[indices])
+    return core.InMemorySource(images[indices], labels[indices])
 
   def content_key(self, split: str) -> dict[str, Any]:
     return {}

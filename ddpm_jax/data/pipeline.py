@@ -4,13 +4,16 @@
 any other name a TFDS dataset (`tfds`). Every batch is a dict (`Batch`): 'image', uint8
 `[B_local, H, W, C]` in 0..255, and where `config.model.num_classes` = K > 0 (a class-conditional
 model) 'label', int32 `[B_local]` in [0, K), the classes of the same examples. Training reads
-them in the order of `order.train_indices`; both are read ahead on a thread (`prefetch`).
+them in the order of `order.train_indices`, decoded once where `config.data` asks (`decoded`),
+else on the processes of `workers`; both are read ahead on a thread (`prefetch`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import validation
-from ddpm_jax.data import core, digits, folder, order, prefetch
+from ddpm_jax.data import core, decoded, digits, folder, order, prefetch, workers
 from ddpm_jax.data import tfds as tfds_data
 
 # The paper's datasets (and the digits), named first in the error for an unknown name.
@@ -58,6 +61,20 @@ def _checked_dataset(
   validation.require(
     validation.is_int(image_size) and image_size >= 1,
     f'config.data.image_size must be a positive int, got {image_size!r}.',
+  )
+  num_workers = data.num_workers
+  validation.require(
+    num_workers is None or (validation.is_int(num_workers) and num_workers >= 0),
+    f'config.data.num_workers must be None (all cores but 2) or an int >= 0, got {num_workers!r}.',
+  )
+  cache_gib = data.cache_gib
+  validation.require(
+    isinstance(cache_gib, int | float) and not isinstance(cache_gib, bool) and cache_gib >= 0,
+    f'config.data.cache_gib must be a number of GiB >= 0, got {cache_gib!r}.',
+  )
+  validation.require(
+    data.prepared_dir is None or (isinstance(data.prepared_dir, str) and data.prepared_dir),
+    f'config.data.prepared_dir must be None or a directory, got {data.prepared_dir!r}.',
   )
   num_classes = _num_classes(config)
   dataset = _dataset(config)
@@ -147,7 +164,7 @@ def create_source(config: ml_collections.ConfigDict, split: str) -> core.Source:
     indices [n], H = W = config.data.image_size, C = config.data.num_channels, and
     `source.labels(indices)` -> int64 [n], their classes (for the digits always; for a TFDS
     dataset or a folder where `config.model.num_classes` > 0, else it raises). For 'digits' it
-    is a `digits.InMemorySource`, which also has `images` and `all_labels`; for a
+    is a `core.InMemorySource`, which also has `images` and `all_labels`; for a
     folder a `folder.FolderSource`, which also has `paths` and `class_names`.
 
   Raises:
@@ -186,12 +203,30 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
   return process_index, process_count
 
 
-def _examples(source: core.Source, indices: np.ndarray, with_labels: bool) -> Batch:
-  """The examples `indices` of `source`: {'image'} and, `with_labels`, {'label'} (`Batch`)."""
-  batch = {'image': source[indices]}
-  if with_labels:  # After the images: a TFDS source kept their labels as it read them.
-    batch['label'] = source.labels(indices).astype(np.int32)
-  return batch
+def num_workers(config: ml_collections.ConfigDict) -> int:
+  """`config.data.num_workers`, None replaced by `workers.default_num_workers()`."""
+  value = config.data.num_workers
+  return workers.default_num_workers() if value is None else value
+
+
+def _training_source(config: ml_collections.ConfigDict, with_labels: bool) -> core.Source:
+  """The training split, decoded once where `config.data` asks for it and it pays (`decoded`):
+  into a prepared copy in `prepared_dir`, else into memory within `cache_gib`; else read from
+  the dataset at every step."""
+  data = config.data
+  source = create_source(config, data.split)
+  if isinstance(source, core.InMemorySource):  # The digits.
+    return source
+  size = decoded.split_bytes(len(source), data.image_size, data.num_channels)
+  options = {'with_labels': with_labels, 'num_workers': num_workers(config)}
+  if data.prepared_dir is not None:
+    settings = split_settings(config, data.split)
+    return decoded.prepared(source, settings, data.prepared_dir, **options)
+  if size <= data.cache_gib * decoded.GiB:
+    return decoded.in_memory(
+      source, image_size=data.image_size, num_channels=data.num_channels, **options
+    )
+  return source
 
 
 def train_batches(
@@ -206,7 +241,10 @@ def train_batches(
 ) -> prefetch.PrefetchIterator[tuple[int, Batch]]:
   """Endless training batches of split `config.data.split`, from `start_step` on.
 
-  Reads `buffer_size` steps ahead on a background thread.
+  Reads `buffer_size` steps ahead on a background thread; the examples are read and decoded on
+  `config.data.num_workers` processes (two batches a worker ahead), unless the split is held in
+  memory or a prepared copy (`decoded`: `config.data.cache_gib`, `config.data.prepared_dir`),
+  which is decoded here first. Every way gives the same batches.
 
   Args:
     config: the experiment config; reads `config.data` and `config.model.num_classes`.
@@ -225,24 +263,37 @@ def train_batches(
   """
   process_index, process_count = _process(process_index, process_count)
   order.local_batch_size(global_batch_size, process_count)  # Raise here, not on the thread.
-  source = create_source(config, config.data.split)
   with_labels = _num_classes(config) > 0
+  source = _training_source(config, with_labels)
+  pool_size = 0 if isinstance(source, core.InMemorySource) else num_workers(config)
+
+  def indices(step: int) -> np.ndarray:
+    return order.train_indices(
+      step=step,
+      num_examples=len(source),
+      global_batch_size=global_batch_size,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+    )
 
   def batches() -> Iterator[tuple[int, Batch]]:
-    step = start_step
-    while True:
-      indices = order.train_indices(
-        step=step,
-        num_examples=len(source),
-        global_batch_size=global_batch_size,
-        seed=seed,
-        process_index=process_index,
-        process_count=process_count,
-      )
-      yield step, _examples(source, indices, with_labels)
-      step += 1
+    for step in itertools.count(start_step):
+      yield step, workers.read_examples(source, indices(step), with_labels)
 
-  return prefetch.PrefetchIterator(batches(), buffer_size)
+  def batches_from_workers() -> Iterator[tuple[int, Batch]]:
+    # Two batches a worker in flight, taken in the order of their steps.
+    with workers.WorkerPool(source, with_labels=with_labels, num_workers=pool_size) as pool:
+      steps = itertools.count(start_step)
+      pending = collections.deque()
+      while True:
+        while len(pending) < 2 * pool_size:
+          step = next(steps)
+          pending.append((step, pool.read(indices(step))))
+        step, batch = pending.popleft()
+        yield step, batch.result()
+
+  return prefetch.PrefetchIterator(batches_from_workers() if pool_size else batches(), buffer_size)
 
 
 def eval_batches(
@@ -295,7 +346,7 @@ def eval_batches(
       batch = {'image': np.zeros(shape, np.uint8)}
       if with_labels:
         batch['label'] = np.zeros(size, np.int32)
-      for key, values in _examples(source, positions[mask], with_labels).items():
+      for key, values in workers.read_examples(source, positions[mask], with_labels).items():
         batch[key][mask] = values
       yield batch, mask
 

@@ -40,6 +40,10 @@ class PrefetchIterator[T](Iterator[T]):
       self._queue.put(_END)
     except Exception as e:  # Handed to the consumer, which re-raises it.
       self._queue.put(_Failure(e))
+    finally:
+      close = getattr(items, 'close', None)  # A generator's: runs its `finally` (its workers').
+      if close is not None:
+        close()
 
   def __next__(self) -> T:
     if self._final is not None:

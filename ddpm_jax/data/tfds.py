@@ -255,8 +255,15 @@ class TfdsSource:
     return len(self._source)
 
   def _read(self, index: int) -> np.ndarray:
-    """Example `index`'s image, as stored; its label is kept where the run reads labels."""
-    example = self._source[index]
+    """Example `index`'s image, as stored; its label is kept where the run reads labels.
+    Raises ValueError naming the example where TFDS cannot read or decode it."""
+    try:
+      example = self._source[index]
+    except Exception as e:  # A damaged record or image: ArrayRecord's, TFDS's or PIL's error.
+      raise ValueError(
+        f'Cannot read example {index} of split {self.split!r} of TFDS dataset '
+        f'{self.info.name!r}: {type(e).__name__}: {e}'
+      ) from e
     if self._labels is not None:
       self._labels[index] = example[self.info.label_key]
       self._has_label[index] = True
