@@ -21,12 +21,18 @@ patched, as tests/test_data.py does:
 Each is read by `data.train_batches(config, global_batch_size=config.training.batch_size,
 start_step=0, seed=config.seed, buffer_size=2 * config.training.steps_per_call)`, as the train
 loop calls it, from the config of configs/ with `config.data` pointed at the synthetic data (and
-`data.download = False`). After --warmup_batches, --windows windows of at least --window_seconds
-each time the batches the main thread takes from it: images/s (wall) and the process's CPU
-seconds per image (`time.process_time`: every thread), hence images/s per core. Reported are
-medians over the windows, the steps/s the rate feeds at the config's batch (128 for 32x32, 64 for
-256x256), and by the per-core rate the cores a host needs to feed each TPU slice at XLA's
-estimated steps/s (`XLA_STEPS_PER_SEC`).
+`data.download = False`), in each of --variants (`VARIANTS`): on one thread as before workers
+existed ('thread'), on 1 and 2 worker processes, decoded once into memory, and decoded once into
+a prepared copy. The variants of a dataset are timed side by side: all open at once, their
+--windows windows of at least --window_seconds interleaved, each window begun by taking the
+batches that were ready (read while another variant was timed), and only once the others are
+idle (each reads ahead until its buffers are full). Per window: the images/s the
+main thread takes (wall) and the CPU seconds per image of the process and its workers (every
+thread), hence images/s per core; reported are medians over the windows, and the seconds from
+the call to the first batch (workers starting, a split decoded once). By the per-core rate: the
+cores a host needs to feed each TPU slice at XLA's estimated steps/s (`XLA_STEPS_PER_SEC`), and
+what a v5p-8 host giving the pipeline `HOST_CORES` cores would deliver, against twice what its
+chips consume.
 
 Then, with --breakdown_examples > 0, where the CPU time of one example goes (`stage_costs`):
 that many examples, drawn at random, each taken through all stages before the next (as the
@@ -40,7 +46,7 @@ includes a microsecond or two of timing itself), it is within their noise where 
 below.
 
 --overrides sets any config field of every dataset, e.g. --overrides=training.batch_size=256;
-a sweep over a setting is a loop over `measure_pipeline` with one override each.
+a sweep over another setting is a loop over `measure_variants` with one override each.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ if REPO not in sys.path:
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
+import psutil  # noqa: E402
 from absl import app, flags  # noqa: E402
 from timing import append_json, parse_overrides  # noqa: E402
 from train import load_config  # noqa: E402
@@ -76,13 +83,14 @@ from ddpm_jax import data  # noqa: E402
 from ddpm_jax.data import folder, images  # noqa: E402
 from ddpm_jax.data import tfds as tfds_data  # noqa: E402
 
-# XLA's estimated train steps/s of the paper's float32 models on TPU slices, at the paper's batch
-# (image size: (batch, {slice: steps/s})): the compiler's estimates from BENCHMARKS.md ("TPU",
-# benchmarks/tpu_aot.py; v5p-8 at 256x256 from its libtpu 0.0.42.1 table), not measurements.
+# XLA's estimated train steps/s of the paper's models on TPU slices, at the paper's batch (image
+# size: (batch, {slice: steps/s})): the compiler's estimates from BENCHMARKS.md ("TPU", libtpu
+# 0.0.50.1; CIFAR10 in bfloat16, the faster, 256x256 in float32), not measurements.
 XLA_STEPS_PER_SEC = {
-  32: (128, {'v3-8': 50.3, 'v5p-8': 102.5}),
-  256: (64, {'v3-8': 3.2, 'v5e-8': 6.4, 'v5p-8': 9.1, 'tpu7x-8': 31.9}),
+  32: (128, {'v3-8': 59.8, 'v5p-8': 121.1, 'tpu7x-8': 295.5}),
+  256: (64, {'v3-8': 3.2, 'v5e-8': 6.4, 'v5p-8': 9.1, 'v6e-8': 14.5, 'tpu7x-8': 31.9}),
 }
+HOST_CORES = 16  # Of a v5p-8 host's, given to the input pipeline (issue 30's bound).
 
 NOISE_STD = 10.0  # Of `synthetic_image`, in levels of 0..255.
 LSUN_JPEG_QUALITY = 75  # Our choice for the synthetic LSUN JPEGs.
@@ -220,11 +228,24 @@ CASES = {
 }
 
 
+# How the pipeline reads, each a set of config.data overrides: today's one thread, worker
+# processes, the split decoded once into memory, or into a prepared copy (ddpm_jax/data/decoded.py).
+VARIANTS = {
+  'thread': {'data.num_workers': 0, 'data.cache_gib': 0},
+  'workers_1': {'data.num_workers': 1, 'data.cache_gib': 0},
+  'workers_2': {'data.num_workers': 2, 'data.cache_gib': 0},
+  'memory': {'data.num_workers': 2, 'data.cache_gib': 64},
+  'prepared': {'data.num_workers': 2, 'data.cache_gib': 0, 'data.prepared_dir': 'PREPARED'},
+}
+
+
 @dataclasses.dataclass
 class Throughput:
-  """The timed windows of one pipeline: images/s (wall) and CPU seconds per image of each."""
+  """The timed windows of one pipeline: images/s (wall) and CPU seconds per image of each, and
+  the seconds from the call to its first batch (decoding the split once, starting workers)."""
 
   batch_size: int
+  start_seconds: float
   images_per_sec: list[float]
   cpu_per_image: list[float]
 
@@ -238,30 +259,88 @@ class Throughput:
     return 1 / statistics.median(self.cpu_per_image)
 
 
-def measure_pipeline(
-  config: ml_collections.ConfigDict, *, warmup_batches: int, windows: int, window_seconds: float
-) -> Throughput:
-  """Times `data.train_batches` as the train loop builds it (module docstring)."""
-  batch_size = config.training.batch_size
-  throughput = Throughput(batch_size, [], [])
-  with data.train_batches(
+def cpu_seconds() -> float:
+  """CPU seconds of this process (every thread) and of its live children (the workers)."""
+  this = psutil.Process()
+  return time.process_time() + sum(
+    sum(child.cpu_times()[:2]) for child in this.children(recursive=True)
+  )
+
+
+def open_pipeline(config: ml_collections.ConfigDict, warmup_batches: int):
+  """`data.train_batches` as the train loop builds it, after `warmup_batches`; and the seconds
+  to its first batch."""
+  began = time.perf_counter()
+  batches = data.train_batches(
     config,
-    global_batch_size=batch_size,
+    global_batch_size=config.training.batch_size,
     start_step=0,
     seed=config.seed,
     buffer_size=2 * config.training.steps_per_call,
-  ) as batches:
-    for _ in range(warmup_batches):
-      next(batches)
+  )
+  next(batches)
+  start_seconds = time.perf_counter() - began
+  for _ in range(warmup_batches - 1):
+    next(batches)
+  return batches, start_seconds
+
+
+def settle(idle_share: float = 0.02, interval: float = 0.2) -> None:
+  """Waits until this process and its workers use less than `idle_share` of a core: the
+  pipelines not being timed have filled their buffers and wait."""
+  while True:
+    began = cpu_seconds()
+    time.sleep(interval)
+    if cpu_seconds() - began < idle_share * interval:
+      return
+
+
+def ready_batches(config: ml_collections.ConfigDict) -> int:
+  """The most batches a pipeline has ready when it is taken up again: its prefetch buffer, and
+  two a worker in flight."""
+  return 2 * config.training.steps_per_call + 2 * config.data.num_workers
+
+
+def time_window(
+  batches, config: ml_collections.ConfigDict, window_seconds: float
+) -> tuple[float, float]:
+  """(images/s, CPU seconds per image) of the batches taken in one window: once the pipelines
+  timed before it have filled their buffers (`settle`), after the batches that were ready."""
+  settle()
+  for _ in range(ready_batches(config) + 1):
+    next(batches)
+  num_batches, began, cpu_began = 0, time.perf_counter(), cpu_seconds()
+  while (seconds := time.perf_counter() - began) < window_seconds:
+    next(batches)
+    num_batches += 1
+  num_images = num_batches * config.training.batch_size
+  return num_images / seconds, (cpu_seconds() - cpu_began) / num_images
+
+
+def measure_variants(
+  configs: dict[str, ml_collections.ConfigDict],
+  *,
+  warmup_batches: int,
+  windows: int,
+  window_seconds: float,
+) -> dict[str, Throughput]:
+  """Times the pipelines of `configs` side by side: all open at once (a pipeline not being timed
+  has filled its buffers and waits), their windows interleaved, so that a change in the
+  machine's load falls on all of them alike."""
+  results, pipelines = {}, {}
+  try:
+    for name, config in configs.items():
+      pipelines[name], start_seconds = open_pipeline(config, warmup_batches)
+      results[name] = Throughput(config.training.batch_size, start_seconds, [], [])
     for _ in range(windows):
-      num_batches, began, cpu_began = 0, time.perf_counter(), time.process_time()
-      while (seconds := time.perf_counter() - began) < window_seconds:
-        next(batches)
-        num_batches += 1
-      num_images = num_batches * batch_size
-      throughput.images_per_sec.append(num_images / seconds)
-      throughput.cpu_per_image.append((time.process_time() - cpu_began) / num_images)
-  return throughput
+      for name, batches in pipelines.items():
+        rate, cpu = time_window(batches, configs[name], window_seconds)
+        results[name].images_per_sec.append(rate)
+        results[name].cpu_per_image.append(cpu)
+  finally:
+    for batches in pipelines.values():
+      batches.close()
+  return results
 
 
 def tfds_stages(config: ml_collections.ConfigDict) -> tuple[dict[str, Callable], int]:
@@ -331,22 +410,48 @@ def cores_needed(throughput: Throughput, image_size: int) -> dict[str, float]:
 
 
 def tables(results: list[dict]) -> str:
-  """The markdown tables of the results: throughput, then where the time goes."""
+  """The markdown tables of the results: throughput, the v5p-8 check, where the time goes."""
   lines = [
-    '| data | stored as | batch | images/s (wall) | CPU us/image | images/s per core | '
-    'steps/s fed (wall; per core) | XLA estimate: steps/s, cores to feed it |',
+    '| data | stored as | read by | first batch after | images/s (wall) | CPU us/image | '
+    'images/s per core | XLA estimate: steps/s, cores to feed it |',
     '|---|---|---|---|---|---|---|---|',
   ]
   for result in results:
-    throughput, batch = result['throughput'], result['batch_size']
+    throughput = result['throughput']
     estimate = XLA_STEPS_PER_SEC[result['image_size']][1]
     feeds = '; '.join(
-      f'{name} {estimate[name]:g}: {cores:.1f}' for name, cores in result['cores_needed'].items()
+      f'{name} {estimate[name]:g}: {cores:.2g}' for name, cores in result['cores_needed'].items()
     )
     lines.append(
-      f'| {result["dataset"]} | {result["stored"]} | {batch} | {throughput.rate:,.0f} | '
-      f'{_us(1 / throughput.per_core)} | {throughput.per_core:,.0f} | '
-      f'{throughput.rate / batch:.1f}; {throughput.per_core / batch:.1f} | {feeds} |'
+      f'| {result["dataset"]} | {result["stored"]} | {result["variant"]} | '
+      f'{result["start_seconds"]:.1f} s | {throughput.rate:,.0f} | '
+      f'{_us(1 / throughput.per_core)} | {throughput.per_core:,.0f} | {feeds} |'
+    )
+  lines += [
+    '',
+    f'| data | 2 workers / 1 | per core: stored (best of threads, workers) / decoded once | '
+    f'a v5p-8 host, {HOST_CORES} cores: images/s stored / decoded once, against twice '
+    'the estimate |',
+    '|---|---|---|---|',
+  ]
+  by_dataset = {}
+  for result in results:
+    by_dataset.setdefault(result['dataset'], {})[result['variant']] = result
+  for name, variants in by_dataset.items():
+    rate = {variant: r['throughput'].rate for variant, r in variants.items()}
+    per_core = {variant: r['throughput'].per_core for variant, r in variants.items()}
+    ratio = (
+      rate['workers_2'] / rate['workers_1'] if {'workers_1', 'workers_2'} <= set(rate) else None
+    )
+    stored = max(
+      (per_core[v] for v in ('thread', 'workers_1', 'workers_2') if v in per_core), default=0
+    )
+    once = max((per_core[v] for v in ('memory', 'prepared') if v in per_core), default=0)
+    batch, steps_per_sec = XLA_STEPS_PER_SEC[next(iter(variants.values()))['image_size']]
+    need = 2 * steps_per_sec['v5p-8'] * batch
+    lines.append(
+      f'| {name} | {f"{ratio:.2f}x" if ratio else "-"} | {stored:,.0f} / {once:,.0f} | '
+      f'{HOST_CORES * stored:,.0f} / {HOST_CORES * once:,.0f} against {need:,.0f} |'
     )
   broken_down = [result for result in results if result['stages']]
   if broken_down:
@@ -380,9 +485,10 @@ def _versions() -> dict[str, str]:
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
-  unknown = sorted(set(FLAGS.datasets) - set(CASES))
-  if unknown:
-    raise app.UsageError(f'--datasets: unknown {unknown}; choose from {", ".join(CASES)}')
+  for name, choices in (('datasets', CASES), ('variants', VARIANTS)):
+    unknown = sorted(set(FLAGS[name].value) - set(choices))
+    if unknown:
+      raise app.UsageError(f'--{name}: unknown {unknown}; choose from {", ".join(choices)}')
   overrides = parse_overrides(FLAGS.overrides)
   machine = {
     'cpu_cores': len(os.sched_getaffinity(0)),
@@ -399,52 +505,64 @@ def main(argv):
         began = time.perf_counter()
         made[case.make] = case.make(os.path.join(root, case.make.__name__), FLAGS.num_examples)
         print(f'{name}: made {FLAGS.num_examples} examples in {time.perf_counter() - began:.1f} s')
-      config = load_config(case.config, **{'data.download': False}, **made[case.make], **overrides)
-      throughput = measure_pipeline(
-        config,
+      configs = {}
+      for variant in FLAGS.variants:
+        settings = dict(VARIANTS[variant])
+        if 'data.prepared_dir' in settings:
+          settings['data.prepared_dir'] = os.path.join(root, f'prepared_{name}')
+        configs[variant] = load_config(
+          case.config, **{'data.download': False}, **made[case.make], **settings, **overrides
+        )
+      measured = measure_variants(
+        configs,
         warmup_batches=FLAGS.warmup_batches,
         windows=FLAGS.windows,
         window_seconds=FLAGS.window_seconds,
       )
       stages, stored_bytes = {}, None
       if FLAGS.breakdown_examples:
-        stages, stored_bytes = stage_costs(config, FLAGS.breakdown_examples)
-      image_size = config.data.image_size
-      result = {
-        'dataset': name,
-        'stored': case.stored,
-        'batch_size': throughput.batch_size,
-        'image_size': image_size,
-        'throughput': throughput,
-        'cores_needed': cores_needed(throughput, image_size),
-        'stages': stages,
-        'stored_bytes': stored_bytes,
-      }
-      results.append(result)
-      print(
-        f'{name}: {throughput.rate:,.0f} images/s (windows '
-        f'{", ".join(f"{rate:,.0f}" for rate in throughput.images_per_sec)}), '
-        f'{throughput.per_core:,.0f} images/s per core',
-        flush=True,
-      )
-      append_json(
-        FLAGS.json_out,
-        {
-          'benchmark': 'input_pipeline',
-          'config': case.config,
-          'overrides': overrides,
-          'num_examples': FLAGS.num_examples,
-          **machine,
-          **{key: value for key, value in result.items() if key != 'throughput'},
-          'images_per_sec': throughput.images_per_sec,
-          'cpu_seconds_per_image': throughput.cpu_per_image,
-        },
-      )
+        stages, stored_bytes = stage_costs(configs[FLAGS.variants[0]], FLAGS.breakdown_examples)
+      for variant, throughput in measured.items():
+        image_size = configs[variant].data.image_size
+        result = {
+          'dataset': name,
+          'variant': variant,
+          'stored': case.stored,
+          'batch_size': throughput.batch_size,
+          'image_size': image_size,
+          'start_seconds': throughput.start_seconds,
+          'throughput': throughput,
+          'cores_needed': cores_needed(throughput, image_size),
+          'stages': stages if variant == FLAGS.variants[0] else {},
+          'stored_bytes': stored_bytes,
+        }
+        results.append(result)
+        print(
+          f'{name} {variant}: {throughput.rate:,.0f} images/s (windows '
+          f'{", ".join(f"{rate:,.0f}" for rate in throughput.images_per_sec)}), '
+          f'{throughput.per_core:,.0f} images/s per core, first batch after '
+          f'{throughput.start_seconds:.1f} s',
+          flush=True,
+        )
+        append_json(
+          FLAGS.json_out,
+          {
+            'benchmark': 'input_pipeline',
+            'config': case.config,
+            'overrides': overrides | VARIANTS[variant],
+            'num_examples': FLAGS.num_examples,
+            **machine,
+            **{key: value for key, value in result.items() if key != 'throughput'},
+            'images_per_sec': throughput.images_per_sec,
+            'cpu_seconds_per_image': throughput.cpu_per_image,
+          },
+        )
   print(tables(results))
 
 
 if __name__ == '__main__':
   flags.DEFINE_list('datasets', list(CASES), ', '.join(CASES))
+  flags.DEFINE_list('variants', list(VARIANTS), ', '.join(VARIANTS))
   flags.DEFINE_integer(
     'num_examples', 512, "Examples in each synthetic dataset's training split (its only split)."
   )

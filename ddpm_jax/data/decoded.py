@@ -62,13 +62,18 @@ def decode_split(
       labels[indices] = batch['label']
 
   if num_workers:
-    with workers.WorkerPool(source, with_labels=with_labels, num_workers=num_workers) as pool:
-      # At most 2 chunks a worker in flight: their batches wait in memory until stored.
+    with workers.WorkerPool(
+      source,
+      with_labels=with_labels,
+      num_workers=num_workers,
+      batch_size=CHUNK,
+      image_shape=images.shape[1:],
+    ) as pool:
       pending = []
       for indices in chunks:
-        pending.append((indices, pool.read(indices)))
-        if len(pending) >= 2 * num_workers:
+        if len(pending) == pool.slots:
           store(*_result(pending.pop(0)))
+        pending.append((indices, pool.read(indices)))
       for item in pending:
         store(*_result(item))
   else:

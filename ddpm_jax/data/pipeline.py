@@ -283,11 +283,18 @@ def train_batches(
 
   def batches_from_workers() -> Iterator[tuple[int, Batch]]:
     # Two batches a worker in flight, taken in the order of their steps.
-    with workers.WorkerPool(source, with_labels=with_labels, num_workers=pool_size) as pool:
+    data = config.data
+    with workers.WorkerPool(
+      source,
+      with_labels=with_labels,
+      num_workers=pool_size,
+      batch_size=order.local_batch_size(global_batch_size, process_count),
+      image_shape=(data.image_size, data.image_size, data.num_channels),
+    ) as pool:
       steps = itertools.count(start_step)
       pending = collections.deque()
       while True:
-        while len(pending) < 2 * pool_size:
+        while len(pending) < pool.slots:
           step = next(steps)
           pending.append((step, pool.read(indices(step))))
         step, batch = pending.popleft()
