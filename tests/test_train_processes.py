@@ -8,6 +8,8 @@ import subprocess
 import time
 
 import numpy as np
+import PIL.Image
+import psutil
 import pytest
 from helpers import (
   assert_trees_equal,
@@ -18,6 +20,9 @@ from helpers import (
   run_main,
   subprocess_env,
 )
+from train import load_config
+
+from ddpm_jax import data
 
 # One uninterrupted run on 1 device is the reference of the subprocess tests: its losses, logged
 # at every step, for the device and process counts (whose runs are shorter: the data order and
@@ -110,9 +115,24 @@ def test_killed_class_conditional_run_resumes_bitwise(tmp_path):
   kill_and_resume(tmp_path, signal.SIGKILL, extra, (step, params, None))
 
 
-def kill_and_resume(tmp_path, sig, extra, reference_run):
+def test_run_reading_a_folder_on_workers_is_the_digits_run(tmp_path, reference_run):
+  # The digits' train split written as PNG files named in the split's order, read by a folder
+  # dataset on 2 worker processes (not decoded once): the same batches, so a run killed with
+  # SIGTERM (its workers with it) and resumed ends with the digits run's params, bit for bit.
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  images = data.create_source(load_config('digits'), 'train').images
+  for i, image in enumerate(images):
+    PIL.Image.fromarray(image[..., 0]).save(folder / f'{i:04d}.png')
+  extra = {'data.dataset': 'folder', 'data.image_dir': str(folder), 'data.cache_gib': 0}
+  extra['data.num_workers'] = 2
+  kill_and_resume(tmp_path, signal.SIGTERM, extra, reference_run, num_workers=2)
+
+
+def kill_and_resume(tmp_path, sig, extra, reference_run, num_workers=0):
   """Kills a run of `extra` overrides after its checkpoint at step 5 with `sig`, resumes it, and
-  checks that it ends with the params of `reference_run`."""
+  checks that it ends with the params of `reference_run`, and that none of its `num_workers`
+  input workers outlived it."""
   num_steps = REFERENCE_STEPS
   workdir = tmp_path / 'killed'
   proc = subprocess.Popen(
@@ -123,8 +143,16 @@ def kill_and_resume(tmp_path, sig, extra, reference_run):
     text=True,
   )
   _wait_for_checkpoint(workdir, proc, 5)
+  workers = [
+    child
+    for child in psutil.Process(proc.pid).children()
+    if 'spawn_main' in ' '.join(child.cmdline())  # The input pipeline's (ddpm_jax/data/workers.py).
+  ]
+  assert len(workers) == num_workers
   proc.send_signal(sig)
   _, stderr = proc.communicate(timeout=300)
+  psutil.wait_procs(workers, timeout=10)
+  assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
   saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   if sig == signal.SIGTERM:
     # A clean exit that saved at the step it had reached.
