@@ -214,3 +214,12 @@ def test_no_worker_outlives_its_parent(tmp_path, kill):
   finally:
     if parent.poll() is None:
       os.killpg(parent.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+  ('field', 'value'),
+  [('num_workers', -1), ('cache_gib', -0.5), ('prepared_dir', '')],
+)
+def test_bad_pipeline_settings_are_refused_naming_the_field(field, value):
+  with pytest.raises(ValueError, match=rf'config\.data\.{field} must be .*, got {value!r}'):
+    data_lib.check_config(make_config(**{field: value}))

@@ -203,22 +203,22 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
   return process_index, process_count
 
 
-def num_workers(config: ml_collections.ConfigDict) -> int:
+def _num_workers(config: ml_collections.ConfigDict) -> int:
   """`config.data.num_workers`, None replaced by `workers.default_num_workers()`."""
   value = config.data.num_workers
   return workers.default_num_workers() if value is None else value
 
 
 def _training_source(config: ml_collections.ConfigDict, with_labels: bool) -> core.Source:
-  """The training split, decoded once where `config.data` asks for it and it pays (`decoded`):
-  into a prepared copy in `prepared_dir`, else into memory within `cache_gib`; else read from
-  the dataset at every step."""
+  """The training split, decoded once where `config.data` asks for it (`decoded`): into a
+  prepared copy in `prepared_dir`, else into memory where it fits `cache_gib`; else the dataset,
+  read at every step."""
   data = config.data
   source = create_source(config, data.split)
   if isinstance(source, core.InMemorySource):  # The digits.
     return source
   size = decoded.split_bytes(len(source), data.image_size, data.num_channels)
-  options = {'with_labels': with_labels, 'num_workers': num_workers(config)}
+  options = {'with_labels': with_labels, 'num_workers': _num_workers(config)}
   if data.prepared_dir is not None:
     settings = split_settings(config, data.split)
     return decoded.prepared(source, settings, data.prepared_dir, **options)
@@ -265,7 +265,7 @@ def train_batches(
   order.local_batch_size(global_batch_size, process_count)  # Raise here, not on the thread.
   with_labels = _num_classes(config) > 0
   source = _training_source(config, with_labels)
-  pool_size = 0 if isinstance(source, core.InMemorySource) else num_workers(config)
+  pool_size = 0 if isinstance(source, core.InMemorySource) else _num_workers(config)
 
   def indices(step: int) -> np.ndarray:
     return order.train_indices(
