@@ -315,9 +315,7 @@ def recorded_figures(path: str | None, slice_name: str) -> dict[tuple, Figures]:
       same = record['slice'] == slice_name and all(k in record for k in fields)
       if same and all(record.get(k) == v for k, v in VERSIONS.items()):
         settings = {k: v for k, v in record.items() if k not in context}
-        figures[record_key(record['program'], settings)] = Figures(
-          **{k: record[k] for k in fields if k in record}
-        )
+        figures[record_key(record['program'], settings)] = Figures(**{k: record[k] for k in fields})
   return figures
 
 
