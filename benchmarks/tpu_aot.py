@@ -258,9 +258,12 @@ def largest_batch(
   whose program fits HBM; exact where does_not = fits + num_devices, None where the search
   stopped at `max_compiles` compiles before finding one that does not fit.
 
-  The memory of 4 and 8 images per device gives a line; its prediction is compiled, then one
-  more image per device; while the bracket is wider than that, it is halved. `figures_at(batch)`
-  compiles (or recalls) the program of a global batch: None where the compiler ran out of HBM.
+  The memory of 4 and 8 images per device gives a line (where the smaller batch takes more,
+  as XLA may lay it out otherwise, the temporaries of 8 are taken to grow in proportion); its
+  prediction is compiled, then one image a device more (or less, where it did not fit); a bracket
+  wider than that is halved, and while everything fits the batch grows by a quarter.
+  `figures_at(batch)` compiles (or recalls) the program of a global batch: None where the
+  compiler ran out of HBM.
   """
   compiled: dict[int, Figures | None] = {}
 
@@ -276,24 +279,25 @@ def largest_batch(
     return None
   large = try_batch(8)
   if large is None:
-    lo, hi = 4, 8
+    lo, hi, predicted = 4, 8, None
   else:
-    per_image = (large.hbm_bytes - small.hbm_bytes) / 4
-    predicted = int(4 + (slice_.hbm_bytes - small.hbm_bytes) / per_image) if per_image > 0 else 8
     lo, hi = 8, None
-    for per_device in (max(predicted, 9), max(predicted, 9) + 1):
-      if len(compiled) >= max_compiles:
-        break
-      if try_batch(per_device) is None:
-        hi = per_device
-        break
-      lo = per_device
-  while hi is not None and hi - lo > 1 and len(compiled) < max_compiles:
-    middle = (lo + hi) // 2
-    if try_batch(middle) is None:
-      hi = middle
+    per_image = (large.hbm_bytes - small.hbm_bytes) / 4
+    if per_image <= 0:  # XLA laid the smaller batch out worse: the temporaries of 8 scale.
+      per_image = large.temp_bytes / 8
+    predicted = max(9, int(8 + (slice_.hbm_bytes - large.hbm_bytes) / per_image))
+  candidate = predicted or 6
+  while len(compiled) < max_compiles and (hi is None or hi - lo > 1):
+    if try_batch(candidate) is None:
+      hi = candidate
     else:
-      lo = middle
+      lo = candidate
+    if hi is None:  # All fit so far: one more image a device, then a quarter more.
+      candidate = lo + 1 if lo == predicted else lo + max(1, lo // 4)
+    elif hi == predicted and lo < hi - 1:  # The prediction did not fit: one less.
+      candidate = hi - 1
+    else:
+      candidate = (lo + hi) // 2
   return lo * num_devices, None if hi is None or hi - lo > 1 else hi * num_devices
 
 

@@ -97,16 +97,21 @@ def test_xla_estimate_leaves_out_the_ops_it_counts_as_minus_one_second(mesh):
 def _memory_model(base_gib: float, per_image_gib: float, step_at: int | None = None):
   """figures_at(batch) of a program whose per-chip HBM is base + per_image * (its images), plus
   a 4 GiB jump from `step_at` images per chip on (as when XLA changes a buffer's layout), None
-  (the compiler's out-of-HBM) beyond twice the chip; and the batches it was asked for."""
+  (the compiler's out-of-HBM) beyond twice the chip; base None: 12 GiB at 4 images per chip,
+  more than at 8. And the batches it was asked for."""
   asked = []
 
   def figures_at(batch):
     asked.append(batch)
     per_chip = batch // 8
-    gib = base_gib + per_image_gib * per_chip + (4 if step_at and per_chip >= step_at else 0)
+    if base_gib is None:  # 12 GiB at 4 per chip; from 8 on, 2 + per_image temporaries an image.
+      gib = 12.0 if per_chip == 4 else 2 + per_image_gib * per_chip
+    else:
+      gib = base_gib + per_image_gib * per_chip + (4 if step_at and per_chip >= step_at else 0)
     if gib > 2 * SLICE.hbm_bytes / tpu_aot.GiB:
       return None
-    return tpu_aot.Figures(0.0, int(gib * tpu_aot.GiB), 0, 0, 0, None, None, None)
+    temp = int(per_image_gib * per_chip * tpu_aot.GiB)
+    return tpu_aot.Figures(0.0, int(gib * tpu_aot.GiB), 0, 0, temp, None, None, None)
 
   return figures_at, asked
 
@@ -118,10 +123,13 @@ def _memory_model(base_gib: float, per_image_gib: float, step_at: int | None = N
     # fits and 22 does not, in 4 compiles.
     (3.0, 0.6, None, (21 * 8, 22 * 8), [32, 64, 168, 176]),
     # The jump at 15 per chip (3 + 0.6 * 15 + 4 = 16.0 GiB fits, 16.6 at 16 does not): the
-    # prediction 21 does not fit, and halving 8..21 finds 15 | 16.
-    (3.0, 0.6, 15, (15 * 8, 16 * 8), [32, 64, 168, 112, 136, 120, 128]),
+    # prediction 21 does not fit, nor 20, and halving 8..20 finds 15 | 16.
+    (3.0, 0.6, 15, (15 * 8, 16 * 8), [32, 64, 168, 160, 112, 136, 120, 128]),
     # 8 per chip already does not fit (4 + 1.6 * 8 = 16.8 GiB): halving 4..8 finds 7 | 8.
     (4.0, 1.6, None, (7 * 8, 8 * 8), [32, 64, 48, 56]),
+    # 4 per chip takes more than 8 (as XLA laid the v5e-8's 256x256 call out at batch 32: 11.65
+    # GiB against 8.29 at 64): 8's temporaries, 0.75 GiB an image, predict 8 + 8 / 0.75 = 18.7.
+    (None, 0.75, None, (18 * 8, 19 * 8), [32, 64, 144, 152]),
     # 4 per chip does not fit: there is no answer, and 8 is not tried.
     (12.0, 1.1, None, None, [32]),
   ],
