@@ -255,8 +255,8 @@ def largest_batch(
   max_compiles: int,
 ) -> tuple[int, int | None] | None:
   """(fits, does_not) global batches, multiples of the device count, that bracket the largest one
-  whose program fits HBM; exact where does_not = fits + num_devices, None where the search
-  stopped at `max_compiles` compiles before finding one that does not fit.
+  whose program fits HBM: exact where does_not = fits + num_devices, wider where the search
+  stopped at `max_compiles` compiles, does_not None where none of them failed to fit.
 
   The memory of 4 and 8 images per device gives a line (where the smaller batch takes more,
   as XLA may lay it out otherwise, the temporaries of 8 are taken to grow in proportion); its
@@ -298,16 +298,17 @@ def largest_batch(
       candidate = hi - 1
     else:
       candidate = (lo + hi) // 2
-  return lo * num_devices, None if hi is None or hi - lo > 1 else hi * num_devices
+  return lo * num_devices, None if hi is None else hi * num_devices
 
 
 def record_key(program: str, settings: dict) -> tuple:
   return program, tuple(sorted((k, str(v)) for k, v in settings.items()))
 
 
-def recorded_figures(path: str | None, slice_name: str) -> dict[tuple, Figures]:
+def recorded_figures(path: str | None, slice_name: str) -> dict[tuple, Figures | None]:
   """{record_key: figures} of the programs that `path` (--json_out) records for the slice with
-  this jax and libtpu (JAX's compilation cache cannot load a compile-only program back)."""
+  this jax and libtpu (JAX's compilation cache cannot load a compile-only program back); None
+  for one that ran the compiler out of HBM."""
   if not path or not os.path.exists(path):
     return {}
   fields = [field.name for field in dataclasses.fields(Figures)]
@@ -316,10 +317,13 @@ def recorded_figures(path: str | None, slice_name: str) -> dict[tuple, Figures]:
   figures = {}
   with open(path) as f:
     for record in map(json.loads, f):
-      same = record['slice'] == slice_name and all(k in record for k in fields)
+      complete = all(k in record for k in fields)
+      out_of_hbm = 'fits' in record and not complete  # `report` records no figures then.
+      same = record['slice'] == slice_name and (complete or out_of_hbm)
       if same and all(record.get(k) == v for k, v in VERSIONS.items()):
         settings = {k: v for k, v in record.items() if k not in context}
-        figures[record_key(record['program'], settings)] = Figures(**{k: record[k] for k in fields})
+        key = record_key(record['program'], settings)
+        figures[key] = Figures(**{k: record[k] for k in fields}) if complete else None
   return figures
 
 
