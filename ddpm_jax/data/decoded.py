@@ -69,22 +69,12 @@ def decode_split(
       batch_size=CHUNK,
       image_shape=images.shape[1:],
     ) as pool:
-      pending = []
-      for indices in chunks:
-        if len(pending) == pool.slots:
-          store(*_result(pending.pop(0)))
-        pending.append((indices, pool.read(indices)))
-      for item in pending:
-        store(*_result(item))
+      for indices, batch in zip(chunks, pool.read_in_order(chunks), strict=True):
+        store(indices, batch)
   else:
     for indices in chunks:
       store(indices, workers.read_examples(source, indices, with_labels))
   return labels
-
-
-def _result(item: tuple) -> tuple:
-  indices, future = item
-  return indices, future.result()
 
 
 def in_memory(

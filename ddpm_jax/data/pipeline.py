@@ -10,7 +10,6 @@ else on the processes of `workers`; both are read ahead on a thread (`prefetch`)
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import difflib
 import itertools
@@ -292,13 +291,8 @@ def train_batches(
       image_shape=(data.image_size, data.image_size, data.num_channels),
     ) as pool:
       steps = itertools.count(start_step)
-      pending = collections.deque()
-      while True:
-        while len(pending) < pool.slots:
-          step = next(steps)
-          pending.append((step, pool.read(indices(step))))
-        step, batch = pending.popleft()
-        yield step, batch.result()
+      read = pool.read_in_order(map(indices, itertools.count(start_step)))
+      yield from zip(steps, read, strict=False)  # Both endless.
 
   return prefetch.PrefetchIterator(batches_from_workers() if pool_size else batches(), buffer_size)
 

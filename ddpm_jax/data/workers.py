@@ -21,6 +21,7 @@ checkpoint at SIGTERM, still taking batches).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import math
 import multiprocessing
@@ -28,6 +29,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -119,6 +121,17 @@ class WorkerPool:
     example names itself). Call it from one thread, with at most `slots` reads in flight."""
     slot = self._free.pop()
     return PendingBatch(self, slot, len(indices), self._executor.submit(_read, slot, indices))
+
+  def read_in_order(self, index_batches: Iterable[np.ndarray]) -> Iterator[dict]:
+    """The batches of `index_batches` (each as `read` gives it), in their order, with up to
+    `slots` of them read ahead."""
+    pending = collections.deque()
+    for indices in index_batches:
+      if len(pending) == self.slots:
+        yield pending.popleft().result()
+      pending.append(self.read(indices))
+    while pending:
+      yield pending.popleft().result()
 
   def close(self) -> None:
     """Stops the workers (what they were reading is dropped) and waits for them."""
