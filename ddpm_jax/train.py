@@ -138,14 +138,20 @@ def create_train_step(
         inputs = (x, t) if labels is None else (x, t, labels)
         return model.apply({'params': params}, *inputs, train=True, rngs={'dropout': dropout_rng})
 
-      return jnp.mean(diffusion.training_losses(model_fn, x_start, t, noise))
+      with jax.named_scope('loss'):
+        return jnp.mean(diffusion.training_losses(model_fn, x_start, t, noise))
 
+    # The scopes name the ops in the compiled program (benchmarks/hlo_bytes.py).
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope('optimizer'):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     # The original starts the EMA as a copy: decay 1e-10 at the first step.
     decay = jnp.where(state.step == 0, 1e-10, ema_decay) if ema_starts_as_copy else ema_decay
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    with jax.named_scope('ema'):
+      ema_params = jax.tree.map(
+        lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
+      )
     new_state = TrainState(
       step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
     )
