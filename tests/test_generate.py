@@ -372,3 +372,37 @@ def test_conditional_samples_save_their_labels_and_a_row_per_class(tmp_path):
   grid = np.asarray(PIL.Image.open(tmp_path / 'samples' / f'{name}.png'))
   assert grid.shape == (8 * (9 * 2 + 1), 8 * (9 * 5 + 1))  # 2 rows (3 and 5) of 5 samples.
   assert len(paths) == len(OUTPUTS)
+
+
+def test_inpaint_and_sdedit_write_grids_that_keep_the_known_region(trained_workdir, tmp_path):
+  # RePaint (respaced, 10 steps, n = 2, r = 2) on 3 test digits with the bottom half masked, and
+  # SDEdit at strength 0.5. Expected: the npz of each, and a PNG grid of 3 rows (one per image)
+  # of 3 columns (original, masked or diffused, result); the originals are the first 3 test
+  # digits; the inpainted results keep their top half exactly (uint8), and differ below.
+  workdir = copy_checkpoints(trained_workdir, tmp_path)
+  overrides = {
+    'sampling.kinds': 'inpaint,sdedit',
+    'sampling.sampler': 'respaced',
+    'sampling.steps': 10,
+    'sampling.jump_length': 2,
+    'sampling.jump_n_sample': 2,
+    'sampling.edit_num_images': 3,
+  }
+  paths = generate.sample(sample_config(**overrides), str(workdir))
+  inpaint = f'inpaint_respaced10_bottom_half_jump2x2_{SUFFIX}'
+  sdedit = f'sdedit_respaced10_strength0.5_{SUFFIX}'
+  names = [f'{inpaint}.npz', f'{inpaint}.png', f'{sdedit}.npz', f'{sdedit}.png']
+  assert paths == [str(workdir / 'samples' / name) for name in names]
+  originals = data.create_source(sample_config(), 'test')[np.arange(3)]
+  with np.load(workdir / 'samples' / names[0]) as npz:
+    np.testing.assert_array_equal(npz['originals'], originals)
+    assert npz['masks'].shape == (3, 8, 8, 1) and npz['masks'][:, :4].all()
+    assert not npz['masks'][:, 4:].any()
+    np.testing.assert_array_equal(npz['results'][:, :4], originals[:, :4])
+    assert not np.array_equal(npz['results'][:, 4:], originals[:, 4:])
+  with np.load(workdir / 'samples' / names[2]) as npz:
+    np.testing.assert_array_equal(npz['originals'], originals)
+    assert npz['results'].shape == (3, 8, 8, 1) and int(npz['timestep']) == 44  # ts[4] of 10.
+  for name in names[1::2]:
+    grid = np.asarray(PIL.Image.open(workdir / 'samples' / name))
+    assert grid.shape == (8 * (9 * 3 + 1), 8 * (9 * 3 + 1)), name
