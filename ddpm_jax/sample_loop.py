@@ -1,7 +1,8 @@
 """The compiled sample loop, run in chunks, and the one loop that draws batches of samples.
 
 Training (its sample grids), `--mode=sample` and `--mode=eval` all draw samples here, with a
-sampler of `ddpm_jax/samplers.py` (its `StepFn`; the math is in `ddpm_jax/diffusion.py`).
+sampler of `ddpm_jax/samplers.py` (its `StepFn`; the math is in `ddpm_jax/diffusion.py`); the
+edits of `--mode=sample` (`ddpm_jax/editing.py`) run on the same compiled loop.
 
 Compiled loops. A sampler is one compiled `run_chunk(params, x, pred_xstart, loop_rng, start,
 stop)` that runs its steps [start, stop) in a `lax.fori_loop`; `ChunkedLoop` calls it on

@@ -16,8 +16,9 @@ its results. Adding a sampler is adding a definition here (and its step function
 All but ancestral make `config.sampling.steps` network evaluations per sample.
 
 `check_sampler` checks the sampler settings (every mode that samples: the grids of training
-too), `check_config` all of `config.sampling` (--mode=sample), before anything compiles; each
-error names the field.
+too), `check_config` all of `config.sampling` but the fields of the editing kinds
+(`ddpm_jax/editing.py` checks those) (--mode=sample), before anything compiles; each error
+names the field.
 """
 
 from __future__ import annotations
