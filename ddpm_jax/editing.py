@@ -84,9 +84,9 @@ class RePaint:
 
   def levels(self, num_steps: int) -> np.ndarray:
     """int [M + 1]: the levels of the walk on K = num_steps steps, from K to 0; move i goes from
-    levels[i] to levels[i + 1], one level down (a step of the sampler) or up (a jump). There are
-    K + (r - 1) n ceil((K - n) / n) steps down (for K > n) and (r - 1) n of them up per level
-    j*n, 0 <= j*n < K - n."""
+    levels[i] to levels[i + 1], one level down (a step of the sampler) or up (a jump). For K > n
+    there are K + (r - 1) n ceil((K - n) / n) steps down and (r - 1) n ceil((K - n) / n) up:
+    (r - 1) n from each level j n, 0 <= j n < K - n."""
     jump_levels = range(0, num_steps - self.jump_length, self.jump_length)
     jumps_left = {level: self.jump_n_sample - 1 for level in jump_levels}
     level, levels = num_steps, [num_steps]

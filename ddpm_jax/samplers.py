@@ -76,8 +76,8 @@ class Sampler:
     return num_timesteps
 
   def timesteps(self, num_timesteps: int) -> np.ndarray:
-    """int [K], increasing: the timestep at which step K-1-k calls the network, which takes x
-    from level k + 1 (diffused to timestep k) to level k (level 0: the data)."""
+    """ts, int [K], increasing: step K-1-k calls the network at ts[k] and takes x from level
+    k + 1 (x diffused to ts[k]) to level k (level 0: the data; `ddpm_jax/editing.py`)."""
     return np.arange(num_timesteps)
 
   def step_fn(
