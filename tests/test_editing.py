@@ -277,6 +277,34 @@ def test_named_masks():
   assert 0 < boxes.sum() < 64
 
 
+def test_images_and_mask_image_are_read_as_given(tmp_path):
+  # Expected: the first edit_num_images of an npz's `images` and of a folder's files in path
+  # order, unchanged (RGB files become greyscale by luma for a 1-channel model); a mask image's
+  # white (>= 128) kept and black inpainted, the same for every image.
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 8, 8, 1), np.uint8)
+  image_io.save_npz(tmp_path / 'in.npz', images=images)
+  (tmp_path / 'folder').mkdir()
+  for i, image in enumerate(images):
+    PIL.Image.fromarray(image[..., 0]).save(tmp_path / 'folder' / f'{i}.png')
+  PIL.Image.fromarray(np.repeat(images[0], 3, axis=-1)).save(tmp_path / 'folder' / '9_rgb.png')
+  mask = np.zeros((8, 8), np.uint8)
+  mask[:, 5:] = 255
+  PIL.Image.fromarray(mask).save(tmp_path / 'mask.png')
+  for source, num, expected in [
+    ('in.npz', 3, images[:3]),
+    ('folder', 6, np.concatenate([images, images[:1]])),
+  ]:
+    config = tiny_digits_config(
+      1, **{'sampling.edit_images': str(tmp_path / source), 'sampling.edit_num_images': num}
+    )
+    np.testing.assert_array_equal(editing.load_images(config), expected, err_msg=source)
+  config.sampling.inpaint_mask = str(tmp_path / 'mask.png')
+  masks = editing.make_masks(config, 2)
+  assert masks.shape == (2, 8, 8, 1) and masks[:, :, 5:].all() and not masks[:, :, :5].any()
+  assert editing.mask_tag(config.sampling.inpaint_mask) == 'mask_mask'
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: refused before anything compiles, naming the field.
 # ----------------------------------------------------------------------------------------------
