@@ -158,6 +158,23 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.interpolation_steps = 11  # lambda = 0, 0.1, ..., 1,
   # between consecutive pairs of these images of the eval split (train if there is none).
   sampling.interpolation_images = (0, 1, 2, 3)
+  # The editing kinds (ddpm_jax/editing.py), with `sampler`: 'inpaint' (RePaint) and 'sdedit'.
+  # Their images: None (the dataset's eval split, train if there is none), an .npz (array
+  # 'images', uint8 [N, H, W, C]) or a folder of PNG / JPEG files, of the model's size; the
+  # first edit_num_images of them.
+  sampling.edit_images = ml_collections.config_dict.placeholder(str)
+  sampling.edit_num_images = 16
+  # What 'inpaint' fills in: 'center', 'left_half', 'bottom_half', 'random_boxes' (3 an image,
+  # drawn from the seed), or a mask image of the model's size (white kept, black inpainted).
+  sampling.inpaint_mask = 'bottom_half'
+  # RePaint's resampling (Lugmayr et al. 2022): after every jump_length levels down, jump back
+  # up that many, jump_n_sample - 1 times (1: no resampling). The paper's and diffusers' 10, 10.
+  # 'inpaint' takes the samplers 'ancestral', 'respaced' (the paper's: 250 steps) and 'ddim'.
+  sampling.jump_length = 10
+  sampling.jump_n_sample = 10
+  # 'sdedit' (Meng et al. 2022): the images are diffused to t0 = strength T (in (0, 1]; 1 is
+  # sampling from noise) and denoised by the sampler's last strength * steps steps.
+  sampling.sdedit_strength = 0.5
 
   # --mode=eval (ddpm_jax/evaluation.py): the paper's protocol.
   config.eval = evaluation = ml_collections.ConfigDict()

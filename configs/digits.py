@@ -8,6 +8,10 @@ Then 64 samples and the progressive figure of paper Fig. 6, and the evaluation (
 digits measure):
   python main.py --config=configs/digits.py --mode=sample --workdir=/tmp/ddpm_digits
   python main.py --config=configs/digits.py --mode=eval --workdir=/tmp/ddpm_digits
+Inpainting (RePaint: the bottom half of 16 test digits) and SDEdit (README, "Edit images"):
+  python main.py --config=configs/digits.py --mode=sample --workdir=/tmp/ddpm_digits \
+      --config.sampling.kinds=inpaint,sdedit --config.sampling.sampler=respaced \
+      --config.sampling.steps=250 --config.sampling.sdedit_strength=0.3
 The diffusion is the paper's (linear betas 1e-4..0.02, T = 1000, eps prediction, fixedlarge);
 the network (1.0M parameters) and the optimizer are sized for 1,497 tiny grey images and a CPU: a
 larger learning rate with a short warmup and a cosine decay, and a fast EMA. Samples are drawn

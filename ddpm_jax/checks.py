@@ -8,7 +8,8 @@ below, so that the first bad field is named before a program compiles:
                      types;
   the mode's own     passed in by the mode, which owns them: `train.check_config` (config.training
                      and the sampler of its grids), `samplers.check_config` (all of
-                     config.sampling, for --mode=sample), `evaluation.check_config` (config.eval
+                     config.sampling, for --mode=sample, with `editing.check_config` for the
+                     fields of its editing kinds), `evaluation.check_config` (config.eval
                      and the sampler of its samples).
 The checks that need a workdir or a checkpoint (resuming, `training.init_from`) run as they are
 restored, still before anything compiles. `validation` holds the primitives the checks share.

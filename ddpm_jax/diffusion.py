@@ -190,14 +190,28 @@ def threshold(pred_xstart: jax.Array, thresholding: str) -> jax.Array:
   return pred_xstart
 
 
+def subsequence_betas(betas: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+  """float64 [K]: the betas of the process on the increasing timesteps S = `timesteps` [K],
+  beta'_k = 1 - abar_{S_k} / abar_{S_{k-1}} (abar_{S_{-1}} = 1), from `betas` [T] in float64:
+  log(abar_{S_k} / abar_{S_{k-1}}) is the sum of log(1 - beta_j) over S_{k-1} < j <= S_k."""
+  log_alphas = np.log1p(-np.asarray(betas, np.float64))
+  segments = np.add.reduceat(log_alphas, np.concatenate([[0], np.asarray(timesteps)[:-1] + 1]))
+  return -np.expm1(segments)
+
+
 def dpm_solver_coefficients(
-  sqrt_alphas_cumprod: np.ndarray, sqrt_one_minus_alphas_cumprod: np.ndarray, num_steps: int
+  sqrt_alphas_cumprod: np.ndarray,
+  sqrt_one_minus_alphas_cumprod: np.ndarray,
+  num_steps: int,
+  first_step: int = 0,
 ) -> np.ndarray:
   """float32 [K, 3]: per step i of DPM-Solver++(2M), the coefficients (a_i, b_i, c_i) of
   x_{i+1} = a_i x_i + b_i ((1 + c_i) x0_i - c_i x0_{i-1}), computed in float64 from the tables
   alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) (`GaussianDiffusion.dpm_solver_step` has
   the equations): a_i = sigma_{i+1} / sigma_i, b_i = -alpha_{i+1} expm1(-h_i), c_i = 1 / (2 r_i)
-  for 0 < i < K-1 and 0 for the first-order first and last steps; the last is (0, 1, 0)."""
+  for first_step < i < K-1 and 0 for the first-order first and last steps; the last is
+  (0, 1, 0). first_step: the step a loop starts at (SDEdit starts part-way), which has no x_0
+  prediction before it."""
   alpha = np.asarray(sqrt_alphas_cumprod, np.float64)
   sigma = np.asarray(sqrt_one_minus_alphas_cumprod, np.float64)
   taus = dpm_solver_timesteps(alpha.size, num_steps)[::-1]
@@ -208,7 +222,7 @@ def dpm_solver_coefficients(
   for i in range(num_steps - 1):
     coefficients[i, 0] = sigma[taus[i + 1]] / sigma[taus[i]]
     coefficients[i, 1] = -alpha[taus[i + 1]] * np.expm1(-h[i])
-    if i > 0:
+    if i > first_step:
       coefficients[i, 2] = h[i] / (2.0 * h[i - 1])
   return coefficients.astype(np.float32)
 
@@ -576,12 +590,8 @@ class GaussianDiffusion:
         "The respaced sampler cannot use model_var_type 'learned': its output is the variance "
         "of one step of T; use 'learned_range', a fixed variance, or another sampler."
       )
-    timesteps = respaced_timesteps(self.num_timesteps, num_steps)
-    log_alphas = np.log1p(-np.asarray(self.betas, np.float64))
-    # log(abar_{S_k} / abar_{S_{k-1}}): the sum of log(1 - beta_j) over S_{k-1} < j <= S_k.
-    segments = np.add.reduceat(log_alphas, np.concatenate([[0], timesteps[:-1] + 1]))
     return GaussianDiffusion.create(
-      -np.expm1(segments),
+      subsequence_betas(self.betas, respaced_timesteps(self.num_timesteps, num_steps)),
       model_mean_type=self.model_mean_type,
       model_var_type=self.model_var_type,
       loss_type=self.loss_type,
@@ -623,7 +633,7 @@ class GaussianDiffusion:
     return step
 
   def dpm_solver_step(
-    self, model_fn: ModelFn, *, num_steps: int, thresholding: str = 'static'
+    self, model_fn: ModelFn, *, num_steps: int, thresholding: str = 'static', first_step: int = 0
   ) -> StepFn:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: multistep, second order, data prediction).
 
@@ -638,11 +648,12 @@ class GaussianDiffusion:
     taking D_i = x0_i (first order, DDIM) at the first step and at the last, which lands on the
     data: x_K = x0_{K-1}. thresholding: 'static' clips x0_hat to [-1, 1] (as the other samplers
     here do), 'dynamic' is Imagen's (Saharia et al. 2022), which the DPM-Solver++ paper
-    combines with its solver for pixel-space models, 'none' leaves it.
+    combines with its solver for pixel-space models, 'none' leaves it. first_step: the step the
+    loop starts at (SDEdit starts part-way: `ddpm_jax/editing.py`), taken first order too.
     """
     coefficients = jnp.asarray(
       dpm_solver_coefficients(
-        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, num_steps
+        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, num_steps, first_step
       )
     )
     timesteps = jnp.asarray(dpm_solver_timesteps(self.num_timesteps, num_steps))

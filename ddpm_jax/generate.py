@@ -23,16 +23,27 @@ to `<workdir>/samples/` each of the comma-separated `config.sampling.kinds`:
                    noise draw, and (1 - lambda) x_t + lambda x_t' for `interpolation_steps`
                    lambdas in [0, 1] are denoised from t by the reverse process; a row per pair:
                    x_0, the decoded images, x_0'.
+  inpaint          RePaint (`ddpm_jax/editing.py`): the `edit_num_images` images of
+                   `edit_images` with the region of `inpaint_mask` filled in by the sampler,
+                   with `jump_length` and `jump_n_sample`, as
+                   `inpaint_<sampler tag>_<mask>_jump<n>x<r>_<suffix>.npz` (`originals`,
+                   `masks`, `results`) and a PNG grid, a row per image: original, masked (grey
+                   where inpainted), result.
+  sdedit           SDEdit: the same images diffused by `sdedit_strength` and denoised by the
+                   sampler, as `sdedit_<sampler tag>_strength<s>_<suffix>.npz` (`originals`,
+                   `results`, `timestep`: t0) and a PNG grid: original, diffused, result.
 The figures use the ancestral sampler and are PNG grids; for a class-conditional model the rows
 of the progressive figure and the samples of the denoising chain take the classes in turn, and
-the interpolation is decoded by the unconditional model (the null class, unguided). Every path
-written is printed.
+the interpolation is decoded by the unconditional model (the null class, unguided), as the edits
+are unless `class_labels` names classes (then image i is edited as of the i-th in turn, guided).
+Every path written is printed.
 
 The samples and figures are drawn by the compiled loops of `ddpm_jax/sample_loop.py` (its
 docstring says how they are sharded and why they do not depend on chunking, devices or
 processes). Random keys are functions of `config.seed`: batch b of 'samples' starts from
 fold_in(key(seed), b) (`sample_loop.seed_batch_rng`), and a figure from
-fold_in(key(seed), FIGURE_KEYS[kind]), split as its function says.
+fold_in(key(seed), FIGURE_KEYS[kind]), split as its function says; batch b of an edit starts
+from fold_in(fold_in(key(seed), FIGURE_KEYS[kind]), b) (`edit`).
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ from ddpm_jax import (
   checks,
   conditioning,
   data,
+  editing,
   image_io,
   models,
   progress,
@@ -67,7 +79,13 @@ from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import mesh as mesh_lib
 
 # Key of a figure: fold_in(key(seed), FIGURE_KEYS[kind]), far above any batch index of 'samples'.
-FIGURE_KEYS = {'progressive': 2**30, 'denoising_chain': 2**30 + 1, 'interpolation': 2**30 + 2}
+FIGURE_KEYS = {
+  'progressive': 2**30,
+  'denoising_chain': 2**30 + 1,
+  'interpolation': 2**30 + 2,
+  'inpaint': 2**30 + 3,
+  'sdedit': 2**30 + 4,
+}
 MAX_GRID_IMAGES = 256  # The PNG grid of 'samples' shows at most this many.
 
 
@@ -196,6 +214,47 @@ def interpolation(
   return np.concatenate([x_start[:, 0], decoded, x_start[:, 1]], axis=1)
 
 
+def edit(
+  loop: sample_loop.ChunkedLoop,
+  init: Callable,
+  start: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array],
+  images: np.ndarray,
+  masks: np.ndarray | None,
+  rng: jax.Array,
+  *,
+  steps: tuple[int, int],
+  batch_size: int,
+  classes: conditioning.Conditioning | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Edits `images`, uint8 [N, H, W, C], in batches of `batch_size` (padded to the device
+  count): (starts, results), float32 [N, H, W, C] in [-1, 1] (the starts unclipped).
+
+  Batch b: (x_T, loop_rng) = init(shape, fold_in(rng, b)), x = start(x_T, x_start, mask) with
+  x_start the images in [-1, 1], then steps [first, stop) = `steps` of the loop. masks: bool
+  [N, H, W, 1], given to the loop's inpainting chunk function with x_start; None for SDEdit.
+  Image i of a class-conditional model is of class `classes.labels(i, 1)`; classes None: of
+  the unconditional model.
+  """
+  num_images = len(images)
+  batch_size = min(batch_size, mesh_lib.round_up(num_images, jax.device_count()))
+  starts, results = [], []
+  for b in range(-(-num_images // batch_size)):
+    rows = slice(b * batch_size, (b + 1) * batch_size)
+    padding = [(0, batch_size - len(images[rows]))] + [(0, 0)] * 3
+    x_T, loop_rng = init((batch_size, *images.shape[1:]), jax.random.fold_in(rng, b))
+    x_start = sample_loop.sharded_like(x_T, image_io.to_model_range(np.pad(images[rows], padding)))
+    mask = None if masks is None else sample_loop.sharded_like(x_T, np.pad(masks[rows], padding))
+    x = start(x_T, x_start, mask)
+    labels = None
+    if classes is not None:
+      labels = sample_loop.sharded_like(x_T, classes.labels(b * batch_size, batch_size))
+    known = None if masks is None else (x_start, mask)
+    starts.append(mesh_lib.gather(x)[: len(images[rows])])
+    x, _ = loop.run(x, loop_rng, *steps, labels=labels, known=known)
+    results.append(mesh_lib.gather(x)[: len(images[rows])])
+  return np.concatenate(starts), np.concatenate(results)
+
+
 def _labels(x: jax.Array, classes: conditioning.Conditioning | None) -> jax.Array | None:
   """The labels of the rows of x, sharded like it: `classes.labels(0, B)`; None for None."""
   if classes is None:
@@ -252,6 +311,8 @@ class _Setup:
   classes: conditioning.Conditioning | None
   class_names: tuple[str, ...] | None  # Of a class-conditional model: the run's, else the data's.
   test_images: np.ndarray | None  # `load_test_images`, for the interpolation.
+  edit_images: np.ndarray | None  # `editing.load_images`, for inpaint and sdedit.
+  edit_masks: np.ndarray | None  # `editing.make_masks`, for inpaint.
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -376,6 +437,78 @@ def _draw_interpolation(setup: _Setup, rng: jax.Array) -> np.ndarray:
     )
 
 
+def _draw_edit(setup: _Setup, kind: str) -> _Files:
+  """'inpaint' or 'sdedit' of the edit images with config.sampling's sampler and settings, as
+  an npz and a PNG grid of rows original | masked or diffused | result."""
+  config, diffusion = setup.config, setup.diffusion
+  sampling = config.sampling
+  sampler = samplers.from_config(config)
+  timesteps = sampler.timesteps(diffusion.num_timesteps)
+  num_steps = len(timesteps)
+  # The unconditional model, unless classes are asked for (module docstring).
+  classes = setup.classes if sampling.class_labels is not None else None
+  tag = samplers.samples_tag(sampler, classes)
+  originals = setup.edit_images
+  if kind == 'inpaint':
+    repaint = editing.RePaint.from_config(sampling)
+    steps, first_step, masks = (0, repaint.num_moves(num_steps)), 0, setup.edit_masks
+    start = functools.partial(editing.inpaint_start, diffusion, timestep=int(timesteps[-1]))
+    name = f'inpaint_{tag}_{editing.mask_tag(sampling.inpaint_mask)}_{repaint.tag}'
+  else:
+    repaint, masks = None, None
+    level = editing.sdedit_level(sampling.sdedit_strength, num_steps)
+    steps, first_step = (num_steps - level, num_steps), num_steps - level
+
+    def start(x_T, x_start, mask):
+      del mask  # None: SDEdit keeps no region.
+      return editing.sdedit_start(
+        diffusion,
+        x_T,
+        x_start,
+        timestep=int(timesteps[level - 1]),
+        from_noise=level == num_steps,
+      )
+
+    name = f'sdedit_{tag}_strength{sampling.sdedit_strength:g}'
+  run_chunk = sample_loop.create_chunk_fn(
+    diffusion,
+    setup.model,
+    setup.mesh,
+    sampler,
+    sampling.guidance_scale,
+    first_step=first_step,
+    inpainting=repaint,
+  )
+  with progress.bar(
+    -(-len(originals) // sampling.batch_size) * (steps[1] - steps[0]), kind, unit='step'
+  ) as bar:
+    starts, results = edit(
+      sample_loop.ChunkedLoop(run_chunk, setup.params, bar),
+      setup.init,
+      jax.jit(start, out_shardings=mesh_lib.batch_sharded(setup.mesh)),
+      originals,
+      masks,
+      figure_rng(config.seed, kind),
+      steps=steps,
+      batch_size=sampling.batch_size,
+      classes=classes,
+    )
+  x_start = image_io.to_model_range(originals)
+  if kind == 'inpaint':
+    middle = np.where(masks, x_start, 0.0)
+    arrays = {'masks': masks}
+  else:
+    middle = starts
+    arrays = {'timestep': np.int32(timesteps[level - 1])}
+  arrays = {'originals': originals, **arrays, 'results': image_io.to_uint8(results)}
+  figure = np.stack([x_start, middle, results], axis=1)
+  name = f'{name}_{setup.suffix}'
+  return {
+    f'{name}.npz': functools.partial(image_io.save_npz, **arrays),
+    f'{name}.png': functools.partial(image_io.save_figure, figure=figure),
+  }
+
+
 # `draw(setup, rng) -> figure` of each figure kind, float32 [rows, columns, H, W, C] in [-1, 1].
 _FIGURES = {
   'progressive': _draw_progressive,
@@ -410,9 +543,12 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   one raises ValueError, a workdir without checkpoints FileNotFoundError.
   """
   # Check everything that can be checked before compiling.
-  diffusion = checks.check_config(config, samplers.check_config)
+  diffusion = checks.check_config(config, samplers.check_config, editing.check_config)
   kinds = samplers.parse_kinds(config.sampling.kinds)
   test_images = load_test_images(config) if 'interpolation' in kinds else None
+  edits = 'inpaint' in kinds or 'sdedit' in kinds
+  edit_images = editing.load_images(config) if edits else None
+  edit_masks = editing.make_masks(config, len(edit_images)) if 'inpaint' in kinds else None
 
   # Set up mesh and model; restore the EMA params.
   mesh = mesh_lib.create_mesh()
@@ -452,11 +588,18 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     if classes is None
     else conditioning.read_class_names(workdir) or data.get_dataset_info(config).class_names,
     test_images=test_images,
+    edit_images=edit_images,
+    edit_masks=edit_masks,
   )
 
   # Sample and write, kind by kind.
   written = []
   for kind in kinds:
-    files = _draw_samples(setup) if kind == 'samples' else _draw_figure(setup, kind)
+    if kind == 'samples':
+      files = _draw_samples(setup)
+    elif kind in ('inpaint', 'sdedit'):
+      files = _draw_edit(setup, kind)
+    else:
+      files = _draw_figure(setup, kind)
     written.extend(_write(files, out_dir))
   return written

@@ -1,7 +1,8 @@
 """The compiled sample loop, run in chunks, and the one loop that draws batches of samples.
 
 Training (its sample grids), `--mode=sample` and `--mode=eval` all draw samples here, with a
-sampler of `ddpm_jax/samplers.py` (its `StepFn`; the math is in `ddpm_jax/diffusion.py`).
+sampler of `ddpm_jax/samplers.py` (its `StepFn`; the math is in `ddpm_jax/diffusion.py`); the
+edits of `--mode=sample` (`ddpm_jax/editing.py`) run on the same compiled loop.
 
 Compiled loops. A sampler is one compiled `run_chunk(params, x, pred_xstart, loop_rng, start,
 stop)` that runs its steps [start, stop) in a `lax.fori_loop`; `ChunkedLoop` calls it on
@@ -38,14 +39,14 @@ import tqdm
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from ddpm_jax import conditioning, image_io, progress, samplers
+from ddpm_jax import conditioning, editing, image_io, progress, samplers
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import mesh as mesh_lib
 
 # How long one compiled chunk of steps should take: how often the progress bar moves.
 SECONDS_PER_CHUNK = 2.0
 
-# `run_chunk(params, x, pred_xstart, loop_rng, start, stop, labels) -> (x, pred_xstart)`.
+# `run_chunk(params, x, pred_xstart, loop_rng, start, stop, labels, known) -> (x, pred_xstart)`.
 ChunkFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
@@ -86,9 +87,12 @@ def create_chunk_fn(
   mesh: jax.sharding.Mesh,
   sampler: samplers.Sampler,
   guidance_scale: float = 1.0,
+  *,
+  first_step: int = 0,
+  inpainting: editing.RePaint | None = None,
 ) -> ChunkFn:
-  """The compiled `run_chunk(params, x, pred_xstart, loop_rng, start, stop, labels=None) ->
-  (x, pred_xstart)`.
+  """The compiled `run_chunk(params, x, pred_xstart, loop_rng, start, stop, labels=None,
+  known=None) -> (x, pred_xstart)`.
 
   Runs steps [start, stop) of the sampler (`GaussianDiffusion.sample_steps` of its `StepFn`) on
   x, float32 [B, H, W, C] (B a multiple of the device count; the result is sharded along B);
@@ -96,16 +100,20 @@ def create_chunk_fn(
   one compilation per batch shape serves every range. labels: int32 [B], the classes of a
   class-conditional model, guided with `guidance_scale`; None for an unconditional model, or
   for a class-conditional one's unconditional model (the null label, unguided: `make_model_fn`).
+  first_step: the step the loop starts at (`Sampler.step_fn`; SDEdit). With `inpainting`, the
+  steps are the moves of RePaint's walk (`editing.RePaint.step_fn`), and known is (x_start
+  float32 [B, H, W, C], mask bool [B, H, W, 1]), the images and where they are kept.
   """
   batch_sharding = mesh_lib.batch_sharded(mesh)
 
-  def run_chunk(params, x, pred_xstart, loop_rng, start, stop, labels=None):
+  def run_chunk(params, x, pred_xstart, loop_rng, start, stop, labels=None, known=None):
     model_fn = make_model_fn(
       model, params, batch_sharding, labels=labels, guidance_scale=guidance_scale
     )
-    out = diffusion.sample_steps(
-      sampler.step_fn(diffusion, model_fn), x, pred_xstart, loop_rng, start, stop
-    )
+    step = sampler.step_fn(diffusion, model_fn, first_step)
+    if inpainting is not None:
+      step = inpainting.step_fn(diffusion, sampler, step, *known)
+    out = diffusion.sample_steps(step, x, pred_xstart, loop_rng, start, stop)
     return out['sample'], out['pred_xstart']
 
   return jax.jit(run_chunk, out_shardings=(batch_sharding, batch_sharding))
@@ -144,10 +152,12 @@ class ChunkedLoop:
     stop: int,
     keep: Iterable[int] = (),
     labels: jax.Array | None = None,
+    known: tuple[jax.Array, jax.Array] | None = None,
   ) -> tuple[jax.Array, dict[int, tuple[jax.Array, jax.Array | None]]]:
-    """Runs steps [start, stop) on x (for a multistep sampler, start is 0), of the classes
-    `labels` (int32 [B], sharded like x) for a class-conditional model; labels None: of the
-    unconditional model (`make_model_fn`).
+    """Runs steps [start, stop) on x (for a multistep sampler, the first_step of its chunk
+    function), of the classes `labels` (int32 [B], sharded like x) for a class-conditional
+    model; labels None: of the unconditional model (`make_model_fn`). known: the images and
+    mask of an inpainting chunk function (`create_chunk_fn`), sharded like x.
 
     Returns the final x and, for each s in `keep` (start <= s <= stop), the state after steps
     [start, s): `(x, pred_xstart of step s - 1)`, with pred_xstart None for s == start.
@@ -160,7 +170,14 @@ class ChunkedLoop:
         size = min(self._chunk_steps, boundary - step)
         began = time.perf_counter()
         x, pred_xstart = self._run_chunk(
-          self._params, x, pred_xstart, loop_rng, np.int32(step), np.int32(step + size), labels
+          self._params,
+          x,
+          pred_xstart,
+          loop_rng,
+          np.int32(step),
+          np.int32(step + size),
+          labels,
+          known,
         )
         x.block_until_ready()
         self._resize(size, time.perf_counter() - began)

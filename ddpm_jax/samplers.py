@@ -16,8 +16,9 @@ its results. Adding a sampler is adding a definition here (and its step function
 All but ancestral make `config.sampling.steps` network evaluations per sample.
 
 `check_sampler` checks the sampler settings (every mode that samples: the grids of training
-too), `check_config` all of `config.sampling` (--mode=sample), before anything compiles; each
-error names the field.
+too), `check_config` all of `config.sampling` but the fields of the editing kinds
+(`ddpm_jax/editing.py` checks those) (--mode=sample), before anything compiles; each error
+names the field.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import numpy as np
 from ddpm_jax import conditioning, validation
 from ddpm_jax import diffusion as diffusion_lib
 
-# The kinds of output of --mode=sample (`ddpm_jax/generate.py`).
-KINDS = ('samples', 'progressive', 'denoising_chain', 'interpolation')
+# The kinds of output of --mode=sample (`ddpm_jax/generate.py`); the last two edit images
+# (`ddpm_jax/editing.py`).
+KINDS = ('samples', 'progressive', 'denoising_chain', 'interpolation', 'inpaint', 'sdedit')
 # The type of each `config.sampling` field that a sampler's settings may hold.
 SETTING_TYPES = {'steps': int, 'ddim_eta': float, 'thresholding': str}
 
@@ -51,6 +53,9 @@ class Sampler:
   # The thresholdings of the predicted x_0 it can use: all samplers but DPM-Solver++ clip it to
   # [-1, 1] as the paper does.
   thresholdings: ClassVar[tuple[str, ...]] = ('static',)
+  # Whether RePaint's resampling jumps apply (`ddpm_jax/editing.py`): a step that reads nothing
+  # but x and its timesteps, so that the chain can be entered again at any step after a jump.
+  inpaints: ClassVar[bool] = True
 
   @classmethod
   def from_config(cls, sampling: ml_collections.ConfigDict) -> Sampler:
@@ -70,10 +75,19 @@ class Sampler:
     """The steps (network evaluations) of one sample."""
     return num_timesteps
 
+  def timesteps(self, num_timesteps: int) -> np.ndarray:
+    """ts, int [K], increasing: step K-1-k calls the network at ts[k] and takes x from level
+    k + 1 (x diffused to ts[k]) to level k (level 0: the data; `ddpm_jax/editing.py`)."""
+    return np.arange(num_timesteps)
+
   def step_fn(
-    self, diffusion: diffusion_lib.GaussianDiffusion, model_fn: diffusion_lib.ModelFn
+    self,
+    diffusion: diffusion_lib.GaussianDiffusion,
+    model_fn: diffusion_lib.ModelFn,
+    first_step: int = 0,
   ) -> diffusion_lib.StepFn:
-    """The sampler's `StepFn` on `diffusion` with the network `model_fn`."""
+    """The sampler's `StepFn` on `diffusion` with the network `model_fn`, for a loop that starts
+    at step `first_step` (SDEdit starts part-way; only a multistep sampler reads it)."""
     raise NotImplementedError
 
   @property
@@ -94,7 +108,7 @@ class Ancestral(Sampler):
   name: ClassVar[str] = 'ancestral'
   tag_format: ClassVar[str] = '{name}'
 
-  def step_fn(self, diffusion, model_fn):
+  def step_fn(self, diffusion, model_fn, first_step=0):
     return diffusion.ancestral_step(model_fn)
 
 
@@ -147,7 +161,10 @@ class DDIM(FastSampler):
   def step_range(num_timesteps: int) -> tuple[int, int]:
     return 1, num_timesteps
 
-  def step_fn(self, diffusion, model_fn):
+  def timesteps(self, num_timesteps):
+    return diffusion_lib.ddim_timesteps(num_timesteps, self.steps)
+
+  def step_fn(self, diffusion, model_fn, first_step=0):
     return diffusion.ddim_step(model_fn, num_steps=self.steps, eta=self.ddim_eta)
 
 
@@ -170,7 +187,10 @@ class Respaced(FastSampler):
     super().check(sampling, diffusion)
     diffusion.respaced(sampling.steps)  # Raises for a variance type it cannot respace.
 
-  def step_fn(self, diffusion, model_fn):
+  def timesteps(self, num_timesteps):
+    return diffusion_lib.respaced_timesteps(num_timesteps, self.steps)
+
+  def step_fn(self, diffusion, model_fn, first_step=0):
     return diffusion.respaced_step(model_fn, num_steps=self.steps)
 
 
@@ -181,14 +201,23 @@ class DPMSolver(FastSampler):
   name: ClassVar[str] = 'dpm_solver++'
   tag_format: ClassVar[str] = '{name}{steps}_{thresholding}'
   thresholdings: ClassVar[tuple[str, ...]] = diffusion_lib.THRESHOLDINGS
+  # Its multistep update extrapolates from the x_0 predicted at the level before, which a jump
+  # back up the chain makes that of another trajectory; and it solves the ODE, without the
+  # noise through which RePaint's resampling harmonizes the two regions.
+  inpaints: ClassVar[bool] = False
   thresholding: str = 'static'
 
   @staticmethod
   def step_range(num_timesteps: int) -> tuple[int, int]:
     return 1, num_timesteps - 1
 
-  def step_fn(self, diffusion, model_fn):
-    return diffusion.dpm_solver_step(model_fn, num_steps=self.steps, thresholding=self.thresholding)
+  def timesteps(self, num_timesteps):
+    return diffusion_lib.dpm_solver_timesteps(num_timesteps, self.steps)
+
+  def step_fn(self, diffusion, model_fn, first_step=0):
+    return diffusion.dpm_solver_step(
+      model_fn, num_steps=self.steps, thresholding=self.thresholding, first_step=first_step
+    )
 
 
 SAMPLERS: dict[str, type[Sampler]] = {s.name: s for s in (Ancestral, DDIM, Respaced, DPMSolver)}

@@ -1,4 +1,5 @@
-"""Helpers shared by the test modules: shrunken configs and their train step, `main.py`
+"""Helpers shared by the test modules: shrunken configs and their train step, tiny networks
+(a random U-Net, a smooth model with an exact float64 twin), `main.py`
 subprocesses, what a training run leaves in its workdir (logged scalars, final params), a
 config file read as main.py reads one, and the diffusers U-Net of the published CIFAR10 model
 (its config, its forward pass)."""
@@ -10,7 +11,9 @@ import socket
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -192,3 +195,28 @@ def torch_forward(model, x, t, y=None):
   with torch.no_grad():
     out = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.tensor(t), labels).sample
   return out.numpy().transpose(0, 2, 3, 1)
+
+
+def tiny_model_and_params(config, seed=0):
+  """The tiny U-Net with random weights, perturbed so that no layer starts at zero."""
+  model = models.create_model(config)
+  x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+  y = (jnp.zeros((1,), jnp.int32),) if model.num_classes else ()
+  params = model.init(jax.random.key(seed), x, t, *y, train=False)['params']
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+  return model, jax.tree.unflatten(treedef, leaves)
+
+
+class LinearEps(nn.Module):
+  """eps(x, t) = 0.1 tanh(x W + b + t / T): a smooth model with an exact float64 twin."""
+
+  num_timesteps: int
+  num_classes: int = 0  # Unconditional, as `sample_loop.make_model_fn` reads it.
+
+  @nn.compact
+  def __call__(self, x, t, *, train):
+    del train
+    h = nn.Dense(x.shape[-1], kernel_init=nn.initializers.normal(0.5))(x)
+    return 0.1 * jnp.tanh(h + (t.astype(jnp.float32) / self.num_timesteps)[:, None, None, None])

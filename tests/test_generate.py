@@ -372,3 +372,81 @@ def test_conditional_samples_save_their_labels_and_a_row_per_class(tmp_path):
   grid = np.asarray(PIL.Image.open(tmp_path / 'samples' / f'{name}.png'))
   assert grid.shape == (8 * (9 * 2 + 1), 8 * (9 * 5 + 1))  # 2 rows (3 and 5) of 5 samples.
   assert len(paths) == len(OUTPUTS)
+
+
+# RePaint (respaced, 10 steps, n = 2, r = 2) on 3 test digits with the bottom half masked, and
+# SDEdit at strength 0.5: batches of 3 on one device, padded to 8 on 8.
+EDIT_OVERRIDES = {
+  'sampling.kinds': 'inpaint,sdedit',
+  'sampling.sampler': 'respaced',
+  'sampling.steps': 10,
+  'sampling.jump_length': 2,
+  'sampling.jump_n_sample': 2,
+  'sampling.edit_num_images': 3,
+}
+INPAINT = f'inpaint_respaced10_bottom_half_jump2x2_{SUFFIX}'
+SDEDIT = f'sdedit_respaced10_strength0.5_{SUFFIX}'
+EDIT_OUTPUTS = [f'{INPAINT}.npz', f'{INPAINT}.png', f'{SDEDIT}.npz', f'{SDEDIT}.png']
+
+
+def read_edits(workdir) -> dict[str, np.ndarray]:
+  """{file name/array name: the array} of the npz files, {file name: pixels} of the PNGs."""
+  outputs = {}
+  for name in EDIT_OUTPUTS:
+    path = workdir / 'samples' / name
+    if path.suffix == '.npz':
+      with np.load(path) as npz:
+        outputs.update({f'{name}/{key}': npz[key] for key in npz.files})
+    else:
+      outputs[name] = np.asarray(PIL.Image.open(path))
+  return outputs
+
+
+@pytest.fixture(scope='module')
+def edit_run(trained_workdir, tmp_path_factory):
+  """The edits in this process (1 device): (workdir, paths returned)."""
+  workdir = copy_checkpoints(trained_workdir, tmp_path_factory.mktemp('edits'))
+  return workdir, generate.sample(sample_config(**EDIT_OVERRIDES), str(workdir))
+
+
+def test_inpaint_and_sdedit_write_grids_that_keep_the_known_region(edit_run):
+  # Expected: the npz of each kind, and a PNG grid of 3 rows (one per image) of 3 columns
+  # (original, masked or diffused, result); the originals are the first 3 test digits; the
+  # inpainted results keep their top half exactly (uint8) and differ below; SDEdit's t0 is the
+  # respaced sampler's timestep ts[4] of 10 (strength 0.5: the last 5 of its 10 steps).
+  workdir, paths = edit_run
+  assert paths == [str(workdir / 'samples' / name) for name in EDIT_OUTPUTS]
+  outputs = read_edits(workdir)
+  originals = data.create_source(sample_config(), 'test')[np.arange(3)]
+  np.testing.assert_array_equal(outputs[f'{INPAINT}.npz/originals'], originals)
+  masks = outputs[f'{INPAINT}.npz/masks']
+  assert masks.shape == (3, 8, 8, 1) and masks[:, :4].all() and not masks[:, 4:].any()
+  results = outputs[f'{INPAINT}.npz/results']
+  np.testing.assert_array_equal(results[:, :4], originals[:, :4])
+  assert not np.array_equal(results[:, 4:], originals[:, 4:])
+  np.testing.assert_array_equal(outputs[f'{SDEDIT}.npz/originals'], originals)
+  assert outputs[f'{SDEDIT}.npz/results'].shape == (3, 8, 8, 1)
+  assert int(outputs[f'{SDEDIT}.npz/timestep']) == 44
+  for name in (f'{INPAINT}.png', f'{SDEDIT}.png'):
+    assert outputs[name].shape == (8 * (9 * 3 + 1), 8 * (9 * 3 + 1)), name
+
+
+def test_edits_on_8_devices_are_those_of_one(edit_run, trained_workdir, tmp_path):
+  # Expected: the same files, array for array and pixel for pixel, from `main.py` on 8 devices
+  # (the batch of 3 padded to 8, sharded over the devices).
+  one_device, _ = edit_run
+  workdir = copy_checkpoints(trained_workdir, tmp_path)
+  result = subprocess.run(
+    sample_command(workdir, **EDIT_OVERRIDES),
+    env=subprocess_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-5000:]
+  assert '8 local / 8 global devices' in result.stderr
+  expected = read_edits(one_device)
+  actual = read_edits(workdir)
+  assert sorted(actual) == sorted(expected)
+  for name, array in expected.items():
+    np.testing.assert_array_equal(actual[name], array, err_msg=name)

@@ -4,29 +4,15 @@ class-conditional network without labels as the null label's network, unguided."
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from helpers import tiny_digits_config
+from helpers import LinearEps, tiny_digits_config, tiny_model_and_params
 
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import mesh as mesh_lib
-from ddpm_jax import models, sample_loop, samplers
-
-
-def tiny_model_and_params(config, seed=0):
-  """The tiny U-Net with random weights, perturbed so that no layer starts at zero."""
-  model = models.create_model(config)
-  x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
-  y = (jnp.zeros((1,), jnp.int32),) if model.num_classes else ()
-  params = model.init(jax.random.key(seed), x, t, *y, train=False)['params']
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-  return model, jax.tree.unflatten(treedef, leaves)
-
+from ddpm_jax import sample_loop, samplers
 
 CHUNKED_SAMPLERS = [
   samplers.DDIM(20, 0.5),
@@ -130,19 +116,6 @@ def test_a_conditional_network_without_labels_is_the_null_label_unguided():
   np.testing.assert_array_equal(
     guided(*args)[0], unguided(*args, sample_loop.sharded_like(x_T, np.full(4, 10, np.int32)))[0]
   )
-
-
-class LinearEps(nn.Module):
-  """eps(x, t) = 0.1 tanh(x W + b + t / T): a smooth model with an exact float64 twin."""
-
-  num_timesteps: int
-  num_classes: int = 0  # Unconditional, as `sample_loop.make_model_fn` reads it.
-
-  @nn.compact
-  def __call__(self, x, t, *, train):
-    del train
-    h = nn.Dense(x.shape[-1], kernel_init=nn.initializers.normal(0.5))(x)
-    return 0.1 * jnp.tanh(h + (t.astype(jnp.float32) / self.num_timesteps)[:, None, None, None])
 
 
 def test_ddim_eta0_all_steps_matches_float64_recursion():
