@@ -35,15 +35,15 @@ import re
 import tpu_aot
 
 # isort: split
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-from timing import append_json, parse_overrides  # noqa: E402
-from train import load_config  # noqa: E402
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from timing import append_json, parse_overrides
+from train import load_config
 
-from ddpm_jax import diffusion as diffusion_lib  # noqa: E402
-from ddpm_jax import mesh as mesh_lib  # noqa: E402
-from ddpm_jax import models, samplers, train  # noqa: E402
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import mesh as mesh_lib
+from ddpm_jax import models, samplers, train
 
 PROGRAMS = ('train_call', 'train_step', 'sampler')
 BATCH_SIZE = 128
