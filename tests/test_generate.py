@@ -69,6 +69,19 @@ def sample_command(workdir, **overrides) -> list[str]:
   return command
 
 
+def run_sample(workdir, num_devices: int, **overrides) -> subprocess.CompletedProcess:
+  """`main.py --mode=sample` on `num_devices` CPU devices, which must succeed."""
+  result = subprocess.run(
+    sample_command(workdir, **overrides),
+    env=subprocess_env(num_devices),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-5000:]
+  return result
+
+
 def read_outputs(workdir) -> dict[str, np.ndarray]:
   """{file name: the `samples` array of an npz, or the pixels of a PNG} in workdir/samples."""
   outputs = {}
@@ -146,10 +159,7 @@ def test_same_seed_gives_the_same_samples(one_device_run, trained_workdir, tmp_p
 def test_8_devices_give_the_same_samples_and_figures(one_device_run, trained_workdir, tmp_path):
   _, _, one_device = one_device_run
   workdir = copy_checkpoints(trained_workdir, tmp_path)
-  result = subprocess.run(
-    sample_command(workdir), env=subprocess_env(8), capture_output=True, text=True, timeout=600
-  )
-  assert result.returncode == 0, result.stderr[-5000:]
+  result = run_sample(workdir, 8)
   assert '8 local / 8 global devices' in result.stderr
   assert result.stdout.splitlines() == [f'Wrote {workdir / "samples" / n}' for n in OUTPUTS]
   eight_devices = read_outputs(workdir)
@@ -247,14 +257,7 @@ def test_official_weights_converted_and_sampled(tmp_path):
   converted = convert(workdir)
   assert converted.returncode == 0, converted.stderr[-5000:]
   overrides = {'sampling.kinds': 'samples,progressive', 'sampling.num_samples': 4}
-  result = subprocess.run(
-    sample_command(workdir, **overrides),
-    env=subprocess_env(1),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-5000:]
+  result = run_sample(workdir, 1, **overrides)
   names = [
     'samples_dpm_solver++7_static_step_00000000_seed_0.npz',
     'samples_dpm_solver++7_static_step_00000000_seed_0.png',
@@ -436,14 +439,7 @@ def test_edits_on_8_devices_are_those_of_one(edit_run, trained_workdir, tmp_path
   # (the batch of 3 padded to 8, sharded over the devices).
   one_device, _ = edit_run
   workdir = copy_checkpoints(trained_workdir, tmp_path)
-  result = subprocess.run(
-    sample_command(workdir, **EDIT_OVERRIDES),
-    env=subprocess_env(8),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-5000:]
+  result = run_sample(workdir, 8, **EDIT_OVERRIDES)
   assert '8 local / 8 global devices' in result.stderr
   expected = read_edits(one_device)
   actual = read_edits(workdir)
