@@ -97,9 +97,14 @@ def moved_bytes(opcode: str, shape: str, operand_shapes: str, rest: str) -> tupl
   totals within 3% on v5e and v5p programs): copy-start its operand and its output (source,
   destination), copy-done its output; slice-start (a slice of the operand prefetched) the slice
   read and written, slice-done its output; 'ConcatBitcast' (slices laid side by side) nothing.
-  HBM sees the read of a prefetch and the write of an eviction once."""
+  HBM sees the read of a prefetch and the write of an eviction once. An all-gather counts as
+  its operand (one device's part) read and written, as the cost analysis counts it (matched on a
+  program of one all-gather)."""
   if 'custom_call_target="ConcatBitcast"' in rest:
     return 0, 0
+  if opcode == 'all-gather':
+    part = shape_bytes(operand_shapes)
+    return 2 * part, shape_bytes(operand_shapes, True) + (part if shape_bytes(shape, True) else 0)
   if opcode in ('copy-done', 'slice-done'):  # Its operand is the start's output, counted there.
     return shape_bytes(shape), shape_bytes(shape, hbm_only=True)
   if opcode == 'copy-start':
@@ -171,6 +176,7 @@ def parse(text: str) -> list[dict]:
   opcodes = {
     name: ' '.join(op for _, _, op, _ in body) for name, body in computations.items()
   }  # A fused computation's opcodes, by name.
+  sliced = {name: sliced_parameters(body) for name, body in computations.items()}
 
   def control_targets(rest: str) -> list[str]:
     keys = 'body|condition|to_apply|true_computation|false_computation'
@@ -191,14 +197,18 @@ def parse(text: str) -> list[dict]:
         pending += control_targets(rest)
       if opcode in FREE:
         continue
-      arguments = rest.split('),')[0] if '),' in rest else rest.rsplit(')', 1)[0]
-      operands = re.findall(r'%([\w.-]+)', arguments)
+      operands = operand_names(rest)
       calls = re.search(r'\bcalls=%([\w.-]+)', rest)
       called = opcodes.get(calls.group(1), '') if calls else ''
       op_name = re.search(r'op_name="([^"]*)"', rest)
       op_name = op_name.group(1) if op_name else ''
       operand_shapes = ' '.join(shapes.get(o, '') for o in operands)
       moved, hbm = moved_bytes(opcode, shape, operand_shapes, rest)
+      # A fusion reads of an operand that it only slices the slices (as the cost analysis).
+      for i, part in sliced.get(calls.group(1), {}).items() if calls else ():
+        whole = shapes.get(operands[i], '')
+        moved -= shape_bytes(whole) - part
+        hbm -= shape_bytes(whole, hbm_only=True) - (part if shape_bytes(whole, True) else 0)
       instructions.append(
         {
           'name': inst_name,
@@ -212,6 +222,28 @@ def parse(text: str) -> list[dict]:
   return instructions
 
 
+def operand_names(rest: str) -> list[str]:
+  """The operands of an instruction, from the text after its opcode's '('."""
+  arguments = rest.split('),')[0] if '),' in rest else rest.rsplit(')', 1)[0]
+  return re.findall(r'%([\w.-]+)', arguments)
+
+
+def sliced_parameters(body: list[tuple]) -> dict[int, int]:
+  """{i: bytes} of the parameters of a (fused) computation that it reads only through slices
+  (`slice`, `dynamic-slice`), i by its parameter number, bytes those of the slices."""
+  users = collections.defaultdict(list)
+  for _, shape, opcode, rest in body:
+    for position, operand in enumerate(operand_names(rest)):
+      users[operand].append((opcode, position, shape))
+  sliced = {}
+  for name, _, opcode, rest in body:
+    uses = users.get(name)
+    if opcode == 'parameter' and uses:
+      if all(op in ('slice', 'dynamic-slice') and position == 0 for op, position, _ in uses):
+        sliced[int(re.match(r'\d+', rest).group(0))] = sum(shape_bytes(s) for *_, s in uses)
+  return sliced
+
+
 def breakdown(instructions: list[dict]) -> dict[str, tuple[int, int, int]]:
   """{category: (bytes, HBM bytes, instructions)}, largest first."""
   totals = collections.defaultdict(lambda: [0, 0, 0])
@@ -223,20 +255,22 @@ def breakdown(instructions: list[dict]) -> dict[str, tuple[int, int, int]]:
 
 
 def lower_train_step(config_name: str, mesh, *, batch_size: int, **overrides):
-  """The train step of `train.create_train_step`, alone as one top-level jit: state replicated
-  and donated, the batch sharded."""
+  """The train step of `train.create_train_step`, alone as one top-level jit: the state sharded
+  as the training loop's (`train.state_sharding`) and donated, the batch sharded."""
   config = load_config(config_name, **{'training.batch_size': batch_size}, **overrides)
   model = models.create_model(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, schedule = train.create_optimizer(config)
   init = lambda rng: train.create_train_state(config, model, tx, rng)
   state = jax.eval_shape(init, train.root_rngs(config.seed)[0])
-  step = train.create_train_step(config, model, diffusion, tx, schedule, ema_starts_as_copy=True)
-  replicated = mesh_lib.replicated(mesh)
+  sharding = train.state_sharding(state, mesh)
+  step = train.create_train_step(
+    config, model, diffusion, tx, schedule, ema_starts_as_copy=True, sharding=sharding
+  )
   jitted = jax.jit(
     step,
-    in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
-    out_shardings=replicated,
+    in_shardings=(sharding, mesh_lib.batch_sharded(mesh)),
+    out_shardings=(sharding, mesh_lib.replicated(mesh)),
     donate_argnums=0,
   )
   size, channels = config.data.image_size, config.data.num_channels

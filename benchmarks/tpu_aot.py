@@ -202,8 +202,7 @@ def lower_train(config_name: str, mesh, *, batch_size: int, **overrides) -> jax.
   tx, schedule = train.create_optimizer(config)
   init_fn = functools.partial(train.create_train_state, config, model, tx)
   abstract_state = jax.eval_shape(init_fn, train.root_rngs(config.seed)[0])
-  replicated = mesh_lib.replicated(mesh)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  state_sharding = train.state_sharding(abstract_state, mesh)
   train_call = train.jit_train_call(
     config, model, diffusion, tx, schedule, mesh, state_sharding, ema_starts_as_copy=True
   )

@@ -1,7 +1,8 @@
 """Training: `train(config, workdir)`, the loop that `main.py --mode=train` runs.
 
-Params, EMA params and optimizer state are replicated, and each batch is sharded, over a
-`jax.sharding.Mesh` of all devices of all processes; one pure step (`create_train_step`) does the
+Params are replicated, and each batch is sharded, over a `jax.sharding.Mesh` of all devices of all
+processes; Adam's moments and the EMA params are split over them (`state_sharding`), so that each
+device updates its part of them only. One pure step (`create_train_step`) does the
 loss, Adam with the original warmup and clipping, and the EMA update, and one `jax.jit`-compiled
 call (`jit_train_call`) runs up to `config.training.steps_per_call` of them in a loop, so the host
 dispatches once per call. `train` restores or initializes the state, then runs the calls and,
@@ -107,6 +108,7 @@ def create_train_step(
   schedule,
   *,
   ema_starts_as_copy: bool,
+  sharding: TrainState | None = None,
 ):
   """The pure update `(state, batch) -> (state, metrics)` (to be compiled by the caller).
 
@@ -114,8 +116,18 @@ def create_train_step(
   each label replaced by the null class with probability `training.label_dropout`
   (`conditioning.drop_labels`). `ema_starts_as_copy`: whether the update of step 0 makes the
   EMA a copy of the params, as the original does for a fresh run; a run from
-  `training.init_from` passes False, to continue the EMA it starts from.
+  `training.init_from` passes False, to continue the EMA it starts from. `sharding`: the
+  state's (`state_sharding`) under jit, or None. With it, the gradients and the new params are
+  whole on every device, like the params: the gradients summed whole (an all-reduce), Adam and
+  the EMA updated on each device's part, the new params gathered whole. Left to itself, XLA
+  split more, at a cost by its own accounting (BENCHMARKS.md, "Where a TPU step's bytes go"):
+  the kernels' gradient convolutions on a v5e-8, and on a v5p-8 the params carried through the
+  train call's loop, gathered at every use.
   """
+
+  def whole(tree):
+    return tree if sharding is None else jax.lax.with_sharding_constraint(tree, sharding.params)
+
   ema_decay = config.training.ema_decay
   num_classes = config.model.num_classes
 
@@ -143,9 +155,10 @@ def create_train_step(
 
     # The scopes name the ops in the compiled program (benchmarks/hlo_bytes.py).
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grads = whole(grads)
     with jax.named_scope('optimizer'):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
+      params = whole(optax.apply_updates(state.params, updates))
     # The original starts the EMA as a copy: decay 1e-10 at the first step.
     decay = jnp.where(state.step == 0, 1e-10, ema_decay) if ema_starts_as_copy else ema_decay
     with jax.named_scope('ema'):
@@ -198,17 +211,38 @@ def create_train_call(train_step):
 def jit_train_call(
   config, model, diffusion, tx, schedule, mesh, state_sharding, *, ema_starts_as_copy: bool
 ):
-  """`create_train_call` of `create_train_step`, jitted as the training loop runs it: state
-  replicated and donated, the batches of a call sharded over their batch axis."""
+  """`create_train_call` of `create_train_step`, jitted as the training loop runs it: the state
+  sharded as `state_sharding` (a `TrainState` of shardings: `state_sharding()`'s) and donated, the
+  batches of a call sharded over their batch axis."""
   replicated = mesh_lib.replicated(mesh)
   train_step = create_train_step(
-    config, model, diffusion, tx, schedule, ema_starts_as_copy=ema_starts_as_copy
+    config,
+    model,
+    diffusion,
+    tx,
+    schedule,
+    ema_starts_as_copy=ema_starts_as_copy,
+    sharding=state_sharding,
   )
   return jax.jit(
     create_train_call(train_step),
     in_shardings=(state_sharding, mesh_lib.stacked_batches_sharded(mesh), replicated),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
+  )
+
+
+def state_sharding(abstract_state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+  """The sharding of each array of the state: the step and the params replicated (every device
+  runs the whole network), the EMA params and the optimizer state (Adam's moments, its counts)
+  split over the devices where their shapes allow (`ddpm_jax.mesh.split`): no device holds or
+  updates more than its part of them (ZeRO's stage 1, Rajbhandari et al. 2020)."""
+  split = lambda tree: jax.tree.map(lambda x: mesh_lib.split(mesh, x.shape), tree)
+  return TrainState(
+    step=mesh_lib.replicated(mesh),
+    params=jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state.params),
+    ema_params=split(abstract_state.ema_params),
+    opt_state=split(abstract_state.opt_state),
   )
 
 
@@ -330,7 +364,10 @@ def fine_tune(
   """A fresh run from another checkpoint's weights (`training.init_from`): step 0, the params and
   EMA params of that checkpoint, the optimizer state of a new run."""
   step_dir, params, ema_params = checkpoints.restore_weights(init_from, abstract_params)
-  state = initialize().replace(params=params, ema_params=ema_params)
+  state = initialize()
+  # Restored like the params; split like the fresh state's (`state_sharding`).
+  ema_params = mesh_lib.reshard(ema_params, jax.tree.map(lambda x: x.sharding, state.ema_params))
+  state = state.replace(params=params, ema_params=ema_params)
   logging.info('Starting from step 0 with the params and EMA params of %s.', step_dir)
   return state
 
@@ -459,7 +496,7 @@ def create_sample_grid_fn(
     images = sample_loop.draw_samples(
       sample_chunk,
       sample_init,
-      ema_params,
+      mesh_lib.reshard(ema_params, mesh_lib.replicated(mesh)),  # Split in the train state.
       batch_rng=lambda _: sample_rng,
       num_samples=num_images,
       batch_size=num_images,
@@ -548,11 +585,11 @@ def train(
   tx, schedule = create_optimizer(config)
   init_fn = functools.partial(create_train_state, config, model, tx)
   init_rng = root_rngs(config.seed)[0]
-  # Params, EMA params and optimizer state: replicated over all devices.
-  abstract_state = checkpoints.abstract_like(
-    jax.eval_shape(init_fn, init_rng), mesh_lib.replicated(mesh)
+  shapes = jax.eval_shape(init_fn, init_rng)
+  sharding = state_sharding(shapes, mesh)
+  abstract_state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, sharding
   )
-  state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info(
     'Model: %s parameters; %d devices over %d processes.',
@@ -561,7 +598,7 @@ def train(
     jax.process_count(),
   )
   manager = checkpoints.create_manager(workdir, max_to_keep=training.keep_checkpoints)
-  initialize = lambda: jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
+  initialize = lambda: jax.jit(init_fn, out_shardings=sharding)(init_rng)
   state = restore_or_initialize(config, workdir, manager, abstract_state, initialize)
   start_step = int(state.step)
   # The config of the run, for what reads the workdir without it (python -m ddpm_jax.export);
@@ -577,7 +614,7 @@ def train(
     tx,
     schedule,
     mesh,
-    state_sharding,
+    sharding,
     ema_starts_as_copy=not training.init_from,
   )
   sample_grid = create_sample_grid_fn(config, diffusion, model, mesh)

@@ -31,18 +31,22 @@ def mesh():
   return mesh_lib.create_mesh(devices)
 
 
-def _digits_param_bytes() -> tuple[int, int]:
+def _digits_param_bytes(mesh=None) -> tuple[int, int]:
   """The bytes of the digits model's float32 parameters, (as they are, as a TPU stores them):
   a TPU lays an f32 array out in tiles of 8 x 128 over its two minor dimensions (a vector in
-  tiles of 128), so a chip holds each array padded up to whole tiles at most."""
+  tiles of 128), so a chip holds each array padded up to whole tiles at most. With `mesh`, of
+  one chip's part of them split over it as the train state's EMA and Adam moments are
+  (`mesh_lib.split`)."""
   shapes = models.param_shapes(models.create_model(load_config('digits')), 8, 1)
+  shapes = [p.shape for p in jax.tree.leaves(shapes)]
+  if mesh is not None:
+    shapes = [mesh_lib.split(mesh, shape).shard_shape(shape) for shape in shapes]
 
   def tiled(shape):
     *major, rows, cols = (1, *shape)
     return math.prod(major) * -(-rows // 8) * 8 * -(-cols // 128) * 128
 
-  leaves = jax.tree.leaves(shapes)
-  return 4 * sum(p.size for p in leaves), 4 * sum(tiled(p.shape) for p in leaves)
+  return 4 * sum(math.prod(shape) for shape in shapes), 4 * sum(map(tiled, shapes))
 
 
 @pytest.fixture(scope='module')
@@ -51,20 +55,24 @@ def digits_train_call(mesh) -> tuple[jax.stages.Lowered, jax.stages.Compiled]:
   return lowered, lowered.compile()
 
 
-def test_digits_train_call_compiles_for_a_v5e_8_and_fits(digits_train_call):
+def test_digits_train_call_compiles_for_a_v5e_8_and_fits(digits_train_call, mesh):
   lowered, compiled = digits_train_call
   # The TPU form of the convolutions' gradients: JAX's own, without the CPU form's barriers.
   assert 'optimization_barrier' not in lowered.as_text()
   figures = tpu_aot.analyze(compiled, compile_s=0.0)
   assert tpu_aot.fits(SLICE, figures), figures
-  # Each chip holds the whole state, replicated (a state sharded over the 8 chips would be 1/8 of
-  # it): step, params, EMA and Adam's two moments, 4 float32 copies of the 1.0M parameters, and
-  # its 1/8 of the call's uint8 batches.
+  # Each chip holds the params whole (1.0M float32), its 1/8 of the EMA and Adam's two moments
+  # (split over the chips, `train.state_sharding`), and its 1/8 of the call's uint8 batches:
+  # 1 + 3/8 of the params' bytes, and at most their tiles (the digits' narrow kernels split 8
+  # ways fill few of their tiles); the whole state replicated would be 4 copies at least.
   k = load_config('digits').training.steps_per_call
   param_bytes, tiled_bytes = _digits_param_bytes()
+  part_bytes, tiled_part_bytes = _digits_param_bytes(mesh)
+  assert 7.9 * part_bytes <= param_bytes <= 8 * part_bytes  # All but a few small biases split.
   batch_bytes = k * (BATCH // 8) * 8 * 8 * 1
-  assert 4 * param_bytes + batch_bytes <= figures.argument_bytes
-  assert figures.argument_bytes <= 4 * tiled_bytes + 2 * batch_bytes + 2**12
+  assert param_bytes + 3 * part_bytes + batch_bytes <= figures.argument_bytes
+  assert figures.argument_bytes <= tiled_bytes + 3 * tiled_part_bytes + 2 * batch_bytes + 2**12
+  assert figures.argument_bytes < 4 * param_bytes
   # The gradients are averaged over the 8 chips, and XLA has an estimate of the step's time.
   assert 'all-reduce' in compiled.as_text()
   assert figures.seconds is not None and figures.seconds > 0

@@ -39,17 +39,22 @@ def reference_run(tmp_path_factory):
   return step, params, logged_scalars(workdir)
 
 
-def assert_same_losses(workdir, reference_run):
-  """The losses of a 10-step run in `workdir` equal the reference run's at steps 1..10."""
+def assert_same_losses(workdir, reference_run, num_steps: int = 10):
+  """The losses of a run of `num_steps` steps in `workdir` equal the reference run's."""
   losses, expected = logged_scalars(workdir), reference_run[2]
-  steps = list(range(1, 11))
+  steps = list(range(1, num_steps + 1))
   assert sorted(losses) == steps
   np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=1e-5)
 
 
-def test_same_losses_on_1_and_8_devices(tmp_path, reference_run):
+def test_same_losses_on_1_and_8_devices_and_resumed_on_2(tmp_path, reference_run):
+  # The EMA and Adam's moments are split over the devices (`train.state_sharding`): 8 ways in the
+  # checkpoint of the 8-device run, which a 2-device run resumes, splitting them 2 ways.
   assert '8 local / 8 global devices' in run_main(tmp_path, 10, num_devices=8).stderr
   assert_same_losses(tmp_path, reference_run)
+  resumed = run_main(tmp_path, 15, num_devices=2).stderr
+  assert 'Resumed from the checkpoint at step 10' in resumed
+  assert_same_losses(tmp_path, reference_run, 15)
 
 
 def test_two_processes_match_one_process(tmp_path, reference_run):

@@ -15,7 +15,7 @@ import pytest
 from helpers import tiny_digits_config, train_step_setup
 
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import train
+from ddpm_jax import models, train
 
 
 def test_optimizer_clips_the_global_norm_then_applies_adam_with_the_warmup():
@@ -225,3 +225,35 @@ def test_train_step_feeds_the_labels_with_dropout_to_the_null_class(rate):
   assert abs(dropped.mean() - rate) <= 5 * np.sqrt(rate * (1 - rate) / 4000)
   if rate:
     assert dropped.any()
+
+
+def test_state_sharding_splits_ema_and_adam_moments_and_replicates_params():
+  # Over 8 devices (an abstract mesh: only shapes and names): each EMA array and Adam moment split
+  # along its first axis that 8 divides, the last axis only where no other is, and left whole
+  # where none is; the params and the step replicated. Expected shards from the shapes by hand.
+  config = tiny_digits_config(1)
+  model = models.create_model(config)
+  tx, _ = train.create_optimizer(config)
+  shapes = jax.eval_shape(
+    lambda rng: train.create_train_state(config, model, tx, rng), jax.random.key(0)
+  )
+  mesh = jax.sharding.AbstractMesh((8,), ('data',))
+  sharding = train.state_sharding(shapes, mesh)
+  expected = {(3, 3, 1, 32): (3, 3, 1, 4), (3, 3, 32, 1): (3, 3, 4, 1), (128, 32): (16, 32)}
+  expected |= {(3, 3, 32, 64): (3, 3, 4, 64), (32,): (4,), (1,): (1,), (): ()}
+
+  def parts(name):  # (shape, the shape of one device's part) of each array of the item.
+    shardings, arrays = (
+      jax.tree.leaves(getattr(sharding, name)),
+      jax.tree.leaves(getattr(shapes, name)),
+    )
+    return [(x.shape, s.shard_shape(x.shape)) for s, x in zip(shardings, arrays, strict=True)]
+
+  for name in ('ema_params', 'opt_state'):
+    assert len(parts(name)) == len(jax.tree.leaves(getattr(shapes, name))) > 8
+    for shape, part in parts(name):
+      if shape in expected:
+        assert part == expected[shape], (name, shape)
+      else:  # Shapes not listed: split 8 ways along one axis, or whole when 8 divides none.
+        assert np.prod(part) * (8 if any(d % 8 == 0 for d in shape) else 1) == np.prod(shape)
+  assert all(part == shape for shape, part in parts('params') + parts('step'))
