@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from configs.default import get_config
 from ddpm_jax import models
-from ddpm_jax.models import create_model
+from ddpm_jax.models import create_model, unet
 from ddpm_jax.models.unet import Downsample, GroupNorm, UNet, Upsample, get_timestep_embedding
 
 # The CIFAR10 topology (32x32 images) at a quarter of the width.
@@ -278,6 +278,16 @@ def test_upsample_conv_is_nearest_upsampling_then_a_3x3_conv():
   out = up.apply({'params': params}, x)
   assert out.shape == (2, 10, 12, 8)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  # A program for a TPU takes the direct form instead (lax.platform_dependent): one convolution
+  # where the CPU's has four. Its values, computed here, against the same reference.
+  apply = jax.jit(lambda x: up.apply({'params': params}, x)).trace(x)
+  for platform, convolutions in (('cpu', 4), ('tpu', 1)):
+    text = apply.lower(lowering_platforms=(platform,)).as_text()
+    assert text.count('stablehlo.convolution') == convolutions, platform
+  conv = unet._UpsampleConv(8)
+  tpu_form = conv.apply({'params': params['conv']}, x, params['conv']['kernel'], method='_direct')
+  tpu_form += params['conv']['bias']
+  np.testing.assert_allclose(tpu_form, expected, rtol=1e-5, atol=1e-5)
 
   def direct(params, x):
     repeated = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
