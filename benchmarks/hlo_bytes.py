@@ -39,11 +39,9 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 from timing import append_json, parse_overrides
-from train import load_config
 
-from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import mesh as mesh_lib
-from ddpm_jax import models, samplers, train
+from ddpm_jax import samplers, train
 
 PROGRAMS = ('train_call', 'train_step', 'sampler')
 BATCH_SIZE = 128
@@ -257,12 +255,8 @@ def breakdown(instructions: list[dict]) -> dict[str, tuple[int, int, int]]:
 def lower_train_step(config_name: str, mesh, *, batch_size: int, **overrides):
   """The train step of `train.create_train_step`, alone as one top-level jit: the state sharded
   as the training loop's (`train.state_sharding`) and donated, the batch sharded."""
-  config = load_config(config_name, **{'training.batch_size': batch_size}, **overrides)
-  model = models.create_model(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  tx, schedule = train.create_optimizer(config)
-  init = lambda rng: train.create_train_state(config, model, tx, rng)
-  state = jax.eval_shape(init, train.root_rngs(config.seed)[0])
+  setup = tpu_aot.train_setup(config_name, batch_size=batch_size, **overrides)
+  config, model, diffusion, tx, schedule, state = setup
   sharding = train.state_sharding(state, mesh)
   step = train.create_train_step(
     config, model, diffusion, tx, schedule, ema_starts_as_copy=True, sharding=sharding

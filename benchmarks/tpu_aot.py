@@ -193,15 +193,23 @@ def compile_figures(lowered: jax.stages.Lowered) -> Figures:
   return analyze(compiled, time.perf_counter() - began)
 
 
-def lower_train(config_name: str, mesh, *, batch_size: int, **overrides) -> jax.stages.Lowered:
-  """`train.jit_train_call` of the config, as `train.train` builds it, lowered for
-  the abstract state and one call's batches [k, B, H, W, C]."""
+def train_setup(config_name: str, *, batch_size: int, **overrides):
+  """(config, model, diffusion, tx, schedule, the state's shapes) of the config's training, as
+  `train.train` builds them."""
   config = load_config(config_name, **{'training.batch_size': batch_size}, **overrides)
   model = models.create_model(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, schedule = train.create_optimizer(config)
   init_fn = functools.partial(train.create_train_state, config, model, tx)
   abstract_state = jax.eval_shape(init_fn, train.root_rngs(config.seed)[0])
+  return config, model, diffusion, tx, schedule, abstract_state
+
+
+def lower_train(config_name: str, mesh, *, batch_size: int, **overrides) -> jax.stages.Lowered:
+  """`train.jit_train_call` of the config, as `train.train` builds it, lowered for
+  the abstract state and one call's batches [k, B, H, W, C]."""
+  setup = train_setup(config_name, batch_size=batch_size, **overrides)
+  config, model, diffusion, tx, schedule, abstract_state = setup
   state_sharding = train.state_sharding(abstract_state, mesh)
   train_call = train.jit_train_call(
     config, model, diffusion, tx, schedule, mesh, state_sharding, ema_starts_as_copy=True
