@@ -95,14 +95,9 @@ def moved_bytes(opcode: str, shape: str, operand_shapes: str, rest: str) -> tupl
   totals within 3% on v5e and v5p programs): copy-start its operand and its output (source,
   destination), copy-done its output; slice-start (a slice of the operand prefetched) the slice
   read and written, slice-done its output; 'ConcatBitcast' (slices laid side by side) nothing.
-  HBM sees the read of a prefetch and the write of an eviction once. An all-gather counts as
-  its operand (one device's part) read and written, as the cost analysis counts it (matched on a
-  program of one all-gather)."""
+  HBM sees the read of a prefetch and the write of an eviction once."""
   if 'custom_call_target="ConcatBitcast"' in rest:
     return 0, 0
-  if opcode == 'all-gather':
-    part = shape_bytes(operand_shapes)
-    return 2 * part, shape_bytes(operand_shapes, True) + (part if shape_bytes(shape, True) else 0)
   if opcode in ('copy-done', 'slice-done'):  # Its operand is the start's output, counted there.
     return shape_bytes(shape), shape_bytes(shape, hbm_only=True)
   if opcode == 'copy-start':
@@ -119,7 +114,7 @@ def category(opcode: str, op_name: str, calls: str) -> str:
   JAX's name stack (`op_name`, e.g. 'jit(train_call)/while/body/transpose(jvp(UNet))/down_1/
   block_0/norm2/reduce_sum'). A fusion is named by its root's name stack."""
   if opcode.startswith(COLLECTIVES):
-    return 'gradient all-reduce'
+    return 'collectives (gradients summed, params gathered)'
   last = op_name.rsplit('/', 1)[-1]
   if opcode in LAYOUT or last in LAYOUT:
     return 'copies and layout changes'

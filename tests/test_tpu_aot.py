@@ -175,6 +175,30 @@ def test_bytes_breakdown_of_a_tpu_program_sums_to_xla_bytes_accessed(digits_trai
   assert {'convolutions forward', 'convolutions backward', 'Adam update', 'EMA'} <= categories
 
 
+@pytest.mark.parametrize('gathered', [True, False], ids=['returned_whole', 'returned_split'])
+def test_bytes_of_a_fusion_that_slices_an_operand_are_as_xla_counts_them(mesh, gathered):
+  # A float32 [1024, 512] array whole on each chip (g) beside one split over the 8 chips (a, as
+  # the train state's EMA and Adam moments are): in a * 0.5 + g each chip reads only its slice
+  # of g, which the fusion takes with a dynamic-slice, so XLA counts the fusion's reads as that
+  # slice (a 256 KiB part), its part of a and its output: 3 parts, not the 10 of g whole. The sum
+  # of the program, returned whole (an all-gather and a copy) or split, is XLA's 'bytes
+  # accessed', to the scalars of the partition's bookkeeping.
+  shape = (1024, 512)
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  whole = mesh_lib.replicated(mesh)
+  args = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=s) for s in (split, whole)]
+  out = whole if gathered else split
+  compiled = jax.jit(lambda a, g: a * 0.5 + g, out_shardings=out).lower(*args).compile()
+  text = compiled.as_text()
+  assert ('all-gather(' in text) == gathered
+  instructions = hlo_bytes.parse(text)
+  part = 4 * 1024 * 512 // 8
+  [fusion] = [i['bytes'] for i in instructions if i['opcode'] == 'fusion']
+  assert abs(fusion - 3 * part) <= 2**10
+  summed = sum(i['bytes'] for i in instructions)
+  assert abs(summed - compiled.cost_analysis()['bytes accessed']) <= 2**11
+
+
 def test_bytes_breakdown_of_a_cpu_program_is_xla_bytes_accessed():
   # On the CPU (no tiles, one memory space) the sum is XLA's 'bytes accessed' but for the loop's
   # scalar bookkeeping (24 of its 12,917 bytes here): a loop of convolutions, the loop body
@@ -214,7 +238,9 @@ def test_shape_bytes_pads_to_the_layouts_tiles():
     ('fusion', 'jit(train_call)/while/body/optimizer/add', 'add', 'Adam update'),
     ('fusion', 'jit(train_call)/while/body/ema/add', 'add', 'EMA'),
     ('all-reduce', 'jit(train_call)/while/body/transpose(jvp(loss))/UNet/conv_in/conv', '',
-     'gradient all-reduce'),
+     'collectives (gradients summed, params gathered)'),
+    ('all-gather', 'jit(train_call)/while/body/optimizer/add', '',
+     'collectives (gradients summed, params gathered)'),
     ('copy-start', '', '', 'copies and layout changes'),
   ],
 )  # fmt: skip
