@@ -71,7 +71,8 @@ def train_step_setup(config: ml_collections.ConfigDict):
   return model, diffusion, init(jax.random.key(0)), step
 
 
-def main_command(workdir, num_steps: int, **extra) -> list[str]:
+def main_command(workdir, num_steps: int, mode: str = 'train', **extra) -> list[str]:
+  """`main.py --mode=<mode>` on the tiny digits config (`tiny_digits_overrides`) in workdir."""
   flags = [
     f'--config.{k}={_flag_value(v)}' for k, v in tiny_digits_overrides(num_steps, **extra).items()
   ]
@@ -79,7 +80,7 @@ def main_command(workdir, num_steps: int, **extra) -> list[str]:
     sys.executable,
     os.path.join(REPO, 'main.py'),
     f'--config={os.path.join(REPO, "configs", "digits.py")}',
-    '--mode=train',
+    f'--mode={mode}',
     f'--workdir={workdir}',
     *flags,
   ]
@@ -97,9 +98,10 @@ def subprocess_env(num_devices: int = 1, **extra) -> dict:
   return env
 
 
-def run_main(workdir, num_steps: int, num_devices: int = 1, **extra):
+def run_main(workdir, num_steps: int, num_devices: int = 1, mode: str = 'train', **extra):
+  """`main_command` on `num_devices` CPU devices, which must succeed."""
   result = subprocess.run(
-    main_command(workdir, num_steps, **extra),
+    main_command(workdir, num_steps, mode, **extra),
     env=subprocess_env(num_devices),
     capture_output=True,
     text=True,

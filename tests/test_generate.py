@@ -23,6 +23,7 @@ from helpers import (
   cifar10_diffusers_config,
   free_port,
   main_command,
+  run_main,
   subprocess_env,
   tiny_digits_config,
 )
@@ -64,22 +65,12 @@ def sample_config(**overrides):
 
 
 def sample_command(workdir, **overrides) -> list[str]:
-  command = main_command(workdir, STEP, **{**SAMPLE_OVERRIDES, **overrides})
-  command[command.index('--mode=train')] = '--mode=sample'
-  return command
+  return main_command(workdir, STEP, 'sample', **{**SAMPLE_OVERRIDES, **overrides})
 
 
 def run_sample(workdir, num_devices: int, **overrides) -> subprocess.CompletedProcess:
   """`main.py --mode=sample` on `num_devices` CPU devices, which must succeed."""
-  result = subprocess.run(
-    sample_command(workdir, **overrides),
-    env=subprocess_env(num_devices),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-5000:]
-  return result
+  return run_main(workdir, STEP, num_devices, 'sample', **{**SAMPLE_OVERRIDES, **overrides})
 
 
 def read_outputs(workdir) -> dict[str, np.ndarray]:
