@@ -193,15 +193,19 @@ def step_directory(path: str) -> epath.Path:
   )
 
 
-def restore_weights(path: str, abstract_params: Any) -> tuple[epath.Path, Any, Any]:
+def restore_weights(
+  path: str, abstract_params: Any, abstract_ema_params: Any = None
+) -> tuple[epath.Path, Any, Any]:
   """(step directory, params, EMA params) of the checkpoint `path` names (`step_directory`),
-  shaped and sharded like `abstract_params`: where `training.init_from` starts a run, and what
+  shaped and sharded like `abstract_params` (the EMA params like `abstract_ema_params` where
+  given: a train state splits them): where `training.init_from` starts a run, and what
   `python -m ddpm_jax.export` writes out. Raises ValueError when the checkpoint does not fit
   `abstract_params`."""
   step_dir = step_directory(path)
   check_architecture(step_dir, abstract_params)
   manager = _manager(step_dir.parent, async_save=False)
-  abstract_items = {'params': abstract_params, 'ema_params': abstract_params}
+  ema = abstract_params if abstract_ema_params is None else abstract_ema_params
+  abstract_items = {'params': abstract_params, 'ema_params': ema}
   _, items = restore(manager, abstract_items, step=int(step_dir.name))
   manager.close()
   return step_dir, items['params'], items['ema_params']

@@ -328,7 +328,7 @@ def restore_or_initialize(
     step, items = restored
     return resume(config, step, items, abstract_state.step.sharding)
   if config.training.init_from:
-    return fine_tune(config.training.init_from, items['params'], initialize)
+    return fine_tune(config.training.init_from, items['params'], items['ema_params'], initialize)
   logging.info('No checkpoint in %s: starting from step 0.', directory)
   return initialize()
 
@@ -359,15 +359,18 @@ def resume(
 
 
 def fine_tune(
-  init_from: str, abstract_params: Any, initialize: Callable[[], TrainState]
+  init_from: str,
+  abstract_params: Any,
+  abstract_ema_params: Any,
+  initialize: Callable[[], TrainState],
 ) -> TrainState:
   """A fresh run from another checkpoint's weights (`training.init_from`): step 0, the params and
-  EMA params of that checkpoint, the optimizer state of a new run."""
-  step_dir, params, ema_params = checkpoints.restore_weights(init_from, abstract_params)
-  state = initialize()
-  # Restored like the params; split like the fresh state's (`state_sharding`).
-  ema_params = mesh_lib.reshard(ema_params, jax.tree.map(lambda x: x.sharding, state.ema_params))
-  state = state.replace(params=params, ema_params=ema_params)
+  EMA params of that checkpoint (restored as the state shards them), the optimizer state of a
+  new run."""
+  step_dir, params, ema_params = checkpoints.restore_weights(
+    init_from, abstract_params, abstract_ema_params
+  )
+  state = initialize().replace(params=params, ema_params=ema_params)
   logging.info('Starting from step 0 with the params and EMA params of %s.', step_dir)
   return state
 
