@@ -1,8 +1,10 @@
 """Where a compiled program's bytes go: XLA's bytes accessed of one train step or sampler step,
 broken down by what moves them, read from the optimized HLO.
 
-  python benchmarks/hlo_bytes.py --topology=v5e-8 --programs=train_call,sampler \\
-      --overrides=model.dtype=bfloat16 --hlo_dir=/tmp/hlo
+  python benchmarks/hlo_bytes.py --topology=v5e-8 --programs=train_call,sampler --hlo_dir=/tmp/hlo
+
+Each program computes in its platform's dtype (`models.compute_dtype`: bfloat16 on a TPU, float32
+on the CPU) unless an override names one, e.g. --overrides=model.dtype=float32.
 
 Programs (--programs), those of benchmarks/tpu_aot.py:
   train_call  the CIFAR10 train call as the training loop compiles it (`train.jit_train_call`,
@@ -250,7 +252,7 @@ def breakdown(instructions: list[dict]) -> dict[str, tuple[int, int, int]]:
 def lower_train_step(config_name: str, mesh, *, batch_size: int, **overrides):
   """The train step of `train.create_train_step`, alone as one top-level jit: the state sharded
   as the training loop's (`train.state_sharding`) and donated, the batch sharded."""
-  setup = tpu_aot.train_setup(config_name, batch_size=batch_size, **overrides)
+  setup = tpu_aot.train_setup(config_name, mesh, batch_size=batch_size, **overrides)
   config, model, diffusion, tx, schedule, state = setup
   sharding = train.state_sharding(state, mesh)
   step = train.create_train_step(

@@ -17,7 +17,10 @@ Programs (--programs):
   max_batch_256   the largest global batch of train_256 that fits a chip's HBM, in each remat
                   mode: a line through the memory of two batches predicts it, then compiles of
                   the prediction and one device's worth more confirm it (or step down);
-  sample_cifar10  the compiled sampler chunk for 256 CIFAR10 images, ancestral and DPM-Solver++.
+  sample_cifar10  the compiled sampler chunk for 256 CIFAR10 images, ancestral and DPM-Solver++
+                  (float32).
+train_256, max_batch_256 and sample_cifar10 compute in float32, the paper's dtype, not the TPU's
+default bfloat16 (`models.compute_dtype`); --overrides=model.dtype=bfloat16 compiles them in it.
 
 For each program it prints one line: compile seconds; per-chip HBM (arguments + outputs -
 donated aliases + temporaries + code, XLA's buffer assignment) against the chip's HBM; FLOPs and
@@ -193,11 +196,11 @@ def compile_figures(lowered: jax.stages.Lowered) -> Figures:
   return analyze(compiled, time.perf_counter() - began)
 
 
-def train_setup(config_name: str, *, batch_size: int, **overrides):
+def train_setup(config_name: str, mesh, *, batch_size: int, **overrides):
   """(config, model, diffusion, tx, schedule, the state's shapes) of the config's training, as
-  `train.train` builds them."""
+  `train.train` builds them for the devices of `mesh`."""
   config = load_config(config_name, **{'training.batch_size': batch_size}, **overrides)
-  model = models.create_model(config)
+  model = models.create_model(config, mesh.devices.flat[0])
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, schedule = train.create_optimizer(config)
   init_fn = functools.partial(train.create_train_state, config, model, tx)
@@ -208,7 +211,7 @@ def train_setup(config_name: str, *, batch_size: int, **overrides):
 def lower_train(config_name: str, mesh, *, batch_size: int, **overrides) -> jax.stages.Lowered:
   """`train.jit_train_call` of the config, as `train.train` builds it, lowered for
   the abstract state and one call's batches [k, B, H, W, C]."""
-  setup = train_setup(config_name, batch_size=batch_size, **overrides)
+  setup = train_setup(config_name, mesh, batch_size=batch_size, **overrides)
   config, model, diffusion, tx, schedule, abstract_state = setup
   state_sharding = train.state_sharding(abstract_state, mesh)
   train_call = train.jit_train_call(
@@ -226,7 +229,7 @@ def lower_sampler(
   """`sample_loop.create_chunk_fn` of the config, lowered for `num_images` images: params
   replicated, x and the predicted x_0 sharded over the batch."""
   config = load_config(config_name, **overrides)
-  model = models.create_model(config)
+  model = models.create_model(config, mesh.devices.flat[0])
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   size, channels = config.data.image_size, config.data.num_channels
   params = models.param_shapes(model, size, channels)
@@ -407,8 +410,9 @@ def compile_slice(slice_name: str, FLAGS) -> None:
         lower = functools.partial(lower_train, 'cifar10', mesh, batch_size=128, **overrides)
         settings = {'batch_size': 128, 'dtype': dtype, 'steps_per_call': k}
         report('train_cifar10', settings, lower, 'steps', 1)
+  float32 = {'model.dtype': 'float32'} | extra
   for remat in (value == 'true' for value in FLAGS.remat):
-    overrides = {'model.remat': remat, 'training.steps_per_call': 1} | extra
+    overrides = {'model.remat': remat, 'training.steps_per_call': 1} | float32
     lower_256 = functools.partial(lower_train, 'celebahq256', mesh, **overrides)
     if 'train_256' in FLAGS.programs:
       lower = functools.partial(lower_256, batch_size=64)
@@ -425,7 +429,7 @@ def compile_slice(slice_name: str, FLAGS) -> None:
       append_json(FLAGS.json_out, record | VERSIONS)
   if 'sample_cifar10' in FLAGS.programs:
     for sampler in (samplers.Ancestral(), samplers.DPMSolver(DPM_SOLVER_STEPS)):
-      lower = functools.partial(lower_sampler, 'cifar10', mesh, sampler, SAMPLE_IMAGES, **extra)
+      lower = functools.partial(lower_sampler, 'cifar10', mesh, sampler, SAMPLE_IMAGES, **float32)
       settings = {'sampler': sampler.tag, 'num_images': SAMPLE_IMAGES}
       # One compiled step does 1 / steps of each image.
       work = SAMPLE_IMAGES / sampler.num_steps(1000)

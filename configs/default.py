@@ -59,9 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
   model.attn_resolutions = (16,)
   model.dropout = 0.1
   model.resamp_with_conv = True
-  # Compute dtype of convolutions and dense layers: 'float32' or 'bfloat16'. Parameters, Adam
-  # state and EMA stay float32, and GroupNorm and the attention softmax compute in float32.
-  model.dtype = 'float32'
+  # Compute dtype of convolutions and dense layers: 'float32' (the paper's), 'bfloat16', or None
+  # (the default): the platform's, bfloat16 on TPUs and NVIDIA GPUs from Ampere on, float32 on
+  # CPUs and older GPUs (`models.compute_dtype`; what it changes: README, "Precision").
+  # Parameters, Adam state and EMA stay float32, and GroupNorm and the attention softmax compute
+  # in float32.
+  model.dtype = ml_collections.config_dict.placeholder(str)
   # Recompute each ResNet / attention block's activations in the backward pass (jax.checkpoint)
   # instead of storing them: a smaller peak memory for ~1/3 more compute; the same function.
   model.remat = False

@@ -91,9 +91,11 @@ def settings_key(settings: dict[str, Any]) -> str:
 
 
 def network_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What fixes the function the EMA params compute, besides the checkpoint step."""
+  """What fixes the function the EMA params compute, besides the checkpoint step: the compute
+  dtype as this platform resolves it (`models.compute_dtype`), so that a workdir evaluated on a
+  CPU and on a TPU keeps both results."""
   return {
-    'model': config.model.to_dict(),
+    'model': {**config.model.to_dict(), 'dtype': models.compute_dtype(config.model.dtype).name},
     'diffusion': config.diffusion.to_dict(),
     'data': {
       'dataset': config.data.dataset,
@@ -449,7 +451,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_dir.mkdir(parents=True, exist_ok=True)
   multihost_utils.sync_global_devices('eval_dir')
 
-  results: dict[str, Any] = {'step': step}
+  results: dict[str, Any] = {'step': step, 'dtype': model.dtype.name}
   if config.eval.num_bpd_images:
     results.update(evaluate_bpd(config, diffusion, model, params, mesh=mesh, eval_dir=eval_dir))
   if config.eval.num_samples:

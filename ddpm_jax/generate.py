@@ -560,10 +560,11 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     step=config.sampling.checkpoint_step,
   )
   logging.info(
-    'Sampling %s from the EMA params at step %d in %s, on %d devices.',
+    'Sampling %s from the EMA params at step %d in %s, computing in %s on %d devices.',
     ', '.join(kinds),
     step,
     checkpoints.checkpoint_dir(workdir),
+    model.dtype.name,
     jax.device_count(),
   )
   out_dir = epath.Path(workdir) / 'samples'

@@ -595,8 +595,9 @@ def train(
   )
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info(
-    'Model: %s parameters; %d devices over %d processes.',
+    'Model: %s parameters, computing in %s; %d devices over %d processes.',
     f'{num_params:,}',
+    model.dtype.name,
     jax.device_count(),
     jax.process_count(),
   )

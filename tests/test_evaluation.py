@@ -4,6 +4,7 @@ the Inception path on mock CIFAR10 with random Inception weights, and the errors
 import hashlib
 import json
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -347,6 +348,17 @@ def test_changing_the_variance_type_recomputes_bits_per_dim(trained_workdir, tmp
   assert small == fresh
   assert small['bpd'] != large['bpd']
   assert len(list((workdir / 'eval' / 'step_2').glob('bpd_partial_*.npz'))) == 2
+
+
+def test_results_are_keyed_by_the_dtype_the_platform_computes_in(monkeypatch):
+  # Expected: config.model.dtype None is keyed as the dtype it resolves to (models.compute_dtype):
+  # float32 on this CPU, so the results of a run that named float32 keep their key; bfloat16 on
+  # a TPU, so a workdir evaluated on both keeps two results, not one.
+  config = lambda dtype: tiny_digits_config(10, **{'model.dtype': dtype})
+  key = lambda dtype: evaluation.settings_key(evaluation.network_settings(config(dtype)))
+  assert key(None) == key('float32') != key('bfloat16')
+  monkeypatch.setattr(jax, 'devices', lambda: [types.SimpleNamespace(platform='tpu')])
+  assert key(None) == key('bfloat16') != key('float32')
 
 
 def test_other_inception_weights_recompute_the_reference_statistics(tmp_path, monkeypatch):

@@ -224,7 +224,7 @@ def test_all_checkpoints_unreadable_is_an_error(tmp_path):
     ({'diffusion.loss_weighting': 'snr'}, "Unknown loss_weighting 'snr'"),
     ({'model.ch_mult': (1, 2, 2, 2, 2)}, 'not divisible by 2\\^\\(len\\(ch_mult\\) - 1\\) = 16'),
     ({'model.attn_resolutions': (16,)}, 'include \\[16\\], which the network never reaches'),
-    ({'model.dtype': 'float16'}, "dtype must be 'float32' or 'bfloat16'"),
+    ({'model.dtype': 'float16'}, "dtype must be 'float32', 'bfloat16' or None"),
     ({'model.attention_impl': 'flash'}, "attention_impl must be None, 'xla' or 'cudnn'"),
     ({'training.steps_per_call': 0}, 'steps_per_call must be a positive integer .*, got 0'),
     ({'training.lr_decay': 'linear'}, "Unknown config.training.lr_decay 'linear'"),

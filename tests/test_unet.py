@@ -6,6 +6,7 @@ tests/test_pretrained.py, which imports weights into this module.
 
 import functools
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -158,6 +159,34 @@ def test_create_model_output_channels_and_dtype():
     assert create_model(config).out_ch == out_ch
   config.model.dtype = 'bfloat16'
   assert create_model(config).dtype == jnp.bfloat16
+
+
+TPU = types.SimpleNamespace(platform='tpu')
+H100, V100 = (types.SimpleNamespace(platform='gpu', compute_capability=c) for c in ('9.0', '7.0'))
+
+
+@pytest.mark.parametrize(
+  'dtype, device, expected',
+  [
+    # None, the default: the platform's (configs/default.py): bfloat16 on TPUs and on NVIDIA GPUs
+    # with bfloat16 tensor cores (compute capability 8.0 and up), float32 on the others and on
+    # CPUs, so that this CPU's tests compute the paper's float32 as before.
+    (None, TPU, jnp.bfloat16),
+    (None, H100, jnp.bfloat16),
+    (None, V100, jnp.float32),
+    (None, types.SimpleNamespace(platform='gpu', compute_capability='gfx90a'), jnp.float32),
+    (None, None, jnp.float32),  # JAX's first device, this CPU.
+    # A dtype named is that dtype on every platform: the paper's float32 one flag away.
+    ('float32', TPU, jnp.float32),
+    ('bfloat16', None, jnp.bfloat16),
+  ],
+)
+def test_compute_dtype_is_the_configs_or_the_platforms(dtype, device, expected):
+  config = get_config()
+  assert config.model.dtype is None
+  config.model.dtype = dtype
+  assert models.compute_dtype(dtype, device) == expected
+  assert create_model(config, device).dtype == expected
 
 
 def test_output_shape_and_determinism():
