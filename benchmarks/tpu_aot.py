@@ -67,9 +67,9 @@ from jax.experimental import topologies  # noqa: E402
 from timing import append_json, parse_overrides  # noqa: E402
 from train import load_config  # noqa: E402
 
+from ddpm_jax import checkpoints, models, sample_loop, samplers, train  # noqa: E402
 from ddpm_jax import diffusion as diffusion_lib  # noqa: E402
 from ddpm_jax import mesh as mesh_lib  # noqa: E402
-from ddpm_jax import models, sample_loop, samplers, train  # noqa: E402
 
 GiB = 2**30
 
@@ -234,10 +234,9 @@ def lower_sampler(
   size, channels = config.data.image_size, config.data.num_channels
   params = models.param_shapes(model, size, channels)
   replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
-  with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  params = jax.tree.map(lambda p: with_sharding(p, replicated), params)
+  params = checkpoints.abstract_like(params, replicated)
   x = jax.ShapeDtypeStruct((num_images, size, size, channels), jnp.float32, sharding=batch)
-  loop_rng = with_sharding(jax.eval_shape(jax.random.key, 0), replicated)
+  loop_rng = checkpoints.abstract_like(jax.eval_shape(jax.random.key, 0), replicated)
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   run_chunk = sample_loop.create_chunk_fn(diffusion, model, mesh, sampler)
   return run_chunk.lower(params, x, x, loop_rng, step, step)

@@ -216,9 +216,13 @@ def is_imported(step_dir: epath.Path) -> bool:
   return not (step_dir / 'opt_state').exists()
 
 
-def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
-  """jax.ShapeDtypeStruct twins of the arrays of `tree`, optionally all with `sharding`."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_like(tree: Any, sharding: Any = None) -> Any:
+  """jax.ShapeDtypeStruct twins of the arrays of `tree`, optionally with `sharding`: one for all,
+  or a tree like `tree`'s (a train state's, `train.state_sharding`)."""
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, tree)
+  twin = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  return jax.tree.map(twin, tree, sharding)
 
 
 def write_config(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:

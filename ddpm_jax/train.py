@@ -590,9 +590,7 @@ def train(
   init_rng = root_rngs(config.seed)[0]
   shapes = jax.eval_shape(init_fn, init_rng)
   sharding = state_sharding(shapes, mesh)
-  abstract_state = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, sharding
-  )
+  abstract_state = checkpoints.abstract_like(shapes, sharding)
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info(
     'Model: %s parameters, computing in %s; %d devices over %d processes.',
