@@ -5,10 +5,11 @@ real input pipeline.
       --steps_per_call=1,8 --peak_tflops=989
 
 builds, for each dtype and steps_per_call listed, the step exactly as `train.train` does
-(`train.jit_train_call`: the steps in a loop, state donated, batch sharded over all devices)
-for the named config (configs/<name>.py: cifar10, celebahq256, digits), compiles the variants
-at once, times them round by round (window w of each before window w + 1 of any), and prints
-one line per figure:
+(`train.jit_train_call`: the steps in a loop, state donated, batch sharded over all devices,
+the EMA and Adam's moments split over them: `train.state_sharding`) for the named config
+(configs/<name>.py: cifar10, celebahq256, digits) and each set of compiler options listed
+(--xla_options), compiles the variants at once, times them round by round (window w of each
+before window w + 1 of any), and prints one line per figure:
 
   compile     seconds to lower and compile the call (with JAX_COMPILATION_CACHE_DIR set, JAX's
               persistent cache, a second launch reads the executable from it);
@@ -42,7 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from timing import Rates, Runner, append_json, build_at_once, window  # noqa: E402
+from timing import Rates, Runner, append_json, build_at_once, parse_overrides, window  # noqa: E402
 
 from ddpm_jax import diffusion as diffusion_lib  # noqa: E402
 from ddpm_jax import mesh as mesh_lib  # noqa: E402
@@ -69,9 +70,10 @@ def train_runner(
   remat: bool = False,
   attention_impl: str | None = None,
   data: str = 'synthetic',
+  xla_options: dict | None = None,
 ) -> tuple[Runner, dict]:
   """A Runner of one compiled call (`steps_per_call` train steps, by default the config's), and
-  the static figures.
+  the static figures. `xla_options`: compiler options of the call's compilation.
 
   Returns the runner, compiled and warmed up, and a dict of `compile_s`, `flops` (of
   one step) and `temp_bytes` (XLA's estimate of the call's temporary buffers).
@@ -89,14 +91,13 @@ def train_runner(
   )
   steps_per_call = config.training.steps_per_call
   mesh = mesh_lib.create_mesh()
-  replicated = mesh_lib.replicated(mesh)
   batches_sharding = mesh_lib.stacked_batches_sharded(mesh)
   model = models.create_model(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, schedule = train.create_optimizer(config)
   init_rng = train.root_rngs(config.seed)[0]
   init_fn = functools.partial(train.create_train_state, config, model, tx)
-  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn, init_rng))
+  state_sharding = train.state_sharding(jax.eval_shape(init_fn, init_rng), mesh)
   state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
 
   train_call = train.jit_train_call(
@@ -128,7 +129,7 @@ def train_runner(
   began = time.perf_counter()
   num_steps = np.int32(steps_per_call)
   batches_shape = {'image': jax.ShapeDtypeStruct(shape, jnp.uint8)}
-  compiled = train_call.lower(state, batches_shape, num_steps).compile()
+  compiled = train_call.lower(state, batches_shape, num_steps).compile(compiler_options=xla_options)
   compile_s = time.perf_counter() - began
   # FLOPs of one step: XLA counts the loop's body once (checked on CPU: within 1% of the step
   # compiled alone). Some backends (GPU) have no cost analysis before compilation, so it is
@@ -165,9 +166,10 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   variants = [
-    {'dtype': dtype, 'steps_per_call': int(steps_per_call)}
+    {'dtype': dtype, 'steps_per_call': int(steps_per_call), 'xla_options': options}
     for dtype in FLAGS.dtype
     for steps_per_call in FLAGS.steps_per_call
+    for options in FLAGS.xla_options
   ]
 
   def build(variant):
@@ -177,7 +179,11 @@ def main(argv):
       remat=FLAGS.remat,
       attention_impl=FLAGS.attention_impl,
       data=FLAGS.data,
-      **variant,
+      dtype=variant['dtype'],
+      steps_per_call=variant['steps_per_call'],
+      xla_options=parse_overrides(
+        variant['xla_options'].split(';') if variant['xla_options'] else []
+      ),
     )
 
   # Timed round by round: window w of every variant, then window w + 1, and so on.
@@ -195,6 +201,7 @@ def main(argv):
       f'train {FLAGS.config} batch={FLAGS.batch_size} dtype={variant["dtype"]} '
       f'steps_per_call={variant["steps_per_call"]} remat={FLAGS.remat} data={FLAGS.data}'
       + (f' attention={FLAGS.attention_impl}' if FLAGS.attention_impl else '')
+      + (f' xla_options={variant["xla_options"]}' if variant['xla_options'] else '')
     )
     steps_per_sec = variant_rates.median('steps')
     tflops = (static['flops'] or 0) * steps_per_sec / 1e12
@@ -240,6 +247,12 @@ if __name__ == '__main__':
   flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
   flags.DEFINE_list('dtype', ['float32'], 'config.model.dtype values (float32, bfloat16).')
   flags.DEFINE_list('steps_per_call', ['1'], 'config.training.steps_per_call values.')
+  flags.DEFINE_list(
+    'xla_options',
+    [''],
+    "Compiler options of the call, one variant each: '' (none) or name=value[;name=value], e.g. "
+    "',xla_vf_vmem_memory_space_assignment=False' (a v5e or v5p, with and without MSA).",
+  )
   flags.DEFINE_bool('remat', False, 'config.model.remat.')
   flags.DEFINE_string('attention_impl', None, "config.model.attention_impl (None or 'cudnn').")
   flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'pipeline'], 'Where batches come from.')
