@@ -22,7 +22,10 @@ backward `transpose(jvp(...))`). The sum is printed beside XLA's own 'bytes acce
 on the v5e-8 and v5p-8 CIFAR10 programs, 2% on the CPU's), with the part of it in HBM: XLA counts
 the traffic of the chip's on-chip memory (S(1)) too. --hlo_dir keeps each compiled program's
 text, and --reuse reads it back instead of compiling again (a CIFAR10 train call takes minutes to
-compile for a TPU on a 2-core host).
+compile for a TPU on a 2-core host). --xla_options passes compiler options, e.g.
+--xla_options=xla_vf_vmem_memory_space_assignment=False compiles a v5e or v5p program without
+memory-space assignment (BENCHMARKS.md, "Memory-space assignment off"). XLA's estimate is printed
+less the -1 s it counts for each op it does not estimate (`tpu_aot.UNESTIMATED_OPS`).
 """
 
 from __future__ import annotations
@@ -285,13 +288,14 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   overrides = parse_overrides(FLAGS.overrides)
+  xla_options = parse_overrides(FLAGS.xla_options)
   if FLAGS.topology == 'cpu':
     devices, slice_ = jax.devices('cpu'), None
   else:
     slice_ = tpu_aot.SLICES[FLAGS.topology]
     devices = slice_.devices()
   mesh = mesh_lib.create_mesh(devices)
-  suffix = '_'.join(f'{k}={v}' for k, v in sorted(overrides.items()))
+  suffix = '_'.join(f'{k}={v}' for k, v in sorted((overrides | xla_options).items()))
   print('jax', tpu_aot.VERSIONS['jax'], 'libtpu', tpu_aot.VERSIONS['libtpu'], flush=True)
   for program in FLAGS.programs:
     tag = f'{FLAGS.topology}_{program}' + (f'_{suffix}' if suffix else '')
@@ -302,7 +306,7 @@ def main(argv):
       with open(path + '.json') as f:
         cost = json.load(f)
     else:
-      compiled = lower(program, mesh, overrides).compile()
+      compiled = lower(program, mesh, overrides).compile(compiler_options=xla_options)
       text, raw = compiled.as_text(), compiled.cost_analysis() or {}
       cost = {k: raw[k] for k in ('flops', 'bytes accessed', 'optimal_seconds') if k in raw}
       if path:
@@ -315,8 +319,11 @@ def main(argv):
     total = sum(i['bytes'] for i in instructions)
     hbm = sum(i['hbm_bytes'] for i in instructions)
     xla = cost.get('bytes accessed', float('nan'))
+    # XLA's estimate, less the -1 s it counts for each op it does not estimate (tpu_aot).
+    estimate = cost.get('optimal_seconds', float('nan')) + tpu_aot.unestimated_ops(text)
     print(
-      f'\n{tag}: XLA bytes accessed {xla / 1e9:.3f} GB, GFLOP {cost.get("flops", 0) / 1e9:.1f}; '
+      f'\n{tag}: XLA bytes accessed {xla / 1e9:.3f} GB, GFLOP {cost.get("flops", 0) / 1e9:.1f}, '
+      f'estimate {estimate * 1e3:.2f} ms; '
       f'summed here over {len(instructions)} instructions {total / 1e9:.3f} GB, of which in HBM '
       f'{hbm / 1e9:.3f} GB'
     )
@@ -334,7 +341,7 @@ def main(argv):
           f'    {inst["bytes"] / 1e6:8.1f} MB {inst["opcode"]:12s} {inst["name"]:30s} '
           f'{inst["op_name"][-90:]}'
         )
-    record = {'topology': FLAGS.topology, 'program': program, **overrides, **cost}
+    record = {'topology': FLAGS.topology, 'program': program, **overrides, **xla_options, **cost}
     record |= {'bytes_summed': total, 'hbm_bytes_summed': hbm}
     record |= {'breakdown': {k: v[:2] for k, v in parts.items()}}
     record |= tpu_aot.VERSIONS
@@ -345,6 +352,11 @@ if __name__ == '__main__':
   flags.DEFINE_string('topology', 'v5e-8', f'cpu or one of {", ".join(tpu_aot.SLICES)}')
   flags.DEFINE_list('programs', list(PROGRAMS), ', '.join(PROGRAMS))
   flags.DEFINE_multi_string('overrides', [], 'A config override, section.field=value.')
+  flags.DEFINE_multi_string(
+    'xla_options',
+    [],
+    'A compiler option, name=value, e.g. xla_vf_vmem_memory_space_assignment=False.',
+  )
   flags.DEFINE_string('hlo_dir', None, 'Keep each compiled program as HLO text here.')
   flags.DEFINE_bool('reuse', False, 'Read the programs --hlo_dir keeps instead of compiling.')
   flags.DEFINE_integer('top', 0, 'Also list the N instructions that move the most bytes.')

@@ -200,6 +200,41 @@ def test_bytes_of_a_fusion_that_slices_an_operand_are_as_xla_counts_them(mesh, g
   assert abs(summed - compiled.cost_analysis()['bytes accessed']) <= 2**11
 
 
+def test_xla_estimate_adds_msa_staging_to_a_compute_bound_program(mesh):
+  # Six bf16 matmuls [2048, 1024] x [1024, 1024] and their gelus: 25.9 GFLOP, 131.7 us at the
+  # v5e's 197 TFLOP/s, compute-bound. With memory-space assignment off (the v5e/v5p flag) nothing
+  # is staged on chip and XLA's estimate is that compute time exactly; with it on (the default)
+  # the staging copies add their bytes to XLA's count and about their time at HBM bandwidth to its
+  # estimate, as if the copies did not overlap the matmuls (BENCHMARKS.md, "Memory-space
+  # assignment off").
+  def chain(x, *ws):
+    for w in ws:
+      x = jax.nn.gelu(x @ w)
+    return x
+
+  one_chip = mesh_lib.replicated(jax.sharding.Mesh(mesh.devices.flat[:1], ('data',)))
+  arrays = [(2048, 1024)] + [(1024, 1024)] * 6
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=one_chip) for s in arrays]
+  lowered = jax.jit(chain).lower(*args)
+  figures = {}
+  for msa in (True, False):
+    compiled = lowered.compile(compiler_options={'xla_vf_vmem_memory_space_assignment': msa})
+    text, cost = compiled.as_text(), compiled.cost_analysis()
+    estimate = cost['optimal_seconds'] + tpu_aot.unestimated_ops(text)
+    figures[msa] = cost['flops'], cost['bytes accessed'], estimate, 'S(1)' in text
+  flops_on, bytes_on, estimate_on, staged = figures[True]
+  flops_off, bytes_off, estimate_off, staged_off = figures[False]
+  # The matmuls' 25.8 GFLOP and the gelus' few, all at the chip's peak.
+  assert flops_on == flops_off >= 6 * 2 * 2048 * 1024 * 1024
+  compute_s = flops_off / (SLICE.peak_tflops * 1e12)
+  assert staged and not staged_off
+  assert estimate_off == pytest.approx(compute_s, rel=1e-6)
+  # 50 MB more counted (the staged buffers, 4 times each): 62 us at 819 GB/s; the estimate adds 69.
+  assert bytes_on > bytes_off
+  added_s = (bytes_on - bytes_off) / (SLICE.hbm_gbps * 1e9)
+  assert estimate_on - compute_s == pytest.approx(added_s, rel=0.2)
+
+
 def test_bytes_breakdown_of_a_cpu_program_is_xla_bytes_accessed():
   # On the CPU (no tiles, one memory space) the sum is XLA's 'bytes accessed' but for the loop's
   # scalar bookkeeping (24 of its 12,917 bytes here): a loop of convolutions, the loop body
