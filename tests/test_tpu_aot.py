@@ -219,20 +219,17 @@ def test_xla_estimate_adds_msa_staging_to_a_compute_bound_program(mesh):
   figures = {}
   for msa in (True, False):
     compiled = lowered.compile(compiler_options={'xla_vf_vmem_memory_space_assignment': msa})
-    text, cost = compiled.as_text(), compiled.cost_analysis()
-    estimate = cost['optimal_seconds'] + tpu_aot.unestimated_ops(text)
-    figures[msa] = cost['flops'], cost['bytes accessed'], estimate, 'S(1)' in text
-  flops_on, bytes_on, estimate_on, staged = figures[True]
-  flops_off, bytes_off, estimate_off, staged_off = figures[False]
+    figures[msa] = tpu_aot.analyze(compiled, compile_s=0.0), 'S(1)' in compiled.as_text()
+  (on, staged), (off, staged_off) = figures[True], figures[False]
   # The matmuls' 25.8 GFLOP and the gelus' few, all at the chip's peak.
-  assert flops_on == flops_off >= 6 * 2 * 2048 * 1024 * 1024
-  compute_s = flops_off / (SLICE.peak_tflops * 1e12)
+  assert on.flops == off.flops >= 6 * 2 * 2048 * 1024 * 1024
+  compute_s, _ = off.roofline(SLICE)
   assert staged and not staged_off
-  assert estimate_off == pytest.approx(compute_s, rel=1e-6)
+  assert off.estimate() == pytest.approx(compute_s, rel=1e-6)
   # 50 MB more counted (the staged buffers, 4 times each): 62 us at 819 GB/s; the estimate adds 69.
-  assert bytes_on > bytes_off
-  added_s = (bytes_on - bytes_off) / (SLICE.hbm_gbps * 1e9)
-  assert estimate_on - compute_s == pytest.approx(added_s, rel=0.2)
+  assert on.bytes_accessed > off.bytes_accessed
+  added_s = (on.bytes_accessed - off.bytes_accessed) / (SLICE.hbm_gbps * 1e9)
+  assert on.estimate() - compute_s == pytest.approx(added_s, rel=0.2)
 
 
 def test_bytes_breakdown_of_a_cpu_program_is_xla_bytes_accessed():
